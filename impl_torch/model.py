@@ -1,0 +1,153 @@
+"""Attention U-Net in PyTorch: the reference implementation (ARCHITECTURE.md sections 1-3).
+
+Attribute names reproduce the article's module tree, so ``state_dict()`` keys are the canonical
+parameter names. ``impl_flax/model.py`` and ``impl_keras/model.py`` mirror this file class by class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weights_convert.spec import ModelConfig
+
+# torch's BatchNorm defaults are the contract (eps 1e-5, momentum 0.1, unbiased running variance);
+# spelled out so the three implementations can be read side by side.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class ConvBlock(nn.Module):
+    """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+            batch_norm(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, kernel_size=3, padding=1),
+            batch_norm(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class EncoderBlock(nn.Module):
+    """Conv block, then a 2x2 max pool (floor for odd sizes); returns (skip, pooled)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = ConvBlock(c_in, c_out)
+        self.pool = nn.MaxPool2d(kernel_size=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.conv(x)
+        return skip, self.pool(skip)
+
+
+class AttentionGate(nn.Module):
+    """Per-channel attention coefficients ``a`` from the gating signal g and the skip s; returns (a * s, a)."""
+
+    def __init__(self, c_g: int, c_s: int):
+        super().__init__()
+        self.Wg = nn.Sequential(nn.Conv2d(c_g, c_s, kernel_size=1), batch_norm(c_s))
+        self.Ws = nn.Sequential(nn.Conv2d(c_s, c_s, kernel_size=1), batch_norm(c_s))
+        self.relu = nn.ReLU(inplace=True)
+        self.output = nn.Sequential(nn.Conv2d(c_s, c_s, kernel_size=1), nn.Sigmoid())
+
+    def forward(self, g: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = self.output(self.relu(self.Wg(g) + self.Ws(s)))
+        return attention * s, attention
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    dh, dw = height - x.shape[-2], width - x.shape[-1]
+    if dh == 0 and dw == 0:
+        return x
+    return F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+
+
+class DecoderBlock(nn.Module):
+    """Upsample x2, pad to the skip, gate the skip, concatenate, conv block."""
+
+    def __init__(self, c_g: int, c_s: int):
+        super().__init__()
+        self.ag = AttentionGate(c_g, c_s)
+        self.c1 = ConvBlock(c_g + c_s, c_s)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pad_to(upsample2x(x), skip.shape[-2], skip.shape[-1])
+        gated, attention = self.ag(x, skip)
+        return self.c1(torch.cat([x, gated], dim=1)), attention
+
+
+class AttentionUNet(nn.Module):
+    """Attention U-Net, NCHW in and out; returns logits."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        channels: tuple[int, ...] = (64, 128, 256, 512),
+    ):
+        super().__init__()
+        self.config = ModelConfig(in_channels, out_channels, tuple(channels))
+        c = self.config.channels
+        depth = self.config.depth
+        levels_in = (in_channels,) + c[:-2]
+        for i in range(depth):
+            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i]))
+        self.b1 = ConvBlock(c[-2], c[-1])
+        for j in range(depth):
+            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j]))
+        self.output = nn.Conv2d(c[0], out_channels, kernel_size=1)
+
+    @property
+    def encoders(self) -> list[EncoderBlock]:
+        return [getattr(self, f"e{i + 1}") for i in range(self.config.depth)]
+
+    @property
+    def decoders(self) -> list[DecoderBlock]:
+        return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        expected = f"(N, {cfg.in_channels}, H, W) with H, W >= {cfg.min_size}"
+        if x.ndim != 4:
+            raise ValueError(f"expected input of shape {expected}, got a {x.ndim}-D tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_channels or min(x.shape[2:]) < cfg.min_size:
+            raise ValueError(f"expected input of shape {expected}, got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor, return_intermediates: bool = False):
+        """Logits of shape (N, out_channels, H, W); with ``return_intermediates`` also a dict of
+        every block's output: ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
+        self.check_input(x)
+        named: dict[str, torch.Tensor] = {}
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            skip, x = encoder(x)
+            skips.append(skip)
+            named[f"e{i + 1}"] = skip
+        x = self.b1(x)
+        named["b1"] = x
+        for j, decoder in enumerate(self.decoders):
+            x, attention = decoder(x, skips[-1 - j])
+            named[f"d{j + 1}.ag"] = attention
+            named[f"d{j + 1}"] = x
+        logits = self.output(x)
+        named["output"] = logits
+        return (logits, named) if return_intermediates else logits

@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+
+import impl_torch
+import weights_convert
+from tests import numpy_reference
+from tests.conftest import rel_error
+from tests.tolerances import TOLERANCES
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig, parameter_count
+
+
+def run(model, x, dtype=torch.float64):
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=dtype)).numpy()
+
+
+def test_loads_article_checkpoint_strictly(reference_dir):
+    state = torch.load(reference_dir / "article_state_dict.pt", weights_only=True)
+    model = impl_torch.AttentionUNet()
+    model.load_state_dict(state, strict=True)
+    assert list(model.state_dict()) == list(state)
+
+
+def test_reproduces_article_float32(reference_dir, reference_input):
+    model = impl_torch.load(reference_dir / "article_state_dict.pt")
+    expected = np.load(reference_dir / "output_eval_float32.npy")
+    assert rel_error(run(model, reference_input, torch.float32), expected) <= TOLERANCES["reference_float32"]
+
+
+def test_reproduces_article_float64(reference_dir, reference_input):
+    model = impl_torch.load(reference_dir / "article_state_dict.pt", dtype="float64")
+    expected = np.load(reference_dir / "output_eval_float64.npy")
+    assert rel_error(run(model, reference_input), expected) <= TOLERANCES["reference_float64"]
+
+
+def test_default_model_parameter_count():
+    model = impl_torch.AttentionUNet()
+    assert sum(p.numel() for p in model.parameters()) == 8_135_745
+
+
+@pytest.mark.parametrize(
+    "config, size",
+    [
+        (ModelConfig(3, 1, (4, 8, 16)), (16, 16)),
+        (ModelConfig(3, 1, (4, 8, 16)), (37, 53)),
+        (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8)),
+        (ModelConfig(1, 2, (4, 8)), (3, 2)),
+        (ModelConfig(3, 1, (8, 16, 32, 64, 128)), (45, 33)),
+    ],
+)
+def test_float64_matches_independent_numpy(config, size):
+    checkpoint = random_checkpoint(config, seed=1, dtype="float64")
+    model = impl_torch.from_checkpoint(checkpoint, "float64")
+    x = np.random.default_rng(2).uniform(size=(2, config.in_channels, *size))
+    actual = run(model, x)
+    assert actual.shape == (2, config.out_channels, *size)
+    assert rel_error(actual, numpy_reference.forward(checkpoint.tensors, x)) <= TOLERANCES["parity_float64"]
+
+
+def test_numpy_reference_matches_article(reference_dir, reference_input):
+    """The independent NumPy pass itself reproduces the article's float64 output."""
+    tensors = weights_convert.read(reference_dir / "article_state_dict.safetensors").tensors
+    expected = np.load(reference_dir / "output_eval_float64.npy")
+    assert rel_error(numpy_reference.forward(tensors, reference_input), expected) <= TOLERANCES["reference_float64"]
+
+
+def test_odd_size_pads_before_and_after():
+    """A 1-pixel difference goes after; a 3-pixel one splits 1 before, 2 after."""
+    from impl_torch.model import pad_to
+
+    x = torch.ones(1, 1, 2, 2)
+    padded = pad_to(x, 5, 3)
+    assert padded.shape == (1, 1, 5, 3)
+    assert padded[0, 0, :, :].sum(dim=1).tolist() == [0, 2, 2, 0, 0]
+    assert padded[0, 0, :, :].sum(dim=0).tolist() == [2, 2, 0]
+
+
+def test_intermediates_are_named():
+    model = impl_torch.AttentionUNet(channels=(4, 8, 16)).eval()
+    with torch.no_grad():
+        out, named = model(torch.zeros(1, 3, 9, 11), return_intermediates=True)
+    assert list(named) == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"]
+    assert named["e2"].shape == (1, 8, 4, 5) and named["b1"].shape == (1, 16, 2, 2)
+    assert named["d1.ag"].shape == (1, 8, 4, 5) and torch.equal(named["output"], out)
+
+
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((3, 16, 16), "got a 3-D tensor of shape (3, 16, 16)"),
+        ((1, 1, 3, 16, 16), "got a 5-D tensor"),
+        ((1, 4, 16, 16), "expected input of shape (N, 3, H, W) with H, W >= 4, got (1, 4, 16, 16)"),
+        ((1, 3, 3, 16), "got (1, 3, 3, 16)"),
+        ((1, 3, 16, 2), "got (1, 3, 16, 2)"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(shape, fragment):
+    model = impl_torch.AttentionUNet(channels=(4, 8, 16))
+    with pytest.raises(ValueError) as info:
+        model(torch.zeros(shape))
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, suffix, dtype):
+    checkpoint = random_checkpoint(ModelConfig(2, 3, (4, 8, 16)), seed=3, dtype=dtype)
+    model = impl_torch.from_checkpoint(checkpoint, dtype)
+    path = tmp_path / f"model{suffix}"
+    impl_torch.save(model, path)
+    loaded = impl_torch.load(path, dtype=dtype)
+    assert loaded.config == model.config and not loaded.training
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_load_rejects_unknown_dtype(reference_dir):
+    with pytest.raises(ValueError, match="dtype must be one of \\['float32', 'float64'\\], got 'int8'"):
+        impl_torch.load(reference_dir / "article_state_dict.pt", dtype="int8")
+
+
+FIELD_CHANGES = [
+    {"in_channels": 4},
+    {"out_channels": 2},
+    {"channels": (4, 8, 32)},
+    {"channels": (4, 12, 16)},
+    {"channels": (6, 8, 16)},
+    {"channels": (4, 8, 16, 32)},
+]
+
+
+@pytest.mark.parametrize("change", FIELD_CHANGES)
+def test_every_argument_reaches_the_model(change):
+    """A silently ignored argument changes neither the parameter count nor the output."""
+    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16))
+    changed = {**base, **change}
+    model = impl_torch.AttentionUNet(**changed)
+    assert model.config == ModelConfig(changed["in_channels"], changed["out_channels"], changed["channels"])
+    count = sum(p.numel() for p in model.parameters())
+    assert count == parameter_count(model.config) != parameter_count(ModelConfig(**base))
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, changed["in_channels"], 16, 16))
+    assert out.shape == (1, changed["out_channels"], 16, 16)

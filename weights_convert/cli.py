@@ -1,0 +1,91 @@
+"""The ``attention-unet`` command: ``inspect``, ``init`` (and, as they land, ``convert``, ``parity``, ``bench``).
+
+Exit status: 0 on success, 1 when a checkpoint is refused or a check fails, 2 on bad usage.
+Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from weights_convert.checkpoint import CheckpointError
+
+
+def _config_arg(text: str):
+    from weights_convert.spec import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"bad --config {text!r}: {error}") from None
+
+
+def cmd_inspect(args) -> int:
+    import weights_convert
+    from weights_convert.formats import format_for
+
+    checkpoint = weights_convert.read(args.file, allow_nonfinite=True)
+    dtypes: dict[str, int] = {}
+    for value in checkpoint.tensors.values():
+        dtypes[str(value.dtype)] = dtypes.get(str(value.dtype), 0) + 1
+    info = {
+        "file": str(args.file),
+        "format": format_for(args.file).name,
+        "config": checkpoint.config.to_dict(),
+        "parameters": checkpoint.parameter_count(),
+        "tensors": len(checkpoint.tensors),
+        "dtypes": dtypes,
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    import weights_convert
+    from weights_convert.random_init import random_checkpoint
+    from weights_convert.spec import ModelConfig
+
+    checkpoint = random_checkpoint(args.config or ModelConfig(), seed=args.seed, dtype=args.dtype)
+    weights_convert.write(checkpoint, args.dst, force=args.force)
+    print(f"wrote {args.dst}: config {checkpoint.config.to_dict()}, seed {args.seed}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attention-unet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint: format, config, parameter count, dtypes")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
+    p.add_argument("dst")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=_config_arg, help="JSON, e.g. '{\"channels\": [8, 16, 32]}'")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CheckpointError as error:
+        print(f"attention-unet {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Checkpoint formats: one reader and one writer each, all going through the canonical form.
+
+A format module defines ``read(path) -> (tensors, config_or_None)`` returning canonical names and
+PyTorch layouts, and ``write(checkpoint, path)`` writing to a path that does not exist yet (the
+caller makes the write atomic). Modules are imported only when their format is used, so formats
+that need no framework never import one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+from weights_convert.checkpoint import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    suffixes: tuple[str, ...]
+    module: str
+    framework: str | None  # what reading or writing it imports, beyond numpy
+    is_directory: bool = False
+
+    def load_module(self):
+        return importlib.import_module(f"weights_convert.formats.{self.module}")
+
+
+FORMATS = (
+    Format("safetensors", (".safetensors",), "safetensors_format", None),
+    Format("pytorch", (".pt", ".pth"), "torch_format", "torch"),
+)
+
+
+def format_for(path: str | Path) -> Format:
+    """The format named by ``path``'s extension (the longest matching suffix wins)."""
+    name = Path(path).name.lower()
+    matches = [(len(s), f) for f in FORMATS for s in f.suffixes if name.endswith(s)]
+    if not matches:
+        known = ", ".join(s for f in FORMATS for s in f.suffixes)
+        raise CheckpointError(f"{path}: unknown checkpoint extension; expected one of {known}")
+    return max(matches, key=lambda m: m[0])[1]

@@ -1,0 +1,188 @@
+"""The framework-free description of the model: hyperparameters and the canonical parameter table.
+
+Every implementation and the converter read this module; it imports only the standard library.
+Canonical names are the article's PyTorch ``state_dict`` keys (ARCHITECTURE.md section 2) and
+canonical shapes are PyTorch layouts (conv kernels OIHW).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+# Sub-module index of each layer inside the article's ``nn.Sequential`` conv block:
+# Conv(0) BN(1) ReLU(2) Conv(3) BN(4) ReLU(5).
+CONV_BLOCK_LAYERS = (("0", "conv3"), ("1", "bn"), ("3", "conv3"), ("4", "bn"))
+
+# Leaf tensors of each layer kind, in state_dict order.
+LEAVES = {
+    "conv3": ("weight", "bias"),
+    "conv1": ("weight", "bias"),
+    "bn": ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of the Attention U-Net.
+
+    ``channels[:-1]`` are the encoder levels (and, mirrored, the decoder levels); ``channels[-1]``
+    is the bridge. ``depth = len(channels) - 1``.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 1
+    channels: tuple[int, ...] = (64, 128, 256, 512)
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_channels"):
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        channels = self.channels
+        if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):
+            raise ValueError(f"channels must be a sequence of positive integers, got {channels!r}")
+        channels = tuple(channels)
+        if len(channels) < 2:
+            raise ValueError(
+                f"channels needs at least two entries (one encoder level and the bridge), got {channels!r}"
+            )
+        bad = [c for c in channels if not _is_positive_int(c)]
+        if bad:
+            raise ValueError(f"channels must be positive integers, got {channels!r} (bad: {bad!r})")
+        object.__setattr__(self, "channels", tuple(int(c) for c in channels))
+
+    @property
+    def depth(self) -> int:
+        """Number of encoder (and decoder) levels."""
+        return len(self.channels) - 1
+
+    @property
+    def min_size(self) -> int:
+        """Smallest spatial side the network accepts: each level halves it, the bridge needs 1."""
+        return 2**self.depth
+
+    def to_dict(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "channels": list(self.channels),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a JSON object, got {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One canonical tensor: its name, PyTorch shape, and the kind of layer it belongs to."""
+
+    name: str
+    shape: tuple[int, ...]
+    layer: str  # "conv3", "conv1" or "bn"
+    leaf: str  # "weight", "bias", "running_mean", "running_var", "num_batches_tracked"
+
+    @property
+    def module(self) -> str:
+        """The layer's dotted path, e.g. ``e1.conv.conv.0``."""
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def is_buffer(self) -> bool:
+        """Running statistics and counters: state, not trainable parameters."""
+        return self.leaf in ("running_mean", "running_var", "num_batches_tracked")
+
+    @property
+    def dtype_kind(self) -> str:
+        return "int" if self.leaf == "num_batches_tracked" else "float"
+
+
+def _layer(prefix: str, kind: str, c_in: int, c_out: int) -> Iterator[ParamSpec]:
+    for leaf in LEAVES[kind]:
+        if kind == "bn":
+            shape = () if leaf == "num_batches_tracked" else (c_out,)
+        elif leaf == "weight":
+            k = 3 if kind == "conv3" else 1
+            shape = (c_out, c_in, k, k)
+        else:
+            shape = (c_out,)
+        yield ParamSpec(f"{prefix}.{leaf}", shape, kind, leaf)
+
+
+def _conv_block(prefix: str, c_in: int, c_out: int) -> Iterator[ParamSpec]:
+    for index, kind in CONV_BLOCK_LAYERS:
+        # The second conv reads the first conv's output; BatchNorms see c_out channels.
+        first = index == "0"
+        yield from _layer(f"{prefix}.{index}", kind, c_in if first else c_out, c_out)
+
+
+def param_specs(config: ModelConfig) -> list[ParamSpec]:
+    """Every canonical tensor of ``config``, in the article's ``state_dict`` order."""
+    c = config.channels
+    specs: list[ParamSpec] = []
+    c_in = config.in_channels
+    for i in range(config.depth):
+        specs += _conv_block(f"e{i + 1}.conv.conv", c_in, c[i])
+        c_in = c[i]
+    specs += _conv_block("b1.conv", c[-2], c[-1])
+    for j in range(config.depth):
+        c_g, c_s = c[-1 - j], c[-2 - j]
+        prefix = f"d{j + 1}"
+        specs += _layer(f"{prefix}.ag.Wg.0", "conv1", c_g, c_s)
+        specs += _layer(f"{prefix}.ag.Wg.1", "bn", c_s, c_s)
+        specs += _layer(f"{prefix}.ag.Ws.0", "conv1", c_s, c_s)
+        specs += _layer(f"{prefix}.ag.Ws.1", "bn", c_s, c_s)
+        specs += _layer(f"{prefix}.ag.output.0", "conv1", c_s, c_s)
+        specs += _conv_block(f"{prefix}.c1.conv", c_g + c_s, c_s)
+    specs += _layer("output", "conv1", c[0], config.out_channels)
+    return specs
+
+
+def param_table(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> PyTorch shape, in ``state_dict`` order."""
+    return {p.name: p.shape for p in param_specs(config)}
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Trainable parameters (running statistics and counters excluded)."""
+    total = 0
+    for p in param_specs(config):
+        if not p.is_buffer:
+            n = 1
+            for d in p.shape:
+                n *= d
+            total += n
+    return total
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """Rebuild the config of a checkpoint that carries none, from its canonical tensor shapes.
+
+    Raises ValueError naming what is missing when the names do not describe an Attention U-Net.
+    """
+    depth = 0
+    while f"e{depth + 1}.conv.conv.0.weight" in shapes:
+        depth += 1
+    required = ["e1.conv.conv.0.weight", "b1.conv.0.weight", "output.weight"]
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise ValueError(f"cannot infer the model config: missing tensors {missing}")
+    for key in required:
+        if len(shapes[key]) != 4:
+            raise ValueError(f"cannot infer the model config: {key} has shape {shapes[key]}, expected 4-D")
+    in_channels = shapes["e1.conv.conv.0.weight"][1]
+    channels = [shapes[f"e{i + 1}.conv.conv.0.weight"][0] for i in range(depth)]
+    channels.append(shapes["b1.conv.0.weight"][0])
+    out_channels = shapes["output.weight"][0]
+    return ModelConfig(in_channels=in_channels, out_channels=out_channels, channels=tuple(channels))
