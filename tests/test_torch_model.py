@@ -6,9 +6,9 @@ import impl_torch
 import weights_convert
 from tests import numpy_reference
 from tests.conftest import rel_error
-from tests.tolerances import TOLERANCES
 from weights_convert.random_init import random_checkpoint
 from weights_convert.spec import ModelConfig, parameter_count
+from weights_convert.tolerances import TOLERANCES
 
 
 def run(model, x, dtype=torch.float64):
@@ -56,7 +56,7 @@ def test_float64_matches_independent_numpy(config, size):
     x = np.random.default_rng(2).uniform(size=(2, config.in_channels, *size))
     actual = run(model, x)
     assert actual.shape == (2, config.out_channels, *size)
-    assert rel_error(actual, numpy_reference.forward(checkpoint.tensors, x)) <= TOLERANCES["parity_float64"]
+    assert rel_error(actual, numpy_reference.forward(checkpoint.tensors, x)) <= TOLERANCES["float64"]
 
 
 def test_numpy_reference_matches_article(reference_dir, reference_input):

@@ -30,6 +30,10 @@ class Format:
 FORMATS = (
     Format("safetensors", (".safetensors",), "safetensors_format", None),
     Format("pytorch", (".pt", ".pth"), "torch_format", "torch"),
+    Format("keras-weights", (".weights.h5",), "keras_h5_format", "keras"),
+    Format("keras", (".keras",), "keras_archive_format", "keras"),
+    Format("flax-msgpack", (".msgpack",), "flax_msgpack_format", "flax"),
+    Format("orbax", (".orbax",), "orbax_format", "flax", is_directory=True),
 )
 
 
