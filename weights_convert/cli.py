@@ -1,4 +1,4 @@
-"""The ``attention-unet`` command: ``inspect``, ``init`` (and, as they land, ``convert``, ``parity``, ``bench``).
+"""The ``attention-unet`` command: ``inspect``, ``convert``, ``init``, ``parity`` and ``bench``.
 
 Exit status: 0 on success, 1 when a checkpoint is refused or a check fails, 2 on bad usage.
 Errors are one line on stderr.
@@ -47,6 +47,20 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import weights_convert
+
+    checkpoint = weights_convert.convert(
+        args.src, args.dst, dtype=args.dtype, force=args.force, allow_nonfinite=args.allow_nonfinite, config=args.config
+    )
+    print(
+        f"wrote {args.dst}: {len(checkpoint.tensors)} tensors, {checkpoint.float_dtype}, "
+        f"config {checkpoint.config.to_dict()}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_init(args) -> int:
     import weights_convert
     from weights_convert.random_init import random_checkpoint
@@ -67,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("convert", help="convert a checkpoint between formats (chosen by extension), losslessly")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), help="cast floating tensors")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values instead of refusing them")
+    p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
     p.add_argument("dst")
     p.add_argument("--seed", type=int, default=0)
@@ -84,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CheckpointError as error:
         print(f"attention-unet {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a last line of defence: hostile input never ends in a traceback
+        message = " ".join(str(error).split())[:300]
+        print(f"attention-unet {args.command}: error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
 
 

@@ -3,6 +3,8 @@ that would run code is refused by torch's restricted unpickler and never execute
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 
 from weights_convert.checkpoint import Checkpoint, CheckpointError
@@ -51,11 +53,26 @@ def from_numpy(array: np.ndarray):
     return torch.from_numpy(np.require(array, requirements="C"))
 
 
+def check_zip_integrity(path) -> None:
+    """torch.load does not verify the CRC-32 that the zip container records for every entry:
+    check it, so flipped bytes in tensor data are refused instead of loaded."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format has no checksums; torch.load judges it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"{path}: corrupt zip container ({_one_line(error)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt: entry {bad} fails its CRC-32 check")
+
+
 def read(path) -> tuple[dict[str, np.ndarray], None]:
     import pickle
 
     import torch
 
+    check_zip_integrity(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
