@@ -72,6 +72,32 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from weights_convert import bench
+    from weights_convert.spec import ModelConfig
+
+    try:
+        settings = bench.Settings(
+            config=args.config or ModelConfig(),
+            batch=args.batch,
+            size=tuple(args.size),
+            dtype=args.dtype,
+            device=args.device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            modes=tuple(args.modes),
+            variants=tuple(args.variants) if args.variants else None,
+        )
+        report = bench.run(
+            settings, tuple(args.frameworks), tuple(args.keras_backends or ()) or None, sgemm_n=args.sgemm_n
+        )
+    except ValueError as error:
+        print(f"attention-unet bench: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else bench.format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-unet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.set_defaults(func=cmd_init)
+
+    def names(text: str) -> list[str]:
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    p = sub.add_parser("bench", help="time eval forward and training steps in every framework against sgemm")
+    p.add_argument("--frameworks", type=names, default=["torch", "flax", "keras"], help="comma-separated")
+    p.add_argument("--keras-backends", type=names, help="comma-separated (default: every installed one)")
+    p.add_argument("--variants", type=names, help="only these, e.g. 'eager,nnx.jit' (default: all)")
+    p.add_argument("--modes", type=names, default=["forward", "train_step"], help="comma-separated")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation happens here)")
+    p.add_argument("--config", type=_config_arg, help="JSON, e.g. '{\"channels\": [8, 16, 32]}'")
+    p.add_argument("--sgemm-n", type=int, help="side of the float32 matmul ceiling (default 4096 CPU, 8192 GPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
