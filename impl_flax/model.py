@@ -1,0 +1,274 @@
+"""Attention U-Net in Flax NNX, mirroring ``impl_torch/model.py`` class by class (ARCHITECTURE.md sections 1-3).
+
+NHWC activations and HWIO kernels. The attribute tree is the torch module tree: an ``nn.Sequential``
+becomes an ``nnx.List`` holding the same layers at the same indices (parameter-free activations
+included), so ``e1.conv.conv.0.weight`` lives at the state path ``("e1", "conv", "conv", 0, "kernel")``;
+``weights_convert.flax_layout.nnx_path`` is that rule.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from weights_convert.spec import ModelConfig
+
+# torch's BatchNorm contract (eps 1e-5, running average weight 0.1 on the new batch) in Flax's
+# convention, where momentum is the weight kept on the old value: new = 0.9 * old + 0.1 * batch.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype) -> np.dtype:
+    """The model's dtype as numpy dtype; float64 only when JAX's 64-bit mode is already on.
+
+    Without x64, JAX silently computes a requested float64 in float32, so refuse instead of
+    returning float32 results labelled float64; this never switches x64 on itself.
+    """
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype float64 needs JAX's 64-bit mode, which is off: call jax.config.update('jax_enable_x64', True) "
+            "first or work inside `with jax.enable_x64(True):`"
+        )
+    return np.dtype(name)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel (last) axis with torch's training semantics.
+
+    ``nnx.BatchNorm`` cannot be used: it stores the biased batch variance in the running variance,
+    while torch stores the unbiased one (times n / (n - 1)), so the two drift apart after the first
+    training step. This layer normalizes with the biased variance (as both do) and stores the
+    unbiased one, and keeps torch's ``num_batches_tracked`` counter so checkpoints round-trip.
+    """
+
+    def __init__(self, num_features: int, *, dtype=jnp.float32, use_running_average: bool = False):
+        self.scale = nnx.Param(jnp.ones((num_features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), dtype))
+        # The default integer type: int64 under x64, int32 otherwise (2**31 steps is plenty).
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), int))
+        self.use_running_average = use_running_average
+        self.momentum = BN_MOMENTUM
+        self.epsilon = BN_EPS
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            n = x.size // x.shape[-1]
+            if n < 2:
+                # torch refuses too: one value per channel has no variance.
+                raise ValueError(f"expected more than 1 value per channel when training, got input shape {x.shape}")
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            stop = jax.lax.stop_gradient
+            m = self.momentum
+            self.mean[...] = stop(m * self.mean[...] + (1 - m) * mean)
+            # torch keeps the unbiased variance in the running average; it normalizes with the biased one.
+            self.var[...] = stop(m * self.var[...] + (1 - m) * var * (n / (n - 1)))
+            self.num_batches_tracked[...] += 1
+        # Folded into one multiply-add per element, as torch's CPU kernel does.
+        alpha = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        return x * alpha + (self.bias[...] - mean * alpha)
+
+
+def conv(c_in: int, c_out: int, kernel_size: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    # Explicit symmetric padding: 'SAME' is not torch's padding=1 for every kernel size.
+    pad = kernel_size // 2
+    return nnx.Conv(
+        c_in,
+        c_out,
+        (kernel_size, kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class ConvBlock(nnx.Module):
+    """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+        self.conv = nnx.List(
+            [
+                conv(c_in, c_out, 3, dtype, rngs),
+                BatchNorm(c_out, dtype=dtype),
+                nnx.relu,
+                conv(c_out, c_out, 3, dtype, rngs),
+                BatchNorm(c_out, dtype=dtype),
+                nnx.relu,
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return sequential(self.conv, x)
+
+
+def max_pool2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pool, stride 2, flooring odd sizes (torch's MaxPool2d(2))."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+class EncoderBlock(nnx.Module):
+    """Conv block, then a 2x2 max pool (floor for odd sizes); returns (skip, pooled)."""
+
+    def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+        self.conv = ConvBlock(c_in, c_out, dtype=dtype, rngs=rngs)
+        self.pool = max_pool2x2
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        skip = self.conv(x)
+        return skip, self.pool(skip)
+
+
+class AttentionGate(nnx.Module):
+    """Per-channel attention coefficients ``a`` from the gating signal g and the skip s; returns (a * s, a)."""
+
+    def __init__(self, c_g: int, c_s: int, *, dtype, rngs: nnx.Rngs):
+        self.Wg = nnx.List([conv(c_g, c_s, 1, dtype, rngs), BatchNorm(c_s, dtype=dtype)])
+        self.Ws = nnx.List([conv(c_s, c_s, 1, dtype, rngs), BatchNorm(c_s, dtype=dtype)])
+        self.relu = nnx.relu
+        self.output = nnx.List([conv(c_s, c_s, 1, dtype, rngs), nnx.sigmoid])
+
+    def __call__(self, g: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+        attention = sequential(self.output, self.relu(sequential(self.Wg, g) + sequential(self.Ws, s)))
+        return attention * s, attention
+
+
+@functools.cache
+def _interpolation(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weights of bilinear x2 with align_corners=True along an axis of length n.
+
+    Output i samples input ``i * (n - 1) / (2n - 1)`` (computed in float64): the corners of input
+    and output coincide. ``jax.image.resize`` samples at half-pixel centres instead, a different
+    function.
+    """
+    src = np.arange(2 * n) * ((n - 1) / (2 * n - 1))
+    lo = np.floor(src).astype(np.int32)
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, src - lo
+
+
+def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
+    lo, hi, frac = _interpolation(x.shape[axis])
+    shape = [1] * x.ndim
+    shape[axis] = frac.size
+    frac = jnp.asarray(frac.reshape(shape), x.dtype)
+    # Two static gathers and a lerp: memory-bound and exact, where a dense (2n, n) interpolation
+    # matrix would cost n times more arithmetic.
+    return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
+def upsample2x(x: jax.Array) -> jax.Array:
+    """Bilinear x2 with align_corners=True on NHWC: output i samples input i * (n - 1) / (2n - 1)."""
+    return _upsample_axis(_upsample_axis(x, 1), 2)
+
+
+def pad_to(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    dh, dw = height - x.shape[1], width - x.shape[2]
+    if dh == 0 and dw == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)))
+
+
+class DecoderBlock(nnx.Module):
+    """Upsample x2, pad to the skip, gate the skip, concatenate, conv block."""
+
+    def __init__(self, c_g: int, c_s: int, *, dtype, rngs: nnx.Rngs):
+        self.ag = AttentionGate(c_g, c_s, dtype=dtype, rngs=rngs)
+        self.c1 = ConvBlock(c_g + c_s, c_s, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, skip: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = pad_to(upsample2x(x), skip.shape[1], skip.shape[2])
+        gated, attention = self.ag(x, skip)
+        return self.c1(jnp.concatenate([x, gated], axis=-1)), attention
+
+
+class AttentionUNet(nnx.Module):
+    """Attention U-Net, NHWC in and out; returns logits. Starts in training mode, as torch modules
+    do: ``model.eval()`` switches every BatchNorm to its running statistics, ``model.train()`` back."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        channels: tuple[int, ...] = (64, 128, 256, 512),
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = ModelConfig(in_channels, out_channels, tuple(channels))
+        self.dtype = check_dtype(dtype)
+        c = self.config.channels
+        depth = self.config.depth
+        levels_in = (in_channels,) + c[:-2]
+        kw = dict(dtype=self.dtype, rngs=rngs)
+        for i in range(depth):
+            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i], **kw))
+        self.b1 = ConvBlock(c[-2], c[-1], **kw)
+        for j in range(depth):
+            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j], **kw))
+        self.output = conv(c[0], out_channels, 1, self.dtype, rngs)
+
+    @property
+    def encoders(self) -> list[EncoderBlock]:
+        return [getattr(self, f"e{i + 1}") for i in range(self.config.depth)]
+
+    @property
+    def decoders(self) -> list[DecoderBlock]:
+        return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
+
+    def check_input(self, x) -> None:
+        cfg = self.config
+        expected = f"(N, H, W, {cfg.in_channels}) with H, W >= {cfg.min_size}"
+        shape = tuple(np.shape(x))
+        if len(shape) != 4:
+            raise ValueError(f"expected input of shape {expected}, got a {len(shape)}-D array of shape {shape}")
+        if shape[3] != cfg.in_channels or min(shape[1:3]) < cfg.min_size:
+            raise ValueError(f"expected input of shape {expected}, got {shape}")
+
+    def __call__(self, x: jax.Array, return_intermediates: bool = False):
+        """Logits of shape (N, H, W, out_channels); with ``return_intermediates`` also a dict of
+        every block's output (NHWC): ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
+        self.check_input(x)
+        x = jnp.asarray(x, self.dtype)
+        named: dict[str, jax.Array] = {}
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            skip, x = encoder(x)
+            skips.append(skip)
+            named[f"e{i + 1}"] = skip
+        x = self.b1(x)
+        named["b1"] = x
+        for j, decoder in enumerate(self.decoders):
+            x, attention = decoder(x, skips[-1 - j])
+            named[f"d{j + 1}.ag"] = attention
+            named[f"d{j + 1}"] = x
+        logits = self.output(x)
+        named["output"] = logits
+        return (logits, named) if return_intermediates else logits
