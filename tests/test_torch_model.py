@@ -4,8 +4,8 @@ import torch
 
 import impl_torch
 import weights_convert
-from tests import numpy_reference
 from tests.conftest import rel_error
+from weights_convert import reference
 from weights_convert.random_init import random_checkpoint
 from weights_convert.spec import ModelConfig, parameter_count
 from weights_convert.tolerances import TOLERANCES
@@ -56,14 +56,14 @@ def test_float64_matches_independent_numpy(config, size):
     x = np.random.default_rng(2).uniform(size=(2, config.in_channels, *size))
     actual = run(model, x)
     assert actual.shape == (2, config.out_channels, *size)
-    assert rel_error(actual, numpy_reference.forward(checkpoint.tensors, x)) <= TOLERANCES["float64"]
+    assert rel_error(actual, reference.forward(checkpoint.tensors, x)["output"]) <= TOLERANCES["float64"]
 
 
 def test_numpy_reference_matches_article(reference_dir, reference_input):
     """The independent NumPy pass itself reproduces the article's float64 output."""
     tensors = weights_convert.read(reference_dir / "article_state_dict.safetensors").tensors
     expected = np.load(reference_dir / "output_eval_float64.npy")
-    assert rel_error(numpy_reference.forward(tensors, reference_input), expected) <= TOLERANCES["reference_float64"]
+    assert rel_error(reference.forward(tensors, reference_input)["output"], expected) <= TOLERANCES["reference_float64"]
 
 
 def test_odd_size_pads_before_and_after():

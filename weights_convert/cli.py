@@ -61,6 +61,50 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _choices(allowed):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
+        return values
+
+    return parse
+
+
+def cmd_parity(args) -> int:
+    from weights_convert import parity
+
+    def progress(message: str) -> None:
+        if not args.json:
+            print(f"parity: {message}", file=sys.stderr, flush=True)
+
+    try:
+        report = parity.check(
+            args.checkpoint,
+            frameworks=args.frameworks,
+            keras_backends=args.keras_backends,
+            dtype=args.dtype,
+            device=args.device,
+            mode=args.mode,
+            size=tuple(args.size),
+            batch=args.batch,
+            seed=args.seed,
+            progress=progress,
+        )
+    except parity.ParityError as error:
+        print(f"attention-unet parity: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(parity.format_table(report, verbose=args.verbose))
+    if args.report:
+        for path in parity.write_report(report, args.report):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
 def cmd_init(args) -> int:
     import weights_convert
     from weights_convert.random_init import random_checkpoint
@@ -115,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values instead of refusing them")
     p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
     p.set_defaults(func=cmd_convert)
+
+    from weights_convert.parity import DEFAULT_BATCH, DEFAULT_SIZE, FRAMEWORKS, KERAS_BACKENDS
+
+    p = sub.add_parser(
+        "parity",
+        help="run one checkpoint through every framework and compare each block with a float64 reference",
+        description="Exit 0 when every strict row passes, 1 when any fails, 2 on bad usage.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="any supported checkpoint (default: seeded random default model)")
+    p.add_argument("--frameworks", type=_choices(FRAMEWORKS), default=FRAMEWORKS, help="comma-separated")
+    p.add_argument("--keras-backends", type=_choices(KERAS_BACKENDS), default=KERAS_BACKENDS, help="comma-separated")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--mode", choices=("eval", "train"), default="eval")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=DEFAULT_SIZE)
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--seed", type=int, default=0, help="seed of the input (and training target)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--verbose", action="store_true", help="one table row per tensor in train mode")
+    p.add_argument("--report", metavar="DIR", help="write parity.png and the per-block table to DIR")
+    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
     p.add_argument("dst")

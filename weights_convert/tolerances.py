@@ -18,6 +18,12 @@ TOLERANCES = {
     # product), bfloat16 an 8-bit one (~4e-3 per op), compounded over the network.
     "tf32": 1e-2,
     "bfloat16": 5e-2,
+    # float32 gradients and optimizer steps: reported, never gating. Train-mode BatchNorm backward
+    # through 20 layers is ill-conditioned in float32: PyTorch's own float32 gradients differ from
+    # its float64 gradients by up to 3.8e-2 (relative, per tensor) on the default model at
+    # 2x3x64x64 (2e-5 on channels (4, 8, 16)), so no cross-framework float32 bound below that means
+    # anything. The gradient mathematics is gated in float64 at 1e-10.
+    "float32_gradients": 5e-2,
     # The article's own float32 output, reproduced by the same torch ops on the same CPU build:
     # only summation order inside oneDNN kernels may differ.
     "reference_float32": 1e-6,

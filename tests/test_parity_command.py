@@ -1,0 +1,181 @@
+"""The parity command and its Python API: exit codes, JSON shape, and that a perturbed
+implementation fails and is named with its first drifting block."""
+
+import json
+
+import numpy as np
+import pytest
+
+import impl_torch.runner
+import weights_convert
+from weights_convert import cli, parity
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig
+
+SMALL = ModelConfig(3, 2, (4, 8, 16))
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parity") / "small.safetensors"
+    weights_convert.write(random_checkpoint(SMALL, seed=4), path)
+    return path
+
+
+def run_cli(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def perturb_runner(monkeypatch, name: str, delta: float = 1e-3):
+    """Make impl_torch's runner see a checkpoint with one tensor nudged."""
+    real_forward = impl_torch.runner.forward
+
+    def forward(checkpoint, x, **kwargs):
+        tensors = dict(checkpoint.tensors)
+        tensors[name] = tensors[name] + np.asarray(delta, dtype=tensors[name].dtype)
+        return real_forward(weights_convert.Checkpoint(checkpoint.config, tensors), x, **kwargs)
+
+    monkeypatch.setattr(impl_torch.runner, "forward", forward)
+
+
+def test_json_shape_and_pass(capsys, small_checkpoint):
+    code, out, _ = run_cli(
+        capsys,
+        "parity",
+        small_checkpoint,
+        "--frameworks",
+        "torch",
+        "--dtype",
+        "float64",
+        "--size",
+        "13",
+        "17",
+        "--batch",
+        "3",
+        "--json",
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["passed"] is True
+    rows = report["results"]
+    assert [r["quantity"] for r in rows] == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output", "mask"]
+    assert all(set(r) == set(parity.RESULT_FIELDS) for r in rows)
+    assert all(r["rel_diff"] <= 1e-10 and r["dtype"] == "float64" and r["mode"] == "eval" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "name, block",
+    [
+        ("d2.c1.conv.0.weight", "d2"),
+        ("e2.conv.conv.1.running_mean", "e2"),
+        ("d1.ag.Ws.0.bias", "d1.ag"),
+        ("output.bias", "output"),
+    ],
+)
+def test_perturbed_weights_fail_and_name_the_block(capsys, monkeypatch, small_checkpoint, name, block):
+    perturb_runner(monkeypatch, name)
+    code, out, _ = run_cli(capsys, "parity", small_checkpoint, "--frameworks", "torch", "--size", "16", "16")
+    assert code == 1
+    assert f"FAIL: torch cpu float32: first drift at {block}" in out
+    with pytest.raises(AssertionError, match=f"torch cpu float32: first drift at {block}"):
+        parity.assert_parity(small_checkpoint, frameworks=["torch"], size=(16, 16))
+
+
+def test_train_mode_has_state_grad_and_step_rows(capsys, small_checkpoint):
+    code, out, _ = run_cli(
+        capsys,
+        "parity",
+        small_checkpoint,
+        "--frameworks",
+        "torch",
+        "--mode",
+        "train",
+        "--dtype",
+        "float64",
+        "--size",
+        "12",
+        "9",
+        "--json",
+    )
+    assert code == 0
+    quantities = [r["quantity"] for r in json.loads(out)["results"]]
+    trainable = [p.name for p in weights_convert.param_specs(SMALL) if not p.is_buffer]
+    buffers = [p.name for p in weights_convert.param_specs(SMALL) if p.is_buffer]
+    for prefix, names in (
+        ("grad/", trainable),
+        ("step/sgd/", trainable),
+        ("step/adam/", trainable),
+        ("state/", buffers),
+    ):
+        assert sorted(q[len(prefix) :] for q in quantities if q.startswith(prefix)) == sorted(names)
+
+
+def test_train_mode_catches_a_wrong_running_variance(monkeypatch, small_checkpoint):
+    """A biased running-variance update (the Flax/Keras default) must fail the state rows."""
+    real_forward = impl_torch.runner.forward
+
+    def biased(checkpoint, x, **kwargs):
+        results = real_forward(checkpoint, x, **kwargs)
+        key = "state/e1.conv.conv.1.running_var"
+        results[key] = results[key] * 0.999
+        return results
+
+    monkeypatch.setattr(impl_torch.runner, "forward", biased)
+    report = parity.check(small_checkpoint, frameworks=["torch"], mode="train", dtype="float64", size=(8, 8))
+    assert not report.passed
+    assert report.first_drift() == {"torch cpu float64": "state/e1.conv.conv.1.running_var"}
+
+
+def test_report_directory(capsys, tmp_path, small_checkpoint):
+    code, _, err = run_cli(
+        capsys,
+        "parity",
+        small_checkpoint,
+        "--frameworks",
+        "torch",
+        "--size",
+        "16",
+        "16",
+        "--report",
+        tmp_path / "report",
+    )
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["parity.json", "parity.md", "parity.png"]
+    assert (tmp_path / "report" / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "d2.ag" in (tmp_path / "report" / "parity.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--frameworks", "mxnet"],
+        ["--keras-backends", "numpy"],
+        ["--dtype", "int8"],
+        ["--size", "3", "3"],
+        ["--batch", "0"],
+        ["--mode", "predict"],
+    ],
+)
+def test_bad_usage_exits_2(capsys, small_checkpoint, args):
+    try:
+        code = cli.main(["parity", str(small_checkpoint), *args])
+    except SystemExit as exit_:  # argparse rejects it before running
+        code = exit_.code
+    assert code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_gpu_without_a_gpu_is_a_clear_usage_error(capsys, small_checkpoint):
+    if parity.gpu_available("torch"):
+        pytest.skip("a GPU is visible to torch; the gpu-marked tests cover it")
+    code, _, err = run_cli(capsys, "parity", small_checkpoint, "--frameworks", "torch", "--device", "gpu")
+    assert code == 2 and "no GPU visible to torch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_refused_checkpoint_exits_1(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run_cli(capsys, "parity", bad, "--frameworks", "torch")
+    assert code == 1 and "bad.safetensors" in err and len(err.strip().splitlines()) == 1
