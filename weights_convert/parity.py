@@ -365,34 +365,28 @@ def _validate(frameworks, keras_backends, dtype, device, mode, size, batch):
     return frameworks, keras_backends
 
 
-def gpu_available(framework: str, keras_backends=()) -> bool:
-    """Whether ``framework`` sees a GPU (Keras: every requested backend's framework does)."""
-    if framework == "torch":
-        import torch
-
-        return torch.cuda.is_available()
-    if framework == "flax":
-        import jax
-
-        return any(d.platform == "gpu" for d in jax.devices()) if _has_gpu_backend() else False
-    return all(_keras_backend_gpu(b) for b in keras_backends)
+def gpu_available(framework: str, keras_backends=("tensorflow",)) -> bool:
+    """Whether ``framework`` is installed and sees a GPU (Keras: under every given backend)."""
+    if framework == "keras":
+        return all(_backend_sees_gpu(b) for b in keras_backends)
+    return _backend_sees_gpu("jax" if framework == "flax" else framework)
 
 
-def _has_gpu_backend() -> bool:
-    import jax
-
+def _backend_sees_gpu(backend: str) -> bool:
     try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
+        if backend == "torch":
+            import torch
 
+            return torch.cuda.is_available()
+        if backend == "jax":
+            import jax
 
-def _keras_backend_gpu(backend: str) -> bool:
-    if backend == "tensorflow":
+            return bool(jax.devices("gpu"))
         import tensorflow as tf
 
         return bool(tf.config.list_physical_devices("GPU"))
-    return gpu_available("flax" if backend == "jax" else "torch")
+    except (ImportError, RuntimeError):  # not installed, or JAX without a GPU platform
+        return False
 
 
 def format_table(report: Report, verbose: bool = False) -> str:

@@ -1,0 +1,114 @@
+"""Property tests of the converter: random configs through random chains of every format are
+lossless; random corruption of a file never ends in a traceback and never writes the destination."""
+
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import weights_convert
+from weights_convert.checkpoint import CheckpointError
+from weights_convert.formats import FORMATS
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig
+
+SUFFIXES = [f.suffixes[0] for f in FORMATS]
+FLOAT_DTYPES = ["float32", "float64", "float16", "bfloat16"]
+# Each example writes real files (and the Keras ones build a model): few examples, no deadline.
+PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+configs = st.builds(
+    ModelConfig,
+    in_channels=st.integers(1, 4),
+    out_channels=st.integers(1, 3),
+    channels=st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple),
+)
+
+
+def same_bits(a, b) -> list[str]:
+    """Names of tensors that differ in dtype, shape or any bit."""
+    assert list(a.tensors) == list(b.tensors)
+    return [
+        name
+        for name, x in a.tensors.items()
+        if x.dtype != b.tensors[name].dtype
+        or x.shape != b.tensors[name].shape
+        or x.tobytes() != b.tensors[name].tobytes()
+    ]
+
+
+@PROPERTY
+@given(
+    config=configs,
+    chain=st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=4),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_random_chains_are_lossless(tmp_path_factory, config, chain, dtype, seed):
+    directory = tmp_path_factory.mktemp("chain")
+    original = random_checkpoint(config, seed=seed).astype(dtype)
+    # Special values must survive too: signed zero, subnormals, extremes of the dtype.
+    first = next(k for k in original.tensors if k.endswith("conv.0.weight"))
+    info = ml_dtypes.finfo(original.tensors[first].dtype)
+    original.tensors[first].flat[:4] = np.array([-0.0, info.smallest_subnormal, info.max, -info.tiny])
+    path = directory / "start.safetensors"
+    weights_convert.write(original, path)
+    for i, suffix in enumerate(chain):
+        nxt = directory / f"step{i}{suffix}"
+        weights_convert.convert(path, nxt)
+        path = nxt
+        back = weights_convert.read(path)
+        assert back.config == config
+        assert same_bits(back, original) == [], f"changed after {[*chain[: i + 1]]}"
+
+
+CORRUPTIBLE = [s for s in SUFFIXES if s != ".orbax"]  # a directory: corrupted file by file below
+
+
+@PROPERTY
+@given(suffix=st.sampled_from(CORRUPTIBLE), data=st.data())
+def test_random_corruption_never_tracebacks_nor_writes(tmp_path_factory, suffix, data):
+    directory = tmp_path_factory.mktemp("corrupt")
+    source = directory / f"model{suffix}"
+    weights_convert.write(random_checkpoint(ModelConfig(2, 1, (3, 5)), seed=1), source)
+    blob = bytearray(source.read_bytes())
+    how = data.draw(st.sampled_from(["truncate", "flip", "overwrite"]))
+    if how == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        positions = data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=8))
+        for position in positions:
+            blob[position] = blob[position] ^ 0xFF if how == "flip" else data.draw(st.integers(0, 255))
+    source.write_bytes(bytes(blob))
+    dst = directory / "out.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "weights_convert.cli", "convert", str(source), str(dst)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    if result.returncode == 0:
+        # Only a change the format cannot see (bytes no reader looks at) may pass, and then the
+        # tensors must be exactly the original ones.
+        assert same_bits(weights_convert.read(dst), random_checkpoint(ModelConfig(2, 1, (3, 5)), seed=1)) == []
+    else:
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not dst.exists()
+        assert sorted(p.name for p in directory.iterdir()) == [source.name]
+
+
+def test_read_raises_checkpoint_error_not_others(tmp_path):
+    """The API, not just the command, turns garbage into CheckpointError for every format."""
+    for suffix in CORRUPTIBLE:
+        path = tmp_path / f"junk{suffix}"
+        path.write_bytes(os.urandom(256))
+        try:
+            weights_convert.read(path)
+        except CheckpointError:
+            continue
+        raise AssertionError(f"{suffix}: random bytes were accepted")

@@ -1,0 +1,44 @@
+"""The parity suite on the visible GPU: the same harness as on the CPU, with the device as a
+parameter. Run on a GPU machine with ``python -m pytest -m gpu``; skipped, with the reason, where
+a framework sees no GPU."""
+
+import pytest
+
+from weights_convert import parity
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = {"small": ModelConfig(3, 1, (8, 16, 32)), "default": ModelConfig()}
+TARGETS = [("torch", "torch"), ("flax", "jax"), ("keras", "jax"), ("keras", "torch"), ("keras", "tensorflow")]
+
+
+def require_gpu(framework, backend):
+    if not parity.gpu_available(framework, (backend,)):
+        pytest.skip(f"no GPU visible to {framework}" + (f" ({backend} backend)" if framework == "keras" else ""))
+
+
+@pytest.mark.parametrize("framework, backend", TARGETS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_gpu_parity_small(framework, backend, dtype, mode):
+    require_gpu(framework, backend)
+    report = parity.assert_parity(
+        random_checkpoint(CONFIGS["small"], seed=3),
+        frameworks=[framework],
+        keras_backends=[backend],
+        dtype=dtype,
+        device="gpu",
+        mode=mode,
+        size=(37, 53),
+        batch=2,
+    )
+    assert all(r.device == "gpu" for r in report.results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework, backend", TARGETS)
+def test_gpu_parity_default_float32(framework, backend):
+    require_gpu(framework, backend)
+    parity.assert_parity(None, frameworks=[framework], keras_backends=[backend], dtype="float32", device="gpu")
