@@ -20,8 +20,9 @@ class Row:
     passed: bool
 
 
-def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str) -> tuple[float, float]:
-    """(max|a - b|, relative diff): scaled by max|ref| in float64, max(1, max|ref|) below."""
+def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str, scale: float | None = None) -> tuple[float, float]:
+    """(max|a - b|, relative diff): scaled by max|ref| (or the given ``scale``) in float64, and by
+    max(1, that) below."""
     a = np.asarray(actual, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
     if a.shape != r.shape:
@@ -29,7 +30,7 @@ def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str) -> tuple[flo
     if a.size == 0:
         return 0.0, 0.0
     max_abs = float(np.max(np.abs(a - r)))
-    scale = float(np.max(np.abs(r)))
+    scale = float(np.max(np.abs(r))) if scale is None else scale
     if dtype != "float64":
         scale = max(1.0, scale)
     if max_abs == 0.0:
@@ -39,14 +40,17 @@ def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str) -> tuple[flo
     return max_abs, max_abs / scale if scale > 0 else float("inf")
 
 
-def compare(actual: dict, reference: dict, dtype: str, tolerance: float | None = None) -> list[Row]:
+def compare(
+    actual: dict, reference: dict, dtype: str, tolerance: float | None = None, scale: float | None = None
+) -> list[Row]:
     """One row per reference quantity, in the reference's order; a quantity missing from
-    ``actual`` or of the wrong shape fails with an infinite difference."""
+    ``actual`` or of the wrong shape fails with an infinite difference. ``scale`` replaces each
+    quantity's own max|ref| when the quantities are parts of one vector (the gradient)."""
     tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     rows = []
     for name, ref in reference.items():
         if name in actual:
-            max_abs, rel = rel_diff(actual[name], ref, dtype)
+            max_abs, rel = rel_diff(actual[name], ref, dtype, scale)
         else:
             max_abs, rel = float("inf"), float("inf")
         rows.append(Row(name, max_abs, rel, tolerance, bool(rel <= tolerance)))
