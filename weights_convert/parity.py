@@ -208,28 +208,44 @@ def _matmul_precision(target: Target):
         yield  # Keras runs its backends with their strict settings (see impl_keras.runner)
 
 
-def run_target(impl: Target, function: str, checkpoint: Checkpoint, x, **kwargs) -> dict:
-    """Call one runner function (``forward`` or ``train_step``) for the implementation ``impl``."""
+def run_calls(impl: Target, checkpoint: Checkpoint, x, target_map, calls) -> list[dict]:
+    """Run ``calls`` ((function name, kwargs) pairs) with the implementation ``impl``. Keras runs
+    them all in one process of the requested backend (a subprocess unless it is this one's)."""
+    common = {"device": impl.device, "dtype": impl.dtype}
     if impl.framework == "keras":
-        from impl_keras.runner import run_in_backend
+        from impl_keras.runner import Call, run_batch_in_backend
 
-        return run_in_backend(impl.backend, function, checkpoint, x, device=impl.device, dtype=impl.dtype, **kwargs)
+        batch = [
+            Call(function, checkpoint, x, target_map if function == "train_step" else None, {**kwargs, **common})
+            for function, kwargs in calls
+        ]
+        return run_batch_in_backend(impl.backend, batch)
+    runner = _runner(impl.framework)
     with _matmul_precision(impl):
-        return getattr(_runner(impl.framework), function)(checkpoint, x, device=impl.device, dtype=impl.dtype, **kwargs)
+        return [
+            getattr(runner, function)(checkpoint, x, **kwargs, **common)
+            for function, kwargs in _with_targets(calls, target_map)
+        ]
+
+
+def _with_targets(calls, target_map):
+    for function, kwargs in calls:
+        yield function, ({**kwargs, "target": target_map} if function == "train_step" else kwargs)
 
 
 def compute(impl: Target, checkpoint: Checkpoint, x, target_map, mode: str) -> dict:
     """Every compared quantity of one implementation, in computation order."""
-    checkpoint = checkpoint.astype(impl.dtype)
-    results = dict(run_target(impl, "forward", checkpoint, x, train=(mode == "train")))
+    calls = [("forward", {"train": mode == "train"})]
     if mode == "train":
-        for optimizer in OPTIMIZER_NAMES:
-            step = run_target(impl, "train_step", checkpoint, x, target=target_map, optimizer=optimizer)
-            for name, value in step.items():
-                if name.startswith("grad/"):
-                    results.setdefault(name, value)
-                else:
-                    results[name.replace("step/", f"step/{optimizer}/", 1)] = value
+        calls += [("train_step", {"optimizer": optimizer}) for optimizer in OPTIMIZER_NAMES]
+    forward, *steps = run_calls(impl, checkpoint.astype(impl.dtype), x, target_map, calls)
+    results = dict(forward)
+    for (_, kwargs), step in zip(calls[1:], steps, strict=True):
+        for name, value in step.items():
+            if name.startswith("grad/"):
+                results.setdefault(name, value)
+            else:
+                results[name.replace("step/", f"step/{kwargs['optimizer']}/", 1)] = value
     return results
 
 
