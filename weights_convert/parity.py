@@ -304,7 +304,7 @@ def check(
     checkpoint=None,
     *,
     frameworks=FRAMEWORKS,
-    keras_backends=("tensorflow",),
+    keras_backends=KERAS_BACKENDS,
     dtype: str = "float32",
     device: str = "cpu",
     mode: str = "eval",
