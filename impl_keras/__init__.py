@@ -1,0 +1,6 @@
+"""Attention U-Net in Keras 3 (TensorFlow, JAX or PyTorch backend), with checkpoint I/O."""
+
+from impl_keras.io import from_checkpoint, load, save, to_checkpoint
+from impl_keras.model import AttentionUNet
+
+__all__ = ["AttentionUNet", "from_checkpoint", "load", "save", "to_checkpoint"]

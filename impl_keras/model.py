@@ -1,0 +1,374 @@
+"""Attention U-Net in Keras 3 (ARCHITECTURE.md sections 1-3), NHWC activations and HWIO kernels.
+
+Mirrors ``impl_torch/model.py`` class by class and uses only ``keras.layers`` and ``keras.ops``, so
+the same model runs under the TensorFlow, JAX and PyTorch backends. Every layer is *named* after
+its attribute in the PyTorch module tree (``e1`` / ``conv`` / ``conv`` / ``0`` ...), so a variable's
+path is the canonical module path plus its Keras leaf name (``attention_unet/e1/conv/conv/0/kernel``)
+and the converter maps names mechanically (``impl_keras.io.keras_variables``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+from keras import layers, ops
+
+from weights_convert.spec import ModelConfig
+
+PACKAGE = "attention_unet"
+
+# torch's BatchNorm numerics are the contract. Keras' defaults differ: eps is 1e-3, and momentum
+# weighs the *old* value (torch's momentum 0.1 is Keras' 0.9).
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+# Keras' Conv2D default. ``impl_keras.io`` builds models whose values come from a checkpoint with
+# "zeros" instead: under JAX a random initializer is compiled once per kernel shape (seconds each).
+KERNEL_INITIALIZER = "glorot_uniform"
+
+
+def serializable(cls):
+    """Registered under one package name, so a saved ``.keras`` file loads with ``safe_mode`` on."""
+    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def check_backend_dtype(dtype: str) -> None:
+    """JAX without x64 silently computes float64 in float32: refuse rather than mislead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns that it truncates the requested dtype
+        available = keras.backend.standardize_dtype(ops.zeros((), dtype=dtype).dtype)
+    if available != dtype:
+        raise ValueError(
+            f"{dtype} is not available under the {keras.backend.backend()} backend (it gives {available}); "
+            "under JAX set JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True) first"
+        )
+
+
+def nhwc(channels: int) -> tuple:
+    """The build shape of a layer that sees ``channels`` channels at any batch size and resolution."""
+    return (None, None, None, channels)
+
+
+@serializable
+class BatchNorm(layers.Layer):
+    """BatchNorm over the channel (last) axis with PyTorch's numerics and state.
+
+    ``keras.layers.BatchNormalization`` is not used: it updates the moving variance with the
+    *biased* batch variance while torch stores the unbiased one (times n / (n - 1)), so the two
+    drift apart after the first training step; and it has no ``num_batches_tracked``, which torch
+    checkpoints carry and which is kept here (+1 per training-mode call) so conversion is lossless.
+    """
+
+    def __init__(self, epsilon: float = BN_EPS, momentum: float = BN_MOMENTUM, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.momentum = momentum
+
+    def build(self, input_shape):
+        c = (input_shape[-1],)
+        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
+        self.moving_mean = self.add_weight(shape=c, initializer="zeros", trainable=False, name="moving_mean")
+        self.moving_variance = self.add_weight(shape=c, initializer="ones", trainable=False, name="moving_variance")
+        # "int" is int64 where the backend has it (JAX without x64 has only int32); torch's is int64.
+        self.num_batches_tracked = self.add_weight(
+            shape=(), initializer="zeros", dtype="int", trainable=False, name="num_batches_tracked"
+        )
+
+    def call(self, x, training=None):
+        if training:
+            mean, variance = self.batch_statistics(x)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        # torch's CPU kernel computes x * alpha + (beta - mean * alpha), alpha = gamma / sqrt(var + eps).
+        alpha = self.gamma * ops.rsqrt(variance + self.epsilon)
+        return x * alpha + (self.beta - mean * alpha)
+
+    def batch_statistics(self, x):
+        """Mean and biased variance of the batch (they normalize it); the running statistics get
+        the unbiased variance, as torch's do."""
+        shape = ops.shape(x)
+        n = shape[0] * shape[1] * shape[2]
+        if isinstance(n, int) and n < 2:
+            raise ValueError(f"expected more than 1 value per channel when training, got input shape {tuple(shape)}")
+        n = ops.cast(n, x.dtype)
+        # sum / n, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
+        mean = ops.sum(x, axis=(0, 1, 2)) / n
+        squares = ops.sum(ops.square(x - mean), axis=(0, 1, 2))
+        variance = squares / n
+        unbiased = squares / (n - 1)
+        keep = self.momentum
+        self.moving_mean.assign(self.moving_mean * keep + mean * (1 - keep))
+        self.moving_variance.assign(self.moving_variance * keep + unbiased * (1 - keep))
+        self.num_batches_tracked.assign(self.num_batches_tracked + 1)
+        return mean, variance
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum}
+
+
+def batch_norm(name: str, dtype) -> BatchNorm:
+    return BatchNorm(BN_EPS, BN_MOMENTUM, name=name, dtype=dtype)
+
+
+def conv2d(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer) -> layers.Conv2D:
+    # At stride 1, "same" for a 3x3 kernel is exactly the symmetric pad 1 of the contract.
+    padding = "same" if kernel_size == 3 else "valid"
+    return layers.Conv2D(
+        c_out, kernel_size, padding=padding, kernel_initializer=kernel_initializer, name=name, dtype=dtype
+    )
+
+
+@serializable
+class ConvBlock(layers.Layer):
+    """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU (torch's ``nn.Sequential`` indices as names)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+        super().__init__(**kwargs)
+        self.c_in, self.c_out = c_in, c_out
+        dtype, init = self.dtype_policy, kernel_initializer
+        self.conv = keras.Sequential(
+            [
+                conv2d(c_out, 3, "0", dtype, init),
+                batch_norm("1", dtype),
+                layers.ReLU(name="2", dtype=dtype),
+                conv2d(c_out, 3, "3", dtype, init),
+                batch_norm("4", dtype),
+                layers.ReLU(name="5", dtype=dtype),
+            ],
+            name="conv",
+        )
+
+    def build(self, input_shape):
+        self.conv.build(nhwc(self.c_in))
+
+    def call(self, x, training=None):
+        return self.conv(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.c_out)
+
+    def get_config(self):
+        return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out}
+
+
+@serializable
+class EncoderBlock(layers.Layer):
+    """Conv block, then a 2x2 max pool (floor for odd sizes); returns (skip, pooled)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+        super().__init__(**kwargs)
+        self.c_in, self.c_out = c_in, c_out
+        self.conv = ConvBlock(c_in, c_out, kernel_initializer, name="conv", dtype=self.dtype_policy)
+        self.pool = layers.MaxPooling2D(pool_size=2, name="pool", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.conv.build(nhwc(self.c_in))
+        self.pool.build(nhwc(self.c_out))
+
+    def call(self, x, training=None):
+        skip = self.conv(x, training=training)
+        return skip, self.pool(skip)
+
+    def get_config(self):
+        return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out}
+
+
+@serializable
+class AttentionGate(layers.Layer):
+    """Per-channel attention coefficients ``a`` from the gating signal g and the skip s; returns (a * s, a).
+
+    ``output`` is a read-only property of every Keras layer, so that sub-layer is the attribute
+    ``out``; its *name* stays ``output``, which is what variable paths (and the converter) use.
+    """
+
+    def __init__(self, c_g: int, c_s: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+        super().__init__(**kwargs)
+        self.c_g, self.c_s = c_g, c_s
+        dtype, init = self.dtype_policy, kernel_initializer
+        self.Wg = keras.Sequential([conv2d(c_s, 1, "0", dtype, init), batch_norm("1", dtype)], name="Wg")
+        self.Ws = keras.Sequential([conv2d(c_s, 1, "0", dtype, init), batch_norm("1", dtype)], name="Ws")
+        self.relu = layers.ReLU(name="relu", dtype=dtype)
+        self.out = keras.Sequential(
+            [conv2d(c_s, 1, "0", dtype, init), layers.Activation("sigmoid", name="1", dtype=dtype)], name="output"
+        )
+
+    def build(self, g_shape, s_shape):
+        self.Wg.build(nhwc(self.c_g))
+        self.Ws.build(nhwc(self.c_s))
+        self.relu.build(nhwc(self.c_s))
+        self.out.build(nhwc(self.c_s))
+
+    def call(self, g, s, training=None):
+        attention = self.out(self.relu(self.Wg(g, training=training) + self.Ws(s, training=training)))
+        return attention * s, attention
+
+    def get_config(self):
+        return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s}
+
+
+@serializable
+class Upsample2x(layers.Layer):
+    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1).
+
+    ``keras.layers.UpSampling2D(interpolation="bilinear")`` and ``tf.image.resize`` sample at
+    half-pixel centres ((i + 0.5) / 2 - 0.5): a different function. Separable: one linear
+    interpolation along H, then one along W, with the sample positions and weights computed in
+    the input's dtype as torch does.
+    """
+
+    def call(self, x):
+        shape = ops.shape(x)
+        return interpolate_axis(interpolate_axis(x, 1, shape[1]), 2, shape[2])
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        return (n, None if h is None else 2 * h, None if w is None else 2 * w, c)
+
+
+def interpolate_axis(x, axis: int, n):
+    """Linear interpolation of ``x`` from ``n`` to ``2n`` samples along ``axis``, corners aligned."""
+    dtype = x.dtype
+    scale = ops.cast(n - 1, dtype) / ops.cast(2 * n - 1, dtype)
+    position = ops.cast(ops.arange(2 * n), dtype) * scale
+    lower = ops.floor(position)
+    weight = position - lower
+    lower = ops.cast(lower, "int32")
+    upper = ops.minimum(lower + 1, n - 1)
+    broadcast = [1, 1, 1, 1]
+    broadcast[axis] = -1
+    weight = ops.reshape(weight, broadcast)
+    return ops.take(x, lower, axis=axis) * (1 - weight) + ops.take(x, upper, axis=axis) * weight
+
+
+def pad_to(x, height, width):
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    shape = ops.shape(x)
+    dh, dw = height - shape[1], width - shape[2]
+    if isinstance(dh, int) and isinstance(dw, int) and dh == 0 and dw == 0:
+        return x
+    return ops.pad(x, [[0, 0], [dh // 2, dh - dh // 2], [dw // 2, dw - dw // 2], [0, 0]])
+
+
+@serializable
+class DecoderBlock(layers.Layer):
+    """Upsample x2, pad to the skip, gate the skip, concatenate, conv block."""
+
+    def __init__(self, c_g: int, c_s: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+        super().__init__(**kwargs)
+        self.c_g, self.c_s = c_g, c_s
+        self.up = Upsample2x(name="up", dtype=self.dtype_policy)
+        self.ag = AttentionGate(c_g, c_s, kernel_initializer, name="ag", dtype=self.dtype_policy)
+        self.c1 = ConvBlock(c_g + c_s, c_s, kernel_initializer, name="c1", dtype=self.dtype_policy)
+
+    def build(self, x_shape, skip_shape):
+        self.up.build(nhwc(self.c_g))
+        self.ag.build(nhwc(self.c_g), nhwc(self.c_s))
+        self.c1.build(nhwc(self.c_g + self.c_s))
+
+    def call(self, x, skip, training=None):
+        skip_shape = ops.shape(skip)
+        x = pad_to(self.up(x), skip_shape[1], skip_shape[2])
+        gated, attention = self.ag(x, skip, training=training)
+        return self.c1(ops.concatenate([x, gated], axis=-1), training=training), attention
+
+    def get_config(self):
+        return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s}
+
+
+@serializable
+class AttentionUNet(keras.Model):
+    """Attention U-Net, NHWC in and out; returns logits. Built on construction (any batch size
+    and resolution), so ``summary()`` and weight loading work before the first call.
+
+    The 1x1 head is the attribute ``head`` (``output`` is a read-only Keras property); its layer
+    name is ``output``, as in the canonical tree.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        channels: tuple[int, ...] = (64, 128, 256, 512),
+        dtype=None,
+        kernel_initializer=KERNEL_INITIALIZER,
+        **kwargs,
+    ):
+        config = ModelConfig(in_channels, out_channels, tuple(channels) if channels is not None else channels)
+        super().__init__(dtype=dtype, **kwargs)
+        check_backend_dtype(self.dtype_policy.variable_dtype)
+        self.config = config
+        c = config.channels
+        depth = config.depth
+        dtype, init = self.dtype_policy, kernel_initializer
+        levels_in = (in_channels,) + c[:-2]
+        for i in range(depth):
+            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i], init, name=f"e{i + 1}", dtype=dtype))
+        self.b1 = ConvBlock(c[-2], c[-1], init, name="b1", dtype=dtype)
+        for j in range(depth):
+            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j], init, name=f"d{j + 1}", dtype=dtype))
+        self.head = conv2d(out_channels, 1, "output", dtype, init)
+        self.build(nhwc(in_channels))
+
+    @property
+    def encoders(self) -> list[EncoderBlock]:
+        return [getattr(self, f"e{i + 1}") for i in range(self.config.depth)]
+
+    @property
+    def decoders(self) -> list[DecoderBlock]:
+        return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
+
+    def build(self, input_shape=None):
+        c = self.config.channels
+        for encoder in self.encoders:
+            encoder.build(nhwc(encoder.c_in))
+        self.b1.build(nhwc(c[-2]))
+        for decoder in self.decoders:
+            decoder.build(nhwc(decoder.c_g), nhwc(decoder.c_s))
+        self.head.build(nhwc(c[0]))
+
+    def check_input(self, x) -> None:
+        """Same checks and messages as the PyTorch model, in NHWC; unknown (symbolic) sizes pass."""
+        cfg = self.config
+        shape = tuple(x.shape) if hasattr(x, "shape") else tuple(ops.shape(x))
+        expected = f"(N, H, W, {cfg.in_channels}) with H, W >= {cfg.min_size}"
+        if len(shape) != 4:
+            raise ValueError(f"expected input of shape {expected}, got a {len(shape)}-D tensor of shape {shape}")
+        shape = tuple(None if d is None else int(d) for d in shape)
+        too_small = any(d is not None and d < cfg.min_size for d in shape[1:3])
+        if shape[3] not in (None, cfg.in_channels) or too_small:
+            raise ValueError(f"expected input of shape {expected}, got {shape}")
+
+    def __call__(self, x, *args, **kwargs):
+        # Checked before Keras' own __call__, which would wrap the message in several lines of context.
+        self.check_input(x)
+        return super().__call__(x, *args, **kwargs)
+
+    def call(self, x, training=None, return_intermediates: bool = False):
+        """Logits of shape (N, H, W, out_channels); with ``return_intermediates`` also a dict of
+        every block's output: ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
+        named = {}
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            skip, x = encoder(x, training=training)
+            skips.append(skip)
+            named[f"e{i + 1}"] = skip
+        x = self.b1(x, training=training)
+        named["b1"] = x
+        for j, decoder in enumerate(self.decoders):
+            x, attention = decoder(x, skips[-1 - j], training=training)
+            named[f"d{j + 1}.ag"] = attention
+            named[f"d{j + 1}"] = x
+        logits = self.head(x)
+        named["output"] = logits
+        return (logits, named) if return_intermediates else logits
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.config.out_channels)
+
+    def get_config(self):
+        return {**super().get_config(), **self.config.to_dict()}
