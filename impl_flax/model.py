@@ -243,6 +243,14 @@ class AttentionUNet(nnx.Module):
     def decoders(self) -> list[DecoderBlock]:
         return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
 
+    @property
+    def block_names(self) -> list[str]:
+        """The keys of ``return_intermediates``, in computation order (``jax.jit`` returns dicts with
+        sorted keys, so jitted callers restore the order from here)."""
+        depth = self.config.depth
+        decoders = [name for j in range(depth) for name in (f"d{j + 1}.ag", f"d{j + 1}")]
+        return [f"e{i + 1}" for i in range(depth)] + ["b1"] + decoders + ["output"]
+
     def check_input(self, x) -> None:
         cfg = self.config
         expected = f"(N, H, W, {cfg.in_channels}) with H, W >= {cfg.min_size}"

@@ -1,6 +1,7 @@
 """What the parity harness runs in Flax NNX: the two functions of ``impl_torch.runner``, same
 signatures, numpy in and out in canonical layouts (NCHW activations, canonical names, OIHW kernels).
 
+Both run under ``nnx.jit`` (the variant users deploy, and one XLA compile instead of one per op).
 float64 runs inside a scoped ``jax.enable_x64(True)``, so x64 never leaks to the caller; every run
 uses "highest" matmul precision so that a GPU computes float32 without TF32 (a no-op on CPU).
 """
@@ -8,6 +9,7 @@ uses "highest" matmul precision so that a GPU computes float32 without TF32 (a n
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,19 +61,26 @@ def _canonical(state: nnx.State, prefix: str) -> dict:
     return {f"{prefix}/{name}": value for name, value in from_nnx(flat).items()}
 
 
+@nnx.jit
+def _named_outputs(model: AttentionUNet, x: jax.Array) -> dict:
+    return model(x, return_intermediates=True)[1]
+
+
 def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
     with _scope(dtype, device):
         model = _model(checkpoint, dtype, train)
-        _, named = model(jnp.asarray(to_nhwc(x), dtype), return_intermediates=True)
-        results = {name: to_nchw(value) for name, value in named.items()}
+        named = _named_outputs(model, jnp.asarray(to_nhwc(x), dtype))
+        results = {name: to_nchw(named[name]) for name in model.block_names}
         if train:
             results.update(_canonical(nnx.state(model, nnx.BatchStat), "state"))
     return results
 
 
+@functools.cache
 def make_optimizer(name: str) -> optax.GradientTransformation:
     """optax with torch.optim's definitions: SGD is p - lr * g; optax's Adam adds eps to the
-    bias-corrected sqrt(v), as torch does (eps_root stays 0)."""
+    bias-corrected sqrt(v), as torch does (eps_root stays 0). Cached: the transformation is a
+    static part of ``nnx.Optimizer``, so a new one per call would recompile the jitted step."""
     hyper = OPTIMIZERS[name]
     if name == "sgd":
         return optax.sgd(hyper["lr"])
@@ -82,6 +91,13 @@ def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean((model(x) - target) ** 2)
 
 
+@nnx.jit
+def _gradient_step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array) -> nnx.State:
+    grads = nnx.grad(loss_fn)(model, x, target)
+    optimizer.update(model, grads)
+    return grads
+
+
 def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
@@ -89,8 +105,6 @@ def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cp
         model = _model(checkpoint, dtype, train=True)
         opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
         x, target = (jnp.asarray(to_nhwc(a), dtype) for a in (x, target))
-        grads = nnx.grad(loss_fn)(model, x, target)
-        results = _canonical(grads, "grad")
-        opt.update(model, grads)
+        results = _canonical(_gradient_step(model, opt, x, target), "grad")
         results.update(_canonical(nnx.state(model, nnx.Param), "step"))
     return results
