@@ -165,6 +165,10 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
+def _significant(value: float, digits: int = 6) -> float:
+    return float(f"{value:.{digits}g}")
+
+
 def time_runs(step: Callable[[], object], sync: Callable[[object], object], settings: Settings, label: str) -> dict:
     """Warm-up calls (compilation happens in the first), then ``repeats`` timed calls, each synchronised."""
     start = time.perf_counter()
@@ -208,10 +212,10 @@ def _measured_row(framework, backend, variant, mode, settings, timing: dict) -> 
         variant,
         mode,
         settings,
-        median_ms=round(timing["median_ms"], 3),
-        min_ms=round(timing["min_ms"], 3),
-        gflops=round(flops / seconds / 1e9, 2),
-        images_per_s=round(settings.batch / seconds, 3),
+        median_ms=_significant(timing["median_ms"]),
+        min_ms=_significant(timing["min_ms"]),
+        gflops=_significant(flops / seconds / 1e9),
+        images_per_s=_significant(settings.batch / seconds),
         first_call_s=None if timing["first_call_s"] is None else round(timing["first_call_s"], 2),
         load_1min=_load(),
     )
@@ -324,7 +328,7 @@ def measure_sgemm(device: str = "cpu", n: int | None = None, repeats: int = 5) -
     timing = time_runs(step, sync, settings, f"sgemm {n}x{n}")
     gflops = 2 * n**3 / (timing["median_ms"] / 1e3) / 1e9
     progress(f"sgemm {n}x{n} float32: {gflops:.1f} GFLOP/s ({library})")
-    return {"gflops": round(gflops, 2), "n": n, "library": library, "load_1min": _load()}
+    return {"gflops": _significant(gflops), "n": n, "library": library, "load_1min": _load()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,7 +541,7 @@ def keras_worker(backend: str, settings: Settings) -> list[dict]:
 
     def build(run_eagerly: bool, jit_compile: bool):
         keras.utils.set_random_seed(0)
-        model = impl_keras.AttentionUNet(config.in_channels, config.out_channels, config.channels)
+        model = impl_keras.AttentionUNet(config.in_channels, config.out_channels, config.channels, dtype=settings.dtype)
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=OPTIMIZERS["sgd"]["lr"]),
             loss="mean_squared_error",
@@ -647,7 +651,7 @@ def run(
     sgemm = max(r["gflops"] for r in sgemm_runs)
     for row in results:
         if row.get("gflops") is not None:
-            row["ratio_to_sgemm"] = round(row["gflops"] / sgemm, 3)
+            row["ratio_to_sgemm"] = _significant(row["gflops"] / sgemm, 4)
     return {
         "sgemm_gflops": sgemm,
         "sgemm": {"n": sgemm_runs[0]["n"], "library": sgemm_runs[0]["library"], "runs": sgemm_runs},

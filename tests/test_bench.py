@@ -1,0 +1,167 @@
+"""``attention-unet bench``: the command runs and reports well-formed rows; FLOPs match an independent count.
+
+Nothing here asserts a time: timings depend on the machine and its load.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from weights_convert import bench, cli
+from weights_convert.spec import ModelConfig
+
+TINY = '{"channels": [4, 8, 16]}'
+ROW_KEYS = {"framework", "backend", "variant", "mode", "device", "dtype", "batch", "size", "median_ms", "gflops"}
+
+
+def run_bench(capsys, *args: str) -> dict:
+    argv = ["bench", "--json", "--config", TINY, "--size", "16", "24", "--batch", "2"]
+    argv += ["--repeats", "2", "--warmup", "1", "--sgemm-n", "256", *args]
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def hand_count(config: ModelConfig, height: int, width: int) -> int:
+    """Convolution FLOPs of one image written out level by level, independently of the spec's table."""
+    c = config.channels
+    sizes = [(height, width)]
+    for _ in range(config.depth):
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    total, c_in = 0, config.in_channels
+    for i in range(config.depth):
+        h, w = sizes[i]
+        total += 2 * 9 * h * w * (c_in * c[i] + c[i] * c[i])
+        c_in = c[i]
+    h, w = sizes[-1]
+    total += 2 * 9 * h * w * (c[-2] * c[-1] + c[-1] * c[-1])
+    for j in range(config.depth):
+        c_g, c_s = c[-1 - j], c[-2 - j]
+        h, w = sizes[config.depth - 1 - j]
+        total += 2 * h * w * (c_g * c_s + c_s * c_s + c_s * c_s)  # the gate's three 1x1 convolutions
+        total += 2 * 9 * h * w * ((c_g + c_s) * c_s + c_s * c_s)
+    return total + 2 * height * width * c[0] * config.out_channels
+
+
+def test_default_model_is_91_2_gflop():
+    flops = bench.forward_flops(ModelConfig(), (256, 256))
+    assert flops == hand_count(ModelConfig(), 256, 256)
+    assert round(flops / 1e9, 1) == 91.2
+
+
+@pytest.mark.parametrize(
+    "config, size",
+    [
+        (ModelConfig(), (256, 256)),
+        (ModelConfig(3, 1, (4, 8, 16)), (37, 53)),
+        (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8)),
+        (ModelConfig(1, 2, (4, 8)), (3, 2)),
+    ],
+)
+def test_flops_match_hand_count(config, size):
+    assert bench.forward_flops(config, size, batch=3) == 3 * hand_count(config, *size)
+
+
+@pytest.mark.parametrize(
+    "config, size", [(ModelConfig(3, 1, (4, 8, 16)), (37, 53)), (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8))]
+)
+def test_flops_match_torch_flop_counter(config, size):
+    """torch's FlopCounterMode counts the executed convolutions (and their backward) per module."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import impl_torch
+
+    model = impl_torch.AttentionUNet(config.in_channels, config.out_channels, config.channels).train()
+    x = torch.randn(2, config.in_channels, *size)
+    with FlopCounterMode(display=False) as counter:
+        output = model(x)
+    counted = counter.get_flop_counts()
+    assert counter.get_total_flops() == bench.forward_flops(config, size, batch=2)
+    for module, flops in bench.conv_flops(config, size).items():
+        assert sum(counted[f"AttentionUNet.{module}"].values()) == 2 * flops, module
+    with FlopCounterMode(display=False) as counter:
+        torch.mean(model(x) ** 2).backward()
+    assert counter.get_total_flops() == bench.train_step_flops(config, size, batch=2)
+    assert output.shape[-2:] == size
+
+
+def check_rows(report: dict, framework: str, backend: str, variants: set[str]) -> None:
+    assert isinstance(report["sgemm_gflops"], float) and report["sgemm_gflops"] > 0
+    rows = [r for r in report["results"] if r["framework"] == framework and r["backend"] == backend]
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in variants for m in bench.MODES}
+    flops = report["flops"]
+    for row in rows:
+        assert ROW_KEYS <= set(row), row
+        assert "error" not in row, row
+        assert (row["device"], row["dtype"], row["batch"], row["size"]) == ("cpu", "float32", 2, [16, 24])
+        assert row["median_ms"] > 0
+        # The reported rate is the counted FLOPs over the median time, and the ratio is to the sgemm rate.
+        assert row["gflops"] == pytest.approx(flops[row["mode"]] / (row["median_ms"] / 1e3) / 1e9, rel=1e-3)
+        assert row["ratio_to_sgemm"] == pytest.approx(row["gflops"] / report["sgemm_gflops"], abs=1e-3)
+
+
+def test_torch_rows(capsys):
+    pytest.importorskip("torch")
+    report = run_bench(capsys, "--frameworks", "torch", "--variants", "eager,channels_last")
+    assert report["flops"]["forward"] == 2 * hand_count(ModelConfig(3, 1, (4, 8, 16)), 16, 24)
+    assert len(report["sgemm"]["runs"]) == 2
+    assert report["sgemm_gflops"] == max(r["gflops"] for r in report["sgemm"]["runs"])
+    check_rows(report, "torch", "torch", {"eager", "channels_last"})
+    assert report["settings"]["config"] == {"in_channels": 3, "out_channels": 1, "channels": [4, 8, 16]}
+    assert len(report["load_avg_start"]) == 3
+
+
+def test_flax_rows(capsys):
+    pytest.importorskip("flax")
+    # Eager JAX retraces every operation of the gradient on each call: slow even on a tiny model.
+    report = run_bench(capsys, "--frameworks", "flax", "--variants", "nnx.jit")
+    check_rows(report, "flax", "jax", {"nnx.jit"})
+
+
+def test_keras_rows_come_from_a_backend_subprocess(capsys):
+    pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    report = run_bench(capsys, "--frameworks", "keras", "--keras-backends", "jax", "--variants", "jit_compile")
+    check_rows(report, "keras", "jax", {"jit_compile"})
+
+
+def test_missing_framework_is_a_row_not_a_crash(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_missing", lambda module: module in ("flax", "keras"))
+    report = run_bench(capsys, "--frameworks", "flax,keras", "--modes", "forward")
+    assert [(r["framework"], r["median_ms"]) for r in report["results"]] == [("flax", None), ("keras", None)]
+    assert all("not installed" in r["error"] for r in report["results"])
+
+
+def test_table_output(capsys):
+    pytest.importorskip("torch")
+    argv = ["bench", "--config", TINY, "--size", "16", "16", "--repeats", "1", "--warmup", "1", "--sgemm-n", "128"]
+    assert cli.main([*argv, "--frameworks", "torch", "--variants", "eager", "--modes", "forward"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sgemm (float32, 128^2")
+    assert lines[-1].startswith("| torch | torch | eager | forward |")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frameworks", "mxnet"], "unknown frameworks ['mxnet']"),
+        (["--modes", "backward"], "modes must be"),
+        (["--size", "2", "64"], "size must be H W with both >= 4"),
+        (["--batch", "0"], "batch must be a positive integer"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(capsys, args, message):
+    assert cli.main(["bench", "--config", TINY, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_importing_the_command_imports_no_framework():
+    code = (
+        "import sys, weights_convert, weights_convert.bench, weights_convert.cli as cli; cli.build_parser(); "
+        "print([m for m in ('torch', 'jax', 'flax', 'tensorflow', 'keras') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
