@@ -1,0 +1,366 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import impl_flax
+import weights_convert
+from impl_flax.model import BatchNorm, pad_to, upsample2x
+from tests.conftest import rel_error
+from weights_convert.checkpoint import CheckpointError
+from weights_convert.flax_layout import nnx_path
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig, param_specs, parameter_count
+from weights_convert.tolerances import TOLERANCES
+
+SMALL = ModelConfig(2, 3, (4, 8, 16))
+# Eager JAX compiles every op for every new shape: the eager tests share one input shape.
+X_SHAPE = (2, 9, 11, 2)
+
+
+@pytest.fixture(autouse=True)
+def x64_unchanged():
+    """float64 runs switch x64 on in a scope only; no test may leave it changed."""
+    before = jax.config.jax_enable_x64
+    yield
+    assert jax.config.jax_enable_x64 == before
+
+
+def nhwc(x_nchw):
+    return np.asarray(x_nchw).transpose(0, 2, 3, 1)
+
+
+def nchw(x_nhwc):
+    return np.asarray(x_nhwc).transpose(0, 3, 1, 2)
+
+
+def small_model(seed=3, dtype="float32", config=SMALL):
+    return impl_flax.from_checkpoint(random_checkpoint(config, seed=seed, dtype=dtype), dtype)
+
+
+def small_input(seed=0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=X_SHAPE), jnp.float32)
+
+
+def abstract_model(*args, **kwargs):
+    """The module tree with shapes only: random initialization compiles per shape and is slow."""
+    return nnx.eval_shape(lambda: impl_flax.AttentionUNet(*args, **kwargs, rngs=nnx.Rngs(0)))
+
+
+# The article's checkpoint (ARCHITECTURE.md section 6), NHWC on this side.
+
+
+def test_reproduces_article_float32(reference_dir, reference_input):
+    model = impl_flax.load(reference_dir / "article_state_dict.pt")
+    expected = np.load(reference_dir / "output_eval_float32.npy")
+    actual = nnx.jit(lambda m, x: m(x))(model, nhwc(reference_input))
+    assert rel_error(nchw(actual), expected, floor=1.0) <= TOLERANCES["float32"]
+
+
+def test_reproduces_article_float64(reference_dir, reference_input):
+    with jax.enable_x64(True):
+        model = impl_flax.load(reference_dir / "article_state_dict.pt", dtype="float64")
+        actual = nnx.jit(lambda m, x: m(x))(model, nhwc(reference_input))
+        assert actual.dtype == jnp.float64
+    expected = np.load(reference_dir / "output_eval_float64.npy")
+    assert rel_error(nchw(actual), expected) <= TOLERANCES["float64"]
+
+
+def test_float64_without_x64_is_refused_and_x64_stays_off(reference_dir):
+    if jax.config.jax_enable_x64:
+        pytest.fail("x64 is on globally: another test leaked it")
+    with pytest.raises(ValueError, match="float64 needs JAX's 64-bit mode"):
+        impl_flax.load(reference_dir / "article_state_dict.pt", dtype="float64")
+    with pytest.raises(ValueError, match="float64 needs JAX's 64-bit mode"):
+        impl_flax.AttentionUNet(channels=(4, 8), dtype=jnp.float64, rngs=nnx.Rngs(0))
+    assert not jax.config.jax_enable_x64
+
+
+def test_load_rejects_unknown_dtype(reference_dir):
+    with pytest.raises(ValueError, match="dtype must be one of \\['float32', 'float64'\\], got 'int8'"):
+        impl_flax.load(reference_dir / "article_state_dict.pt", dtype="int8")
+
+
+def test_default_model_parameter_count_and_tree():
+    model = nnx.eval_shape(lambda: impl_flax.AttentionUNet(rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    assert sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(params)) == 8_135_745
+    # The torch tree, path for path: nnx_path is the whole mapping, both ways.
+    paths = {path for path, _ in nnx.to_flat_state(nnx.state(model))}
+    assert paths == {nnx_path(p) for p in param_specs(ModelConfig())}
+    assert nnx_path(param_specs(ModelConfig())[0]) == ("e1", "conv", "conv", 0, "kernel")
+    assert model.d1.ag.Wg[0].kernel.get_value().shape == (1, 1, 512, 256)
+
+
+# Building blocks against their torch definitions.
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 3), (5, 4), (7, 13)])
+def test_upsample_matches_torch_align_corners(size):
+    x = np.random.default_rng(0).normal(size=(2, 3, *size))
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(x), scale_factor=2, mode="bilinear", align_corners=True
+    ).numpy()
+    with jax.enable_x64(True):
+        actual = nchw(upsample2x(jnp.asarray(nhwc(x))))
+    assert actual.shape == expected.shape
+    assert rel_error(actual, expected) <= TOLERANCES["float64"]
+
+
+def test_upsample_is_not_half_pixel_resize():
+    """The trap of ARCHITECTURE.md section 3: jax.image.resize samples at half-pixel centres."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 6, 2)), jnp.float32)
+    resized = jax.image.resize(x, (1, 10, 12, 2), method="bilinear")
+    assert float(jnp.max(jnp.abs(upsample2x(x) - resized))) > 1e-2
+    # align_corners=True keeps the corners: output corners are input corners.
+    np.testing.assert_array_equal(upsample2x(x)[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]])
+
+
+def test_odd_size_pads_before_and_after():
+    """A 1-pixel difference goes after; a 3-pixel one splits 1 before, 2 after."""
+    padded = pad_to(jnp.ones((1, 2, 2, 1)), 5, 3)
+    assert padded.shape == (1, 5, 3, 1)
+    assert padded[0, :, :, 0].sum(axis=1).tolist() == [0, 2, 2, 0, 0]
+    assert padded[0, :, :, 0].sum(axis=0).tolist() == [2, 2, 0]
+
+
+def test_batchnorm_trains_like_torch():
+    """Batch statistics in the output; unbiased variance, momentum 0.1 (torch's convention) and
+    the counter in the running state."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 3.0, size=(2, 3, 5, 4))
+    torch_bn = torch.nn.BatchNorm2d(4, eps=1e-5, momentum=0.1).double()
+    with torch.no_grad():
+        torch_bn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, 4)))
+        torch_bn.bias.copy_(torch.from_numpy(rng.normal(size=4)))
+        expected = torch_bn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    with jax.enable_x64(True):
+        bn = BatchNorm(4, dtype=jnp.float64)
+        bn.scale.set_value(jnp.asarray(torch_bn.weight.detach().numpy()))
+        bn.bias.set_value(jnp.asarray(torch_bn.bias.detach().numpy()))
+        actual = bn(jnp.asarray(x))
+        running_var = np.asarray(bn.var.get_value())
+        running_mean = np.asarray(bn.mean.get_value())
+        count = int(bn.num_batches_tracked.get_value())
+    assert rel_error(nchw(actual), expected) <= TOLERANCES["float64"]
+    assert rel_error(running_mean, torch_bn.running_mean.numpy()) <= TOLERANCES["float64"]
+    assert rel_error(running_var, torch_bn.running_var.numpy()) <= TOLERANCES["float64"]
+    assert count == int(torch_bn.num_batches_tracked) == 1
+    # Not the biased variance nnx.BatchNorm stores.
+    assert not np.allclose(running_var, 0.9 + 0.1 * x.reshape(-1, 4).var(axis=0), rtol=1e-6)
+
+
+def test_batchnorm_refuses_one_value_per_channel_in_training():
+    bn = BatchNorm(3)
+    with pytest.raises(ValueError, match="expected more than 1 value per channel when training"):
+        bn(jnp.ones((1, 1, 1, 3)))
+    bn.eval()
+    assert bn(jnp.ones((1, 1, 1, 3))).shape == (1, 1, 1, 3)
+
+
+def test_eval_and_train_switch_batchnorm():
+    model = small_model()
+    x = small_input()
+    state = nnx.clone(nnx.state(model, nnx.BatchStat))
+    out_eval = model(x)
+    assert all(bn.use_running_average for _, bn in nnx.iter_graph(model) if isinstance(bn, BatchNorm))
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, state, nnx.state(model, nnx.BatchStat)))
+    model.train()
+    out_train = model(x)
+    assert not jnp.allclose(out_eval, out_train)
+    counts = [int(bn.num_batches_tracked.get_value()) for _, bn in nnx.iter_graph(model) if isinstance(bn, BatchNorm)]
+    assert counts == [101] * len(counts)
+    assert not jnp.array_equal(model.e1.conv.conv[1].var.get_value(), state["e1"]["conv"]["conv"][1]["var"].get_value())
+    model.eval()
+    np.testing.assert_array_equal(model(x), model(x))
+
+
+def test_intermediates_are_named():
+    model = small_model()
+    out, named = model(small_input(), return_intermediates=True)
+    assert list(named) == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"] == model.block_names
+    assert named["e2"].shape == (2, 4, 5, 8) and named["b1"].shape == (2, 2, 2, 16)
+    assert named["d1.ag"].shape == (2, 4, 5, 8) and jnp.array_equal(named["output"], out)
+
+
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((16, 16, 3), "got a 3-D array of shape (16, 16, 3)"),
+        ((1, 1, 16, 16, 3), "got a 5-D array"),
+        ((1, 16, 16, 4), "expected input of shape (N, H, W, 3) with H, W >= 4, got (1, 16, 16, 4)"),
+        ((1, 3, 16, 3), "got (1, 3, 16, 3)"),
+        ((1, 16, 2, 3), "got (1, 16, 2, 3)"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(shape, fragment):
+    model = abstract_model(channels=(4, 8, 16))
+    with pytest.raises(ValueError) as info:
+        model(jnp.zeros(shape))
+    assert fragment in str(info.value)
+
+
+FIELD_CHANGES = [
+    {"in_channels": 4},
+    {"out_channels": 2},
+    {"channels": (4, 8, 32)},
+    {"channels": (4, 12, 16)},
+    {"channels": (6, 8, 16)},
+    {"channels": (4, 8, 16, 32)},
+]
+
+
+@pytest.mark.parametrize("change", FIELD_CHANGES)
+def test_every_argument_reaches_the_model(change):
+    """A silently ignored argument changes neither the parameter count nor the output."""
+    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16))
+    changed = {**base, **change}
+    model = abstract_model(**changed)
+    assert model.config == ModelConfig(changed["in_channels"], changed["out_channels"], changed["channels"])
+    count = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert count == parameter_count(model.config) != parameter_count(ModelConfig(**base))
+    out = nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((1, 16, 16, changed["in_channels"])))
+    assert out.shape == (1, 16, 16, changed["out_channels"])
+
+
+# Checkpoints.
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".msgpack", ".orbax"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, suffix, dtype):
+    checkpoint = random_checkpoint(SMALL, seed=3, dtype=dtype)
+    with jax.enable_x64(dtype == "float64"):
+        model = impl_flax.from_checkpoint(checkpoint, dtype)
+        path = tmp_path / f"model{suffix}"
+        impl_flax.save(model, path)
+        loaded = impl_flax.load(path, dtype=dtype)
+        assert loaded.config == model.config
+        assert all(bn.use_running_average for _, bn in nnx.iter_graph(loaded) if isinstance(bn, BatchNorm))
+        saved = impl_flax.to_checkpoint(model).tensors
+        back = impl_flax.to_checkpoint(loaded).tensors
+    for name, value in checkpoint.tensors.items():
+        assert back[name].dtype == saved[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+
+def test_msgpack_restores_with_flax_serialization(tmp_path):
+    """The file is flax.serialization bytes of the NNX state, restorable without this package."""
+    from flax import serialization
+
+    source = small_model(seed=5)
+    impl_flax.save(source, tmp_path / "model.msgpack")
+    data = (tmp_path / "model.msgpack").read_bytes()
+    # Flax's restore pattern: an abstract model, its state filled from the file, merged.
+    graphdef, state = nnx.split(abstract_model(2, 3, (4, 8, 16)))
+    nnx.replace_by_pure_dict(state, serialization.msgpack_restore(data))
+    model = nnx.merge(graphdef, state)
+    pure = serialization.from_bytes(nnx.to_pure_dict(nnx.state(model)), data)
+    assert jax.tree.all(jax.tree.map(np.array_equal, pure, nnx.to_pure_dict(nnx.state(source))))
+    model.eval()
+    np.testing.assert_array_equal(model(small_input()), source(small_input()))
+
+
+def test_orbax_restores_into_the_nnx_state(tmp_path):
+    import orbax.checkpoint as ocp
+
+    source = small_model(seed=6)
+    impl_flax.save(source, tmp_path / "model.orbax")
+    graphdef, abstract_state = nnx.split(abstract_model(2, 3, (4, 8, 16)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore((tmp_path / "model.orbax").absolute(), abstract_state)
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    np.testing.assert_array_equal(model(small_input()), source(small_input()))
+
+
+def test_reads_an_nnx_state_saved_by_flax_itself(tmp_path):
+    """Files written by plain Flax/Orbax calls (int32 counters, Variables as saved by Orbax) read
+    back into the canonical form."""
+    import orbax.checkpoint as ocp
+    from flax import serialization
+
+    model = small_model(seed=7)
+    (tmp_path / "own.msgpack").write_bytes(serialization.to_bytes(nnx.to_pure_dict(nnx.state(model))))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((tmp_path / "own.orbax").absolute(), nnx.state(model))
+    expected = impl_flax.to_checkpoint(model)
+    for name in ("own.msgpack", "own.orbax"):
+        checkpoint = weights_convert.read(tmp_path / name)
+        assert checkpoint.config == SMALL
+        for key, value in expected.tensors.items():
+            assert checkpoint.tensors[key].dtype == value.dtype and np.array_equal(checkpoint.tensors[key], value)
+
+
+def _truncate(path):
+    if path.is_dir():
+        for chunk in (path / "ocdbt.process_0" / "d").iterdir():
+            chunk.write_bytes(chunk.read_bytes()[:10])
+    else:
+        path.write_bytes(path.read_bytes()[:500])
+
+
+@pytest.mark.parametrize(
+    "suffix, damage, message",
+    [
+        (".msgpack", _truncate, "not a readable Flax msgpack file"),
+        (".msgpack", lambda p: p.write_bytes(b"not msgpack at all"), "not a readable Flax msgpack file"),
+        (".msgpack", lambda p: p.write_bytes(b"\x93\x01\x02\x03"), "expected the NNX state as a nested dict"),
+        (".orbax", _truncate, "not a readable Orbax checkpoint"),
+        (".orbax", lambda p: (p / "_METADATA").unlink(), "not an Orbax checkpoint (no _METADATA"),
+    ],
+)
+def test_damaged_flax_checkpoint_is_one_line_error(tmp_path, capfd, suffix, damage, message):
+    path = tmp_path / f"model{suffix}"
+    weights_convert.write(random_checkpoint(SMALL, seed=3), path)
+    damage(path)
+    with pytest.raises(CheckpointError) as info:
+        impl_flax.load(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_msgpack_with_a_foreign_tensor_lists_it(tmp_path):
+    from flax import serialization
+
+    model = small_model()
+    state = nnx.to_pure_dict(nnx.state(model))
+    state["e1"]["conv"]["conv"][0]["extra"] = np.zeros(3, np.float32)
+    (tmp_path / "model.msgpack").write_bytes(serialization.to_bytes(state))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['e1.conv.conv.0.extra'\]"):
+        weights_convert.read(tmp_path / "model.msgpack")
+
+
+# nnx.jit and optax.
+
+
+def test_jit_forward_matches_eager():
+    model = small_model()
+    x = small_input()
+    jitted = nnx.jit(lambda m, x: m(x))(model, x)
+    assert rel_error(jitted, model(x), floor=1.0) <= TOLERANCES["float32"]
+
+
+def test_jitted_optax_train_step():
+    model = small_model(seed=8, config=ModelConfig(2, 3, (4, 8)))  # one level: a quicker compile
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = small_input()
+    target = jnp.asarray(np.random.default_rng(1).normal(size=(*X_SHAPE[:3], 3)), jnp.float32)
+
+    @nnx.jit
+    def step(model, optimizer, x, target):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    before = nnx.clone(nnx.state(model, nnx.Param))
+    losses = [float(step(model, optimizer, x, target)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    after = nnx.state(model, nnx.Param)
+    assert not jnp.array_equal(before["output"]["kernel"].get_value(), after["output"]["kernel"].get_value())
+    assert int(model.b1.conv[4].num_batches_tracked.get_value()) == 100 + 5
+    assert not jax.config.jax_enable_x64 and model.output.kernel.get_value().dtype == jnp.float32
+    assert int(optimizer.step.get_value()) == 5
