@@ -12,6 +12,8 @@ needs only flax's msgpack decoder: msgpack holds data, never code, and nothing i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from weights_convert.checkpoint import Checkpoint, CheckpointError
@@ -23,7 +25,7 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
     from flax import serialization
 
     try:
-        data = open(path, "rb").read()
+        data = Path(path).read_bytes()
         state = serialization.msgpack_restore(data)
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({_one_line(error)})") from None
