@@ -82,7 +82,7 @@ class BatchNorm(layers.Layer):
         else:
             mean, variance = self.moving_mean, self.moving_variance
         # torch's CPU kernel computes x * alpha + (beta - mean * alpha), alpha = gamma / sqrt(var + eps).
-        alpha = self.gamma * ops.rsqrt(variance + self.epsilon)
+        alpha = self.gamma * ops.rsqrt(variance + self.constant(self.epsilon))
         return x * alpha + (self.beta - mean * alpha)
 
     def batch_statistics(self, x):
@@ -98,11 +98,16 @@ class BatchNorm(layers.Layer):
         squares = ops.sum(ops.square(x - mean), axis=(0, 1, 2))
         variance = squares / n
         unbiased = squares / (n - 1)
-        keep = self.momentum
+        keep = self.constant(self.momentum)
         self.moving_mean.assign(self.moving_mean * keep + mean * (1 - keep))
         self.moving_variance.assign(self.moving_variance * keep + unbiased * (1 - keep))
         self.num_batches_tracked.assign(self.num_batches_tracked + 1)
         return mean, variance
+
+    def constant(self, value: float):
+        # A tensor of the variables' dtype: a bare Python float meets a float64 tensor as a float32
+        # under the torch backend (0.9 -> 0.89999998), which shows in a float64 comparison.
+        return ops.convert_to_tensor(value, dtype=self.moving_mean.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

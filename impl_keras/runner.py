@@ -171,19 +171,19 @@ def _apply_gradients(optimizer: str, model, grads) -> None:
     variables = model.trainable_variables
     if keras.backend.backend() == "jax":
         # Jitted, as Keras' JAX trainer applies it: eagerly, every update op compiles per shape.
-        apply, initial = _jax_optimizer(model, optimizer)
+        apply, initial = _jax_optimizer(model, optimizer, model.dtype_policy.variable_dtype)
         values, _ = apply(initial, grads, [v.value for v in variables])
         _assign(variables, values)
     else:
-        _optimizer(optimizer).apply_gradients(zip(grads, variables, strict=True))
+        _optimizer(optimizer, model.dtype_policy.variable_dtype).apply_gradients(zip(grads, variables, strict=True))
 
 
 @functools.lru_cache(maxsize=8)
-def _jax_optimizer(model, name: str):
+def _jax_optimizer(model, name: str, dtype: str):
     """A jitted ``stateless_apply`` of optimizer ``name`` and its initial (fresh) state."""
     import jax
 
-    opt = _optimizer(name)
+    opt = _optimizer(name, dtype)
     opt.build(model.trainable_variables)
     return jax.jit(opt.stateless_apply), [v.value for v in opt.variables]
 
@@ -218,32 +218,39 @@ def _jax_value_and_grad(model):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-def _optimizer(name: str):
-    """The optimizer of the parity step with PyTorch's update.
+def _optimizer(name: str, dtype: str = "float32"):
+    """The optimizer of the parity step, with PyTorch's update.
 
-    The learning rate is passed as a callable returning a Python float: a float learning rate
-    becomes a float32 variable (floatx), which would round 1e-3 by ~5e-8 relative in a float64 run.
+    Built with floatx = ``dtype``: Keras keeps the learning rate in a floatx variable, and a
+    float32 1e-3 is 5e-8 away from the float64 one, which shows in a float64 step.
 
     Adam: torch updates p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), Keras
     p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps'): eps enters before the bias
-    correction. Multiplying both sides out, they are the same update when
-    eps' = eps * sqrt(1 - b2^t); the parity step is the first one (t = 1).
+    correction. Multiplying both out, they are the same update when eps' = eps * sqrt(1 - b2^t);
+    the parity step is the first one (t = 1). In a float64 step the betas are numpy float64
+    scalars: Keras' TensorFlow backend casts a Python float to float64 through a float32 tensor,
+    which turns 0.999 into 0.99900001287 and the bias correction 1 - b2 by 1e-5.
     """
     import keras
 
-    hyper = OPTIMIZERS[name] if name in OPTIMIZERS else None
-    if hyper is None:
+    if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-    lr = hyper["lr"]
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=lambda: lr)
-    step = 1
-    return keras.optimizers.Adam(
-        learning_rate=lambda: lr,
-        beta_1=hyper["b1"],
-        beta_2=hyper["b2"],
-        epsilon=hyper["eps"] * math.sqrt(1 - hyper["b2"] ** step),
-    )
+    hyper = OPTIMIZERS[name]
+    floatx = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        if name == "sgd":
+            return keras.optimizers.SGD(learning_rate=hyper["lr"])
+        step = 1
+        scalar = np.float64 if dtype == "float64" else float
+        return keras.optimizers.Adam(
+            learning_rate=hyper["lr"],
+            beta_1=scalar(hyper["b1"]),
+            beta_2=scalar(hyper["b2"]),
+            epsilon=scalar(hyper["eps"] * math.sqrt(1 - hyper["b2"] ** step)),
+        )
+    finally:
+        keras.config.set_floatx(floatx)
 
 
 class _device_scope:
