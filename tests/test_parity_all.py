@@ -1,0 +1,68 @@
+"""The parity command across all three frameworks and every Keras backend: the project's
+acceptance checks, and a perturbed implementation that must fail with its drifting block named."""
+
+import json
+
+import numpy as np
+import pytest
+
+import impl_flax.runner
+import weights_convert
+from weights_convert import cli
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig
+
+ALL_TARGETS = {("torch", "torch"), ("flax", "flax"), ("keras", "tensorflow"), ("keras", "jax"), ("keras", "torch")}
+
+
+def run_json(capsys, *args):
+    code = cli.main([*map(str, args), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_main_job_passes(capsys):
+    """`attention-unet parity` with no arguments: the README's main job."""
+    code, report = run_json(capsys, "parity")
+    assert code == 0 and report["passed"]
+    assert {(r["framework"], r["backend"]) for r in report["results"]} == ALL_TARGETS
+
+
+@pytest.mark.slow
+def test_article_checkpoint_float64_everywhere(capsys, reference_dir):
+    code, report = run_json(capsys, "parity", reference_dir / "article_state_dict.pt", "--dtype", "float64")
+    assert code == 0 and report["passed"]
+    assert {(r["framework"], r["backend"]) for r in report["results"]} == ALL_TARGETS
+    assert max(r["rel_diff"] for r in report["results"]) <= 1e-10
+
+
+def test_train_float64_everywhere(capsys, tmp_path):
+    """Running statistics, gradients and one SGD and one Adam step, in every framework and backend."""
+    path = tmp_path / "small.safetensors"
+    weights_convert.write(random_checkpoint(ModelConfig(2, 1, (4, 8, 16)), seed=8), path)
+    code, report = run_json(capsys, "parity", path, "--mode", "train", "--dtype", "float64", "--size", "11", "14")
+    failing = [r["quantity"] for r in report["results"] if not r["passed"]]
+    assert code == 0 and report["passed"], failing[:10]
+    rows = report["results"]
+    assert {(r["framework"], r["backend"]) for r in rows} == ALL_TARGETS
+    for prefix in ("state/", "grad/", "step/sgd/", "step/adam/"):
+        per_target = {(r["framework"], r["backend"]) for r in rows if r["quantity"].startswith(prefix)}
+        assert per_target == ALL_TARGETS, prefix
+
+
+def test_perturbed_flax_weights_fail_and_name_the_block(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "small.safetensors"
+    weights_convert.write(random_checkpoint(ModelConfig(3, 1, (4, 8, 16)), seed=9), path)
+    real_forward = impl_flax.runner.forward
+
+    def perturbed(checkpoint, x, **kwargs):
+        tensors = dict(checkpoint.tensors)
+        tensors["d1.ag.output.0.weight"] = tensors["d1.ag.output.0.weight"] * np.float32(1.001)
+        return real_forward(weights_convert.Checkpoint(checkpoint.config, tensors), x, **kwargs)
+
+    monkeypatch.setattr(impl_flax.runner, "forward", perturbed)
+    code = cli.main(["parity", str(path), "--frameworks", "torch,flax", "--size", "16", "16"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL: flax cpu float32: first drift at d1.ag" in out
+    assert "torch" not in out.splitlines()[-1]
