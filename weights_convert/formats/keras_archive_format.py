@@ -28,7 +28,9 @@ def read(path) -> tuple[dict[str, np.ndarray], ModelConfig]:
     try:
         model = keras.saving.load_model(str(path), safe_mode=True, compile=False)
     except Exception as error:  # Keras raises ValueError, TypeError, KeyError, OSError ... by cause
-        raise CheckpointError(f"{path}: refused or unreadable Keras archive ({_one_line(error)[:300]})") from None
+        # Keras' advice to pass safe_mode=False is dropped: the converter never does.
+        reason = _one_line(error).split(" If you trust the source")[0][:300]
+        raise CheckpointError(f"{path}: refused or unreadable Keras archive ({reason})") from None
     if not isinstance(model, AttentionUNet):
         raise CheckpointError(f"{path}: holds a {type(model).__name__}, not an impl_keras.AttentionUNet")
     checkpoint = to_checkpoint(model)

@@ -42,8 +42,11 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
     tensors = {}
     for module, arrays in layers.items():
         kind = KIND_BY_COUNT.get(len(arrays))
-        if kind is None:
-            raise CheckpointError(f"{path}: layer {module!r} holds {len(arrays)} variables; not a layer of this model")
+        if kind is None or (kind == "conv1" and np.ndim(arrays[0]) != 4):
+            shapes = [tuple(np.shape(a)) for a in arrays]
+            raise CheckpointError(
+                f"{path}: layer {module!r} holds variables of shapes {shapes}; not a layer of this model"
+            )
         for leaf, value in zip(LEAVES[kind], arrays, strict=True):
             tensors[f"{module}.{leaf}"] = LEAF_RULES[(kind, leaf)].from_channels_last(value)
     return tensors, None

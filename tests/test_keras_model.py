@@ -1,0 +1,292 @@
+"""impl_keras under this process's backend (TensorFlow unless KERAS_BACKEND says otherwise): the
+model's pieces, its Keras behaviour (summary, eval/train, fit), and its files (.weights.h5, .keras)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+import impl_keras
+import weights_convert
+from impl_keras.io import keras_variables, to_checkpoint
+from impl_keras.model import Upsample2x, pad_to
+from weights_convert.checkpoint import CheckpointError
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig, parameter_count
+
+SMALL = ModelConfig(2, 3, (4, 8, 16))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def numpy(x) -> np.ndarray:
+    return keras.ops.convert_to_numpy(x)
+
+
+def interpolation_matrix(n: int) -> np.ndarray:
+    """(2n, n) bilinear weights with aligned corners: output i samples input i * (n - 1) / (2n - 1)."""
+    m = np.zeros((2 * n, n))
+    for i in range(2 * n):
+        src = i * (n - 1) / (2 * n - 1)
+        lo = int(np.floor(src))
+        m[i, lo] += 1 - (src - lo)
+        m[i, min(lo + 1, n - 1)] += src - lo
+    return m
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 8), (7, 4)])
+def test_upsample_is_bilinear_with_aligned_corners(size):
+    x = np.random.default_rng(0).normal(size=(2, *size, 3))
+    expected = np.einsum("ih,nhwc,jw->nijc", interpolation_matrix(size[0]), x, interpolation_matrix(size[1]))
+    actual = numpy(Upsample2x(dtype="float64")(x))
+    assert actual.shape == (2, 2 * size[0], 2 * size[1], 3)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-14)
+    # Corners are copied, and torch's align_corners=True agrees.
+    assert np.array_equal(actual[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]])
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)), scale_factor=2, mode="bilinear", align_corners=True
+    )
+    np.testing.assert_allclose(actual, reference.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-14)
+
+
+def test_keras_upsampling_is_a_different_function():
+    """Why Upsample2x exists: Keras' bilinear UpSampling2D samples at half-pixel centres."""
+    x = np.random.default_rng(0).normal(size=(1, 5, 8, 3))
+    ours = numpy(Upsample2x(dtype="float64")(x))
+    theirs = numpy(keras.layers.UpSampling2D(interpolation="bilinear", dtype="float64")(x))
+    assert np.max(np.abs(ours - theirs)) > 1e-2
+
+
+def test_odd_size_pads_before_and_after():
+    """A 1-pixel difference goes after; a 3-pixel one splits 1 before, 2 after (NHWC)."""
+    padded = numpy(pad_to(np.ones((1, 2, 2, 1)), 5, 3))
+    assert padded.shape == (1, 5, 3, 1)
+    assert padded[0, :, :, 0].sum(axis=1).tolist() == [0, 2, 2, 0, 0]
+    assert padded[0, :, :, 0].sum(axis=0).tolist() == [2, 2, 0]
+
+
+def test_default_model_parameter_count_and_summary():
+    model = impl_keras.AttentionUNet()
+    assert isinstance(model, keras.Model) and model.built
+    assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == 8_135_745
+    out = io.StringIO()
+    with redirect_stdout(out):
+        model.summary()
+    assert "Trainable params: 8,135,745" in out.getvalue()
+
+
+def test_layer_paths_are_the_canonical_tree():
+    model = impl_keras.AttentionUNet(channels=(4, 8, 16))
+    paths = {v.path.split("/", 1)[1] for v in model.variables}
+    assert "e1/conv/conv/0/kernel" in paths and "d1/ag/Wg/1/moving_variance" in paths
+    assert "d2/ag/output/0/bias" in paths and "output/kernel" in paths and "b1/conv/4/num_batches_tracked" in paths
+    assert len(keras_variables(model)) == len(model.variables)
+
+
+def test_intermediates_are_named():
+    model = impl_keras.AttentionUNet(channels=(4, 8, 16))
+    out, named = model(np.zeros((1, 9, 11, 3), "float32"), return_intermediates=True)
+    assert list(named) == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"]
+    assert named["e2"].shape == (1, 4, 5, 8) and named["b1"].shape == (1, 2, 2, 16)
+    assert named["d1.ag"].shape == (1, 4, 5, 8) and np.array_equal(numpy(named["output"]), numpy(out))
+
+
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((16, 16, 3), "got a 3-D tensor of shape (16, 16, 3)"),
+        ((1, 1, 16, 16, 3), "got a 5-D tensor"),
+        ((1, 16, 16, 4), "expected input of shape (N, H, W, 3) with H, W >= 4, got (1, 16, 16, 4)"),
+        ((1, 3, 16, 3), "got (1, 3, 16, 3)"),
+        ((1, 16, 2, 3), "got (1, 16, 2, 3)"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(shape, fragment):
+    model = impl_keras.AttentionUNet(channels=(4, 8, 16))
+    with pytest.raises(ValueError) as info:
+        model(np.zeros(shape, "float32"))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_float64_model():
+    model = impl_keras.AttentionUNet(channels=(4, 8, 16), dtype="float64")
+    assert {v.dtype for v in model.variables} == {"float64", keras.backend.standardize_dtype("int")}
+    assert keras.backend.standardize_dtype(model(np.zeros((1, 8, 8, 3))).dtype) == "float64"
+
+
+def test_eval_uses_running_statistics_and_train_updates_them():
+    checkpoint = random_checkpoint(SMALL, seed=4)
+    model = impl_keras.from_checkpoint(checkpoint)
+    x = np.random.default_rng(0).uniform(size=(2, 12, 10, 2)).astype("float32")
+    first = numpy(model(x, training=False))
+    assert np.array_equal(first, numpy(model(x)))  # the default is inference
+    unchanged = to_checkpoint(model).tensors
+    assert all(np.array_equal(unchanged[k], v) for k, v in checkpoint.tensors.items())
+    train = numpy(model(x, training=True))
+    assert np.max(np.abs(train - first)) > 1e-3  # batch statistics differ from the running ones
+    after = to_checkpoint(model).tensors
+    assert after["e1.conv.conv.1.num_batches_tracked"] == checkpoint.tensors["e1.conv.conv.1.num_batches_tracked"] + 1
+    assert not np.allclose(after["d2.c1.conv.4.running_var"], checkpoint.tensors["d2.c1.conv.4.running_var"])
+
+
+def test_fit_trains_in_training_mode():
+    model = impl_keras.AttentionUNet(1, 1, (4, 8))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(8, 8, 8, 1)).astype("float32")
+    y = (x > 0.5).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    before = to_checkpoint(model).tensors
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    after = to_checkpoint(model).tensors
+    assert np.isfinite(history.history["loss"]).all()
+    assert after["e1.conv.conv.1.num_batches_tracked"] == 4  # 2 epochs x 2 batches, BatchNorm in training mode
+    assert not np.array_equal(after["e1.conv.conv.0.weight"], before["e1.conv.conv.0.weight"])
+    assert not np.array_equal(after["b1.conv.1.running_mean"], before["b1.conv.1.running_mean"])
+
+
+FIELD_CHANGES = [
+    {"in_channels": 4},
+    {"out_channels": 2},
+    {"channels": (4, 8, 32)},
+    {"channels": (4, 12, 16)},
+    {"channels": (6, 8, 16)},
+    {"channels": (4, 8, 16, 32)},
+]
+
+
+@pytest.mark.parametrize("change", FIELD_CHANGES)
+def test_every_argument_reaches_the_model(change):
+    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16))
+    changed = {**base, **change}
+    model = impl_keras.AttentionUNet(**changed)
+    assert model.config == ModelConfig(changed["in_channels"], changed["out_channels"], changed["channels"])
+    count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert count == parameter_count(model.config) != parameter_count(ModelConfig(**base))
+    assert model(np.zeros((1, 16, 16, changed["in_channels"]), "float32")).shape == (1, 16, 16, changed["out_channels"])
+
+
+def test_load_rejects_unknown_dtype(reference_dir):
+    with pytest.raises(ValueError, match="dtype must be one of \\['float32', 'float64'\\], got 'int8'"):
+        impl_keras.load(reference_dir / "article_state_dict.pt", dtype="int8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras", ".safetensors", ".pt"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, suffix, dtype):
+    checkpoint = random_checkpoint(SMALL, seed=3, dtype=dtype)
+    model = impl_keras.from_checkpoint(checkpoint, dtype)
+    path = tmp_path / f"model{suffix}"
+    impl_keras.save(model, path)
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # exactly that file, no leftovers
+    loaded = impl_keras.load(path, dtype=dtype)
+    assert loaded.config == model.config
+    for name, value in to_checkpoint(loaded).tensors.items():
+        assert value.dtype == checkpoint.tensors[name].dtype and np.array_equal(value, checkpoint.tensors[name]), name
+    with pytest.raises(CheckpointError, match="already exists"):
+        impl_keras.save(model, path)
+
+
+def test_h5_reader_reads_what_save_weights_writes(tmp_path):
+    """The converter's h5py reader against Keras' own writer, and Keras' reader against ours."""
+    checkpoint = random_checkpoint(SMALL, seed=5)
+    path = tmp_path / "keras.weights.h5"
+    impl_keras.from_checkpoint(checkpoint).save_weights(path)
+    read = weights_convert.read(path)
+    assert read.config == SMALL
+    assert all(
+        np.array_equal(read.tensors[k], v) and read.tensors[k].dtype == v.dtype for k, v in checkpoint.tensors.items()
+    )
+    ours = tmp_path / "ours.weights.h5"
+    weights_convert.write(checkpoint, ours)
+    model = impl_keras.AttentionUNet(SMALL.in_channels, SMALL.out_channels, SMALL.channels)
+    model.load_weights(ours)
+    assert all(np.array_equal(v, checkpoint.tensors[k]) for k, v in to_checkpoint(model).tensors.items())
+
+
+def test_keras_archive_loads_with_plain_load_model_in_a_fresh_process(tmp_path):
+    checkpoint = random_checkpoint(SMALL, seed=6)
+    path = tmp_path / "model.keras"
+    model = impl_keras.from_checkpoint(checkpoint)
+    impl_keras.save(model, path)
+    x = np.random.default_rng(0).uniform(size=(1, 10, 12, 2)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, keras, impl_keras\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "assert type(model) is impl_keras.AttentionUNet, type(model)\n"
+        "np.save(sys.argv[3], keras.ops.convert_to_numpy(model(np.load(sys.argv[2]))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = tmp_path / "out.npy"
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"), str(out)], env=env)
+    assert done.returncode == 0
+    assert np.array_equal(np.load(out), numpy(model(x)))
+
+
+def one_line_error(path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        weights_convert.read(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_keras_archive_with_a_lambda_layer_is_refused(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2)])
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    assert "Lambda" in one_line_error(path) or "lambda" in one_line_error(path)
+
+
+def test_keras_archive_with_an_unknown_class_is_refused(tmp_path):
+    path = tmp_path / "unknown.keras"
+    impl_keras.save(impl_keras.from_checkpoint(random_checkpoint(SMALL)), path)
+    with zipfile.ZipFile(path) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    config = json.loads(files["config.json"])
+    config["registered_name"] = config["class_name"] = "evil>Payload"
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    assert "Payload" in one_line_error(path)
+
+
+def test_keras_archive_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "dense.keras"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    assert "not an impl_keras.AttentionUNet" in one_line_error(path)
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_keras_files_give_one_line_errors(tmp_path, suffix, damage):
+    path = tmp_path / f"model{suffix}"
+    impl_keras.save(impl_keras.from_checkpoint(random_checkpoint(SMALL)), path)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(data[:200] + bytes(len(data) - 200))
+    else:
+        path.write_bytes(b"")
+    one_line_error(path)
+
+
+def test_h5_file_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "dense.weights.h5"
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.save_weights(path)
+    one_line_error(path)
