@@ -159,30 +159,39 @@ class AttentionGate(nnx.Module):
         return attention * s, attention
 
 
-@functools.cache
-def _interpolation(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source rows and weights of bilinear x2 with align_corners=True along an axis of length n.
+def _interpolation_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear x2 with align_corners=True along an axis of length n, in closed form.
 
-    Output i samples input ``i * (n - 1) / (2n - 1)`` (computed in float64): the corners of input
-    and output coincide. ``jax.image.resize`` samples at half-pixel centres instead, a different
-    function.
+    Output i samples input i * (n - 1) / (2n - 1): corners of input and output coincide
+    (``jax.image.resize`` samples at half-pixel centres instead, a different function). Written
+    out, output 2k samples k - k / (2n - 1) and output 2k + 1 samples k + (n - 1 - k) / (2n - 1),
+    so every even output mixes rows k - 1 and k, every odd one rows k and k + 1: two shifted
+    copies and a lerp, with exact rational weights, instead of a gather.
     """
-    src = np.arange(2 * n) * ((n - 1) / (2 * n - 1))
-    lo = np.floor(src).astype(np.int32)
-    hi = np.minimum(lo + 1, n - 1)
-    return lo, hi, src - lo
+    k = np.arange(n)
+    return k / (2 * n - 1), (n - 1 - k) / (2 * n - 1)  # weight on row k - 1 (even), on row k + 1 (odd)
 
 
 def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
-    lo, hi, frac = _interpolation(x.shape[axis])
-    shape = [1] * x.ndim
-    shape[axis] = frac.size
-    frac = jnp.asarray(frac.reshape(shape), x.dtype)
-    # Two static gathers and a lerp: memory-bound and exact, where a dense (2n, n) interpolation
-    # matrix would cost n times more arithmetic.
-    return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
+    n = x.shape[axis]
+    prev_weight, next_weight = _interpolation_weights(n)
+    w_prev, keep_even, w_next, keep_odd = (
+        jnp.asarray(w.reshape([n if a == axis else 1 for a in range(x.ndim)]), x.dtype)
+        for w in (prev_weight, 1 - prev_weight, next_weight, 1 - next_weight)  # in float64, then cast
+    )
+    rows = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
+    # Rows k - 1 and k + 1, repeating the edge row where its weight is 0 (k = 0, k = n - 1).
+    prev = jnp.concatenate([rows(0, 1), rows(0, n - 1)], axis=axis)
+    next_ = jnp.concatenate([rows(1, n), rows(n - 1, n)], axis=axis)
+    even = prev * w_prev + x * keep_even
+    odd = x * keep_odd + next_ * w_next
+    # Interleave: output 2k is even[k], output 2k + 1 is odd[k].
+    return jnp.stack([even, odd], axis=axis + 1).reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1 :])
 
 
+# jitted so that eager callers get one fused kernel per shape rather than a dozen array passes;
+# inside an outer nnx.jit it is simply inlined.
+@jax.jit
 def upsample2x(x: jax.Array) -> jax.Array:
     """Bilinear x2 with align_corners=True on NHWC: output i samples input i * (n - 1) / (2n - 1)."""
     return _upsample_axis(_upsample_axis(x, 1), 2)
