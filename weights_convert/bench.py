@@ -36,7 +36,7 @@ DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "gpu")
 # Variant names as they appear in the results (and in ``--variants``).
 VARIANTS = {
-    "torch": ("eager", "channels_last", "torch.compile"),
+    "torch": ("eager", "channels_last", "torch.compile", "torch.compile+channels_last"),
     "flax": ("eager", "nnx.jit"),
     "keras/tensorflow": ("eager", "tf.function", "jit_compile"),
     "keras/jax": ("eager", "jit_compile"),
@@ -398,6 +398,7 @@ def bench_torch(settings: Settings) -> list[dict]:
         "eager": both(),
         "channels_last": both(memory_format=torch.channels_last),
         "torch.compile": both(compile_=True),
+        "torch.compile+channels_last": both(memory_format=torch.channels_last, compile_=True),
     }
     return _run_variants("torch", "torch", settings, variants)
 
