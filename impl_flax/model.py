@@ -50,8 +50,10 @@ class BatchNorm(nnx.Module):
 
     ``nnx.BatchNorm`` cannot be used: it stores the biased batch variance in the running variance,
     while torch stores the unbiased one (times n / (n - 1)), so the two drift apart after the first
-    training step. This layer normalizes with the biased variance (as both do) and stores the
-    unbiased one, and keeps torch's ``num_batches_tracked`` counter so checkpoints round-trip.
+    training step; it also has no ``num_batches_tracked`` counter, and by default computes the
+    variance as E[x^2] - E[x]^2, which cancels digits. This layer normalizes with the biased
+    variance of the centred batch (as torch does), stores the unbiased one, and keeps the counter
+    so that checkpoints round-trip.
     """
 
     def __init__(self, num_features: int, *, dtype=jnp.float32, use_running_average: bool = False):

@@ -130,7 +130,7 @@ def test_gradients_and_optimizer_step_float64(config, size, optimizer):
 
 
 def test_gradients_float32():
-    config, size = ModelConfig(3, 1, (4, 8, 16)), (37, 53)
+    config, size = ModelConfig(3, 1, (4, 8)), (37, 53)
     checkpoint = random_checkpoint(config, seed=3, dtype="float64")
     x, target = inputs(config, size, seed=2)
     reference = torch_runner.train_step(checkpoint, x, target, dtype="float64", optimizer="sgd")
