@@ -290,3 +290,13 @@ def test_h5_file_of_another_model_is_refused(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.save_weights(path)
     one_line_error(path)
+
+
+def test_float64_under_jax_without_x64_is_refused():
+    """JAX without x64 would silently compute a float64 model in float32."""
+    script = "import impl_keras\nimpl_keras.AttentionUNet(channels=(4, 8), dtype='float64')\n"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "0", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "ValueError: float64 is not available under the jax backend" in done.stderr
+    assert "JAX_ENABLE_X64=1" in done.stderr
