@@ -290,6 +290,10 @@ class AttentionUNet(keras.Model):
     """Attention U-Net, NHWC in and out; returns logits. Built on construction (any batch size
     and resolution), so ``summary()`` and weight loading work before the first call.
 
+    ``dtype`` is a Keras dtype policy ("float32" by default, "float64", ...). ``kernel_initializer``
+    initializes every conv kernel; it only matters before weights are loaded, so it is not part
+    of ``get_config()`` (a model rebuilt from a config gets the default).
+
     The 1x1 head is the attribute ``head`` (``output`` is a read-only Keras property); its layer
     name is ``output``, as in the canonical tree.
     """
