@@ -1,7 +1,9 @@
 """Attention U-Net in Keras 3 (ARCHITECTURE.md sections 1-3), NHWC activations and HWIO kernels.
 
 Mirrors ``impl_torch/model.py`` class by class and uses only ``keras.layers`` and ``keras.ops``, so
-the same model runs under the TensorFlow, JAX and PyTorch backends. Every layer is *named* after
+the same model runs under the TensorFlow, JAX and PyTorch backends. Inputs and outputs are NHWC on
+every backend; inside, the activations use the layout the backend's CPU convolutions prefer
+(``default_data_format``). Every layer is *named* after
 its attribute in the PyTorch module tree (``e1`` / ``conv`` / ``conv`` / ``0`` ...), so a variable's
 path is the canonical module path plus its Keras leaf name (``attention_unet/e1/conv/conv/0/kernel``)
 and the converter maps names mechanically (``impl_keras.io.keras_variables``).
@@ -45,9 +47,27 @@ def check_backend_dtype(dtype: str) -> None:
         )
 
 
-def nhwc(channels: int) -> tuple:
+def default_data_format() -> str:
+    """The layout of the activations inside the model.
+
+    Under the torch backend a channels_last Keras convolution copies its input to NCHW and back
+    (40-60% slower than torch's own convolution on CPU), so the model computes in channels_first
+    there; TensorFlow's CPU convolutions need channels_last, and XLA's are fastest with it.
+    """
+    return "channels_first" if keras.backend.backend() == "torch" else "channels_last"
+
+
+def channel_axis(data_format: str) -> int:
+    return 1 if data_format == "channels_first" else 3
+
+
+def spatial_axes(data_format: str) -> tuple[int, int]:
+    return (2, 3) if data_format == "channels_first" else (1, 2)
+
+
+def build_shape(channels: int, data_format: str) -> tuple:
     """The build shape of a layer that sees ``channels`` channels at any batch size and resolution."""
-    return (None, None, None, channels)
+    return (None, channels, None, None) if data_format == "channels_first" else (None, None, None, channels)
 
 
 @serializable
@@ -60,13 +80,17 @@ class BatchNorm(layers.Layer):
     checkpoints carry and which is kept here (+1 per training-mode call) so conversion is lossless.
     """
 
-    def __init__(self, epsilon: float = BN_EPS, momentum: float = BN_MOMENTUM, **kwargs):
+    def __init__(self, epsilon: float = BN_EPS, momentum: float = BN_MOMENTUM, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
         self.momentum = momentum
+        self.axis = axis
 
     def build(self, input_shape):
-        c = (input_shape[-1],)
+        self.axis = self.axis % len(input_shape)
+        self.reduction_axes = tuple(i for i in range(len(input_shape)) if i != self.axis)
+        self.broadcast_shape = tuple(-1 if i == self.axis else 1 for i in range(len(input_shape)))
+        c = (input_shape[self.axis],)
         self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
         self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
         self.moving_mean = self.add_weight(shape=c, initializer="zeros", trainable=False, name="moving_mean")
@@ -83,19 +107,25 @@ class BatchNorm(layers.Layer):
             mean, variance = self.moving_mean, self.moving_variance
         # torch's CPU kernel computes x * alpha + (beta - mean * alpha), alpha = gamma / sqrt(var + eps).
         alpha = self.gamma * ops.rsqrt(variance + self.constant(self.epsilon))
-        return x * alpha + (self.beta - mean * alpha)
+        shift = self.beta - mean * alpha
+        if self.axis != len(self.broadcast_shape) - 1:
+            alpha, shift = ops.reshape(alpha, self.broadcast_shape), ops.reshape(shift, self.broadcast_shape)
+        return x * alpha + shift
 
     def batch_statistics(self, x):
         """Mean and biased variance of the batch (they normalize it); the running statistics get
         the unbiased variance, as torch's do."""
         shape = ops.shape(x)
-        n = shape[0] * shape[1] * shape[2]
+        n = 1
+        for i in self.reduction_axes:
+            n = n * shape[i]
         if isinstance(n, int) and n < 2:
             raise ValueError(f"expected more than 1 value per channel when training, got input shape {tuple(shape)}")
         n = ops.cast(n, x.dtype)
         # sum / n, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
-        mean = ops.sum(x, axis=(0, 1, 2)) / n
-        squares = ops.sum(ops.square(x - mean), axis=(0, 1, 2))
+        mean = ops.sum(x, axis=self.reduction_axes, keepdims=True) / n
+        squares = ops.sum(ops.square(x - mean), axis=self.reduction_axes)
+        mean = ops.reshape(mean, (-1,))
         variance = squares / n
         unbiased = squares / (n - 1)
         keep = self.constant(self.momentum)
@@ -113,18 +143,24 @@ class BatchNorm(layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum}
+        return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum, "axis": self.axis}
 
 
-def batch_norm(name: str, dtype) -> BatchNorm:
-    return BatchNorm(BN_EPS, BN_MOMENTUM, name=name, dtype=dtype)
+def batch_norm(name: str, dtype, data_format: str) -> BatchNorm:
+    return BatchNorm(BN_EPS, BN_MOMENTUM, axis=channel_axis(data_format), name=name, dtype=dtype)
 
 
-def conv2d(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer) -> layers.Conv2D:
+def conv2d(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer, data_format: str) -> layers.Conv2D:
     # At stride 1, "same" for a 3x3 kernel is exactly the symmetric pad 1 of the contract.
     padding = "same" if kernel_size == 3 else "valid"
     return layers.Conv2D(
-        c_out, kernel_size, padding=padding, kernel_initializer=kernel_initializer, name=name, dtype=dtype
+        c_out,
+        kernel_size,
+        padding=padding,
+        data_format=data_format,
+        kernel_initializer=kernel_initializer,
+        name=name,
+        dtype=dtype,
     )
 
 
@@ -132,55 +168,53 @@ def conv2d(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer) -
 class ConvBlock(layers.Layer):
     """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU (torch's ``nn.Sequential`` indices as names)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+    def __init__(self, c_in, c_out, kernel_initializer=KERNEL_INITIALIZER, data_format="channels_last", **kwargs):
         super().__init__(**kwargs)
-        self.c_in, self.c_out = c_in, c_out
-        dtype, init = self.dtype_policy, kernel_initializer
+        self.c_in, self.c_out, self.data_format = c_in, c_out, data_format
+        dtype, init, fmt = self.dtype_policy, kernel_initializer, data_format
         self.conv = keras.Sequential(
             [
-                conv2d(c_out, 3, "0", dtype, init),
-                batch_norm("1", dtype),
+                conv2d(c_out, 3, "0", dtype, init, fmt),
+                batch_norm("1", dtype, fmt),
                 layers.ReLU(name="2", dtype=dtype),
-                conv2d(c_out, 3, "3", dtype, init),
-                batch_norm("4", dtype),
+                conv2d(c_out, 3, "3", dtype, init, fmt),
+                batch_norm("4", dtype, fmt),
                 layers.ReLU(name="5", dtype=dtype),
             ],
             name="conv",
         )
 
     def build(self, input_shape):
-        self.conv.build(nhwc(self.c_in))
+        self.conv.build(build_shape(self.c_in, self.data_format))
 
     def call(self, x, training=None):
         return self.conv(x, training=training)
 
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.c_out)
-
     def get_config(self):
-        return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out}
+        return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out, "data_format": self.data_format}
 
 
 @serializable
 class EncoderBlock(layers.Layer):
     """Conv block, then a 2x2 max pool (floor for odd sizes); returns (skip, pooled)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+    def __init__(self, c_in, c_out, kernel_initializer=KERNEL_INITIALIZER, data_format="channels_last", **kwargs):
         super().__init__(**kwargs)
-        self.c_in, self.c_out = c_in, c_out
-        self.conv = ConvBlock(c_in, c_out, kernel_initializer, name="conv", dtype=self.dtype_policy)
-        self.pool = layers.MaxPooling2D(pool_size=2, name="pool", dtype=self.dtype_policy)
+        self.c_in, self.c_out, self.data_format = c_in, c_out, data_format
+        dtype = self.dtype_policy
+        self.conv = ConvBlock(c_in, c_out, kernel_initializer, data_format, name="conv", dtype=dtype)
+        self.pool = layers.MaxPooling2D(pool_size=2, data_format=data_format, name="pool", dtype=dtype)
 
     def build(self, input_shape):
-        self.conv.build(nhwc(self.c_in))
-        self.pool.build(nhwc(self.c_out))
+        self.conv.build(build_shape(self.c_in, self.data_format))
+        self.pool.build(build_shape(self.c_out, self.data_format))
 
     def call(self, x, training=None):
         skip = self.conv(x, training=training)
         return skip, self.pool(skip)
 
     def get_config(self):
-        return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out}
+        return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out, "data_format": self.data_format}
 
 
 @serializable
@@ -191,29 +225,30 @@ class AttentionGate(layers.Layer):
     ``out``; its *name* stays ``output``, which is what variable paths (and the converter) use.
     """
 
-    def __init__(self, c_g: int, c_s: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+    def __init__(self, c_g, c_s, kernel_initializer=KERNEL_INITIALIZER, data_format="channels_last", **kwargs):
         super().__init__(**kwargs)
-        self.c_g, self.c_s = c_g, c_s
-        dtype, init = self.dtype_policy, kernel_initializer
-        self.Wg = keras.Sequential([conv2d(c_s, 1, "0", dtype, init), batch_norm("1", dtype)], name="Wg")
-        self.Ws = keras.Sequential([conv2d(c_s, 1, "0", dtype, init), batch_norm("1", dtype)], name="Ws")
+        self.c_g, self.c_s, self.data_format = c_g, c_s, data_format
+        dtype, init, fmt = self.dtype_policy, kernel_initializer, data_format
+        self.Wg = keras.Sequential([conv2d(c_s, 1, "0", dtype, init, fmt), batch_norm("1", dtype, fmt)], name="Wg")
+        self.Ws = keras.Sequential([conv2d(c_s, 1, "0", dtype, init, fmt), batch_norm("1", dtype, fmt)], name="Ws")
         self.relu = layers.ReLU(name="relu", dtype=dtype)
         self.out = keras.Sequential(
-            [conv2d(c_s, 1, "0", dtype, init), layers.Activation("sigmoid", name="1", dtype=dtype)], name="output"
+            [conv2d(c_s, 1, "0", dtype, init, fmt), layers.Activation("sigmoid", name="1", dtype=dtype)],
+            name="output",
         )
 
     def build(self, g_shape, s_shape):
-        self.Wg.build(nhwc(self.c_g))
-        self.Ws.build(nhwc(self.c_s))
-        self.relu.build(nhwc(self.c_s))
-        self.out.build(nhwc(self.c_s))
+        self.Wg.build(build_shape(self.c_g, self.data_format))
+        self.Ws.build(build_shape(self.c_s, self.data_format))
+        self.relu.build(build_shape(self.c_s, self.data_format))
+        self.out.build(build_shape(self.c_s, self.data_format))
 
     def call(self, g, s, training=None):
         attention = self.out(self.relu(self.Wg(g, training=training) + self.Ws(s, training=training)))
         return attention * s, attention
 
     def get_config(self):
-        return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s}
+        return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s, "data_format": self.data_format}
 
 
 @serializable
@@ -226,13 +261,24 @@ class Upsample2x(layers.Layer):
     the input's dtype as torch does.
     """
 
+    def __init__(self, data_format="channels_last", **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = data_format
+
     def call(self, x):
         shape = ops.shape(x)
-        return interpolate_axis(interpolate_axis(x, 1, shape[1]), 2, shape[2])
+        for axis in spatial_axes(self.data_format):
+            x = interpolate_axis(x, axis, shape[axis])
+        return x
 
     def compute_output_shape(self, input_shape):
-        n, h, w, c = input_shape
-        return (n, None if h is None else 2 * h, None if w is None else 2 * w, c)
+        shape = list(input_shape)
+        for axis in spatial_axes(self.data_format):
+            shape[axis] = None if shape[axis] is None else 2 * shape[axis]
+        return tuple(shape)
+
+    def get_config(self):
+        return {**super().get_config(), "data_format": self.data_format}
 
 
 def interpolate_axis(x, axis: int, n):
@@ -244,45 +290,51 @@ def interpolate_axis(x, axis: int, n):
     weight = position - lower
     lower = ops.cast(lower, "int32")
     upper = ops.minimum(lower + 1, n - 1)
-    broadcast = [1, 1, 1, 1]
+    broadcast = [1] * len(x.shape)
     broadcast[axis] = -1
     weight = ops.reshape(weight, broadcast)
     return ops.take(x, lower, axis=axis) * (1 - weight) + ops.take(x, upper, axis=axis) * weight
 
 
-def pad_to(x, height, width):
+def pad_to(x, height, width, data_format="channels_last"):
     """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
     shape = ops.shape(x)
-    dh, dw = height - shape[1], width - shape[2]
+    h_axis, w_axis = spatial_axes(data_format)
+    dh, dw = height - shape[h_axis], width - shape[w_axis]
     if isinstance(dh, int) and isinstance(dw, int) and dh == 0 and dw == 0:
         return x
-    return ops.pad(x, [[0, 0], [dh // 2, dh - dh // 2], [dw // 2, dw - dw // 2], [0, 0]])
+    pad = [[0, 0]] * 4
+    pad[h_axis], pad[w_axis] = [dh // 2, dh - dh // 2], [dw // 2, dw - dw // 2]
+    return ops.pad(x, pad)
 
 
 @serializable
 class DecoderBlock(layers.Layer):
     """Upsample x2, pad to the skip, gate the skip, concatenate, conv block."""
 
-    def __init__(self, c_g: int, c_s: int, kernel_initializer=KERNEL_INITIALIZER, **kwargs):
+    def __init__(self, c_g, c_s, kernel_initializer=KERNEL_INITIALIZER, data_format="channels_last", **kwargs):
         super().__init__(**kwargs)
-        self.c_g, self.c_s = c_g, c_s
-        self.up = Upsample2x(name="up", dtype=self.dtype_policy)
-        self.ag = AttentionGate(c_g, c_s, kernel_initializer, name="ag", dtype=self.dtype_policy)
-        self.c1 = ConvBlock(c_g + c_s, c_s, kernel_initializer, name="c1", dtype=self.dtype_policy)
+        self.c_g, self.c_s, self.data_format = c_g, c_s, data_format
+        dtype, init = self.dtype_policy, kernel_initializer
+        self.up = Upsample2x(data_format, name="up", dtype=dtype)
+        self.ag = AttentionGate(c_g, c_s, init, data_format, name="ag", dtype=dtype)
+        self.c1 = ConvBlock(c_g + c_s, c_s, init, data_format, name="c1", dtype=dtype)
 
     def build(self, x_shape, skip_shape):
-        self.up.build(nhwc(self.c_g))
-        self.ag.build(nhwc(self.c_g), nhwc(self.c_s))
-        self.c1.build(nhwc(self.c_g + self.c_s))
+        self.up.build(build_shape(self.c_g, self.data_format))
+        self.ag.build(build_shape(self.c_g, self.data_format), build_shape(self.c_s, self.data_format))
+        self.c1.build(build_shape(self.c_g + self.c_s, self.data_format))
 
     def call(self, x, skip, training=None):
         skip_shape = ops.shape(skip)
-        x = pad_to(self.up(x), skip_shape[1], skip_shape[2])
+        h_axis, w_axis = spatial_axes(self.data_format)
+        x = pad_to(self.up(x), skip_shape[h_axis], skip_shape[w_axis], self.data_format)
         gated, attention = self.ag(x, skip, training=training)
-        return self.c1(ops.concatenate([x, gated], axis=-1), training=training), attention
+        x = ops.concatenate([x, gated], axis=channel_axis(self.data_format))
+        return self.c1(x, training=training), attention
 
     def get_config(self):
-        return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s}
+        return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s, "data_format": self.data_format}
 
 
 @serializable
@@ -290,9 +342,12 @@ class AttentionUNet(keras.Model):
     """Attention U-Net, NHWC in and out; returns logits. Built on construction (any batch size
     and resolution), so ``summary()`` and weight loading work before the first call.
 
-    ``dtype`` is a Keras dtype policy ("float32" by default, "float64", ...). ``kernel_initializer``
-    initializes every conv kernel; it only matters before weights are loaded, so it is not part
-    of ``get_config()`` (a model rebuilt from a config gets the default).
+    ``dtype`` is a Keras dtype policy ("float32" by default, "float64", ...). Two arguments only
+    shape how the model computes, not what, so they are not part of ``get_config()`` (a model
+    rebuilt from a config gets the defaults): ``kernel_initializer`` initializes every conv
+    kernel before any weights are loaded; ``data_format`` is the layout inside the model
+    (default: ``default_data_format()`` for the current backend); variables have the same shapes
+    in both.
 
     The 1x1 head is the attribute ``head`` (``output`` is a read-only Keras property); its layer
     name is ``output``, as in the canonical tree.
@@ -305,23 +360,27 @@ class AttentionUNet(keras.Model):
         channels: tuple[int, ...] = (64, 128, 256, 512),
         dtype=None,
         kernel_initializer=KERNEL_INITIALIZER,
+        data_format: str | None = None,
         **kwargs,
     ):
         config = ModelConfig(in_channels, out_channels, tuple(channels) if channels is not None else channels)
+        if data_format not in (None, "channels_first", "channels_last"):
+            raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
         super().__init__(dtype=dtype, **kwargs)
         check_backend_dtype(self.dtype_policy.variable_dtype)
         self.config = config
+        self.data_format = fmt = data_format or default_data_format()
         c = config.channels
         depth = config.depth
         dtype, init = self.dtype_policy, kernel_initializer
         levels_in = (in_channels,) + c[:-2]
         for i in range(depth):
-            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i], init, name=f"e{i + 1}", dtype=dtype))
-        self.b1 = ConvBlock(c[-2], c[-1], init, name="b1", dtype=dtype)
+            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i], init, fmt, name=f"e{i + 1}", dtype=dtype))
+        self.b1 = ConvBlock(c[-2], c[-1], init, fmt, name="b1", dtype=dtype)
         for j in range(depth):
-            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j], init, name=f"d{j + 1}", dtype=dtype))
-        self.head = conv2d(out_channels, 1, "output", dtype, init)
-        self.build(nhwc(in_channels))
+            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j], init, fmt, name=f"d{j + 1}", dtype=dtype))
+        self.head = conv2d(out_channels, 1, "output", dtype, init, fmt)
+        self.build((None, None, None, in_channels))
 
     @property
     def encoders(self) -> list[EncoderBlock]:
@@ -332,13 +391,13 @@ class AttentionUNet(keras.Model):
         return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
 
     def build(self, input_shape=None):
-        c = self.config.channels
+        c, fmt = self.config.channels, self.data_format
         for encoder in self.encoders:
-            encoder.build(nhwc(encoder.c_in))
-        self.b1.build(nhwc(c[-2]))
+            encoder.build(build_shape(encoder.c_in, fmt))
+        self.b1.build(build_shape(c[-2], fmt))
         for decoder in self.decoders:
-            decoder.build(nhwc(decoder.c_g), nhwc(decoder.c_s))
-        self.head.build(nhwc(c[0]))
+            decoder.build(build_shape(decoder.c_g, fmt), build_shape(decoder.c_s, fmt))
+        self.head.build(build_shape(c[0], fmt))
 
     def check_input(self, x) -> None:
         """Same checks and messages as the PyTorch model, in NHWC; unknown (symbolic) sizes pass."""
@@ -359,9 +418,10 @@ class AttentionUNet(keras.Model):
 
     def call(self, x, training=None, return_intermediates: bool = False):
         """Logits of shape (N, H, W, out_channels); with ``return_intermediates`` also a dict of
-        every block's output: ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
+        every block's output (NHWC): ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
         named = {}
         skips = []
+        x = self.to_internal(x)
         for i, encoder in enumerate(self.encoders):
             skip, x = encoder(x, training=training)
             skips.append(skip)
@@ -372,9 +432,18 @@ class AttentionUNet(keras.Model):
             x, attention = decoder(x, skips[-1 - j], training=training)
             named[f"d{j + 1}.ag"] = attention
             named[f"d{j + 1}"] = x
-        logits = self.head(x)
+        logits = self.to_nhwc(self.head(x))
+        if not return_intermediates:
+            return logits
+        named = {name: self.to_nhwc(value) for name, value in named.items()}
         named["output"] = logits
-        return (logits, named) if return_intermediates else logits
+        return logits, named
+
+    def to_internal(self, x):
+        return ops.transpose(x, (0, 3, 1, 2)) if self.data_format == "channels_first" else x
+
+    def to_nhwc(self, x):
+        return ops.transpose(x, (0, 2, 3, 1)) if self.data_format == "channels_first" else x
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.config.out_channels)
