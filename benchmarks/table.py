@@ -44,8 +44,9 @@ def main() -> int:
     print(f"{settings['device']}, median of {settings['repeats']} after {settings['warmup']} warm-up runs")
     flops = report["flops"]
     print(f"- counted FLOPs: forward {flops['forward'] / 1e9:.1f} G, training step {flops['train_step'] / 1e9:.1f} G")
-    runs = ", ".join(f"{r['gflops']:.1f}" for r in report["sgemm"]["runs"])
-    print(f"- sgemm runs (before, after): {runs} GFLOP/s; the ceiling is the higher")
+    runs = ", ".join(f"{r['library']} {r['gflops']:.1f}" for r in report["sgemm"]["runs"])
+    print(f"- sgemm {report['sgemm']['n']}^2 float32, before and after the frameworks: {runs} GFLOP/s")
+    print(f"- the ceiling is the highest: {report['sgemm_gflops']:.1f} GFLOP/s ({report['sgemm']['library']})")
     print()
     print(format_table(report))
     for mode in ("forward", "train_step"):

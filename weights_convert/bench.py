@@ -268,67 +268,69 @@ def _missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
+def _no_model(package) -> str:
+    where = getattr(package, "__file__", None)
+    # A package without __file__ was found as a bare directory: a stale editable install.
+    hint = f"imported from {where}" if where else "found only as a namespace package; reinstall with pip install -e ."
+    return f"{package.__name__} provides no AttentionUNet ({hint})"
+
+
 # --------------------------------------------------------------------------------------------------
 # The ceiling: a large float32 matmul on the same device
 
 
-def measure_sgemm(device: str = "cpu", n: int | None = None, repeats: int = 5) -> dict:
-    """float32 ``n x n`` matmul rate in GFLOP/s (2 n^3 FLOPs), median of ``repeats`` after a warm-up.
-
-    torch (MKL on CPU, cuBLAS with TF32 off on GPU) when installed, else numpy's BLAS (CPU) or jax (GPU).
-    """
-    n = n or (4096 if device == "cpu" else 8192)
-    if not _missing("torch"):
-        import torch
-
-        if device == "gpu" and not torch.cuda.is_available():
-            raise RuntimeError("--device gpu: torch sees no CUDA device")
-        target = torch.device("cuda" if device == "gpu" else "cpu")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        a = torch.randn(n, n, device=target)
-        b = torch.randn(n, n, device=target)
-        library = f"torch {torch.__version__} ({'cuBLAS' if device == 'gpu' else 'MKL'}) matmul"
-
-        def step():
-            return a @ b
-
-        def sync(_):
-            if device == "gpu":
-                torch.cuda.synchronize()
-
-    elif device == "cpu":
+def _sgemm_candidates(device: str, n: int) -> list[tuple[str, Callable[[], object], Callable[[object], object]]]:
+    """(library, step, sync) for each float32 matmul available on ``device``."""
+    candidates = []
+    if device == "cpu":
         import numpy as np
 
         rng = np.random.default_rng(0)
-        a = rng.standard_normal((n, n), dtype=np.float32)
-        b = rng.standard_normal((n, n), dtype=np.float32)
-        library = f"numpy {np.__version__} matmul"
+        a_np = rng.standard_normal((n, n), dtype=np.float32)
+        b_np = rng.standard_normal((n, n), dtype=np.float32)
+        candidates.append((f"numpy {np.__version__} matmul", lambda: a_np @ b_np, lambda _: None))
+    if not _missing("torch"):
+        import torch
 
-        def step():
-            return a @ b
+        if device == "cpu" or torch.cuda.is_available():
+            target = torch.device("cuda" if device == "gpu" else "cpu")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            a_t = torch.randn(n, n, device=target)
+            b_t = torch.randn(n, n, device=target)
 
-        def sync(_):
-            return None
+            def sync_torch(_):
+                if device == "gpu":
+                    torch.cuda.synchronize()
 
-    else:
+            candidates.append((f"torch {torch.__version__} matmul", lambda: a_t @ b_t, sync_torch))
+    if device == "gpu" and not _missing("jax"):
         import jax
         import jax.numpy as jnp
 
-        gpu = jax.devices("gpu")[0]
-        a = jax.device_put(jnp.ones((n, n), jnp.float32), gpu)
-        b = jax.device_put(jnp.ones((n, n), jnp.float32), gpu)
-        matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
-        library = f"jax {jax.__version__} matmul (precision=highest)"
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        if gpus:
+            a_j = jax.device_put(jnp.ones((n, n), jnp.float32), gpus[0])
+            b_j = jax.device_put(jnp.ones((n, n), jnp.float32), gpus[0])
+            matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
+            library = f"jax {jax.__version__} matmul (precision=highest)"
+            candidates.append((library, lambda: matmul(a_j, b_j), jax.block_until_ready))
+    return candidates
 
-        def step():
-            return matmul(a, b)
 
-        sync = jax.block_until_ready
-    settings = Settings(repeats=repeats, warmup=1)
-    timing = time_runs(step, sync, settings, f"sgemm {n}x{n}")
-    gflops = 2 * n**3 / (timing["median_ms"] / 1e3) / 1e9
-    progress(f"sgemm {n}x{n} float32: {gflops:.1f} GFLOP/s ({library})")
-    return {"gflops": _significant(gflops), "n": n, "library": library, "load_1min": _load()}
+def measure_sgemm(device: str = "cpu", n: int | None = None, repeats: int = 5) -> list[dict]:
+    """float32 ``n x n`` matmul rate in GFLOP/s (2 n^3 FLOPs), median of ``repeats`` after a warm-up, for
+    every library at hand: numpy's BLAS and torch's on CPU (they differ: OpenBLAS and MKL pick different
+    kernels on the same processor), torch and jax with TF32 off on GPU."""
+    n = n or (4096 if device == "cpu" else 8192)
+    measured = []
+    for library, step, sync in _sgemm_candidates(device, n):
+        timing = time_runs(step, sync, Settings(repeats=repeats, warmup=1), f"sgemm {n}x{n} {library}")
+        gflops = 2 * n**3 / (timing["median_ms"] / 1e3) / 1e9
+        progress(f"sgemm {n}x{n} float32: {gflops:.1f} GFLOP/s ({library})")
+        measured.append({"gflops": _significant(gflops), "n": n, "library": library, "load_1min": _load()})
+    if not measured:
+        raise ValueError(f"--device {device}: no library here can run a float32 matmul on it")
+    return measured
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,7 +423,7 @@ def bench_flax(settings: Settings) -> list[dict]:
     import impl_flax
 
     if not hasattr(impl_flax, "AttentionUNet"):
-        return [_error_row("flax", "jax", None, None, settings, "impl_flax provides no AttentionUNet")]
+        return [_error_row("flax", "jax", None, None, settings, _no_model(impl_flax))]
     platform_name = "gpu" if settings.device == "gpu" else "cpu"
     try:
         device = jax.devices(platform_name)[0]
@@ -533,7 +535,7 @@ def keras_worker(backend: str, settings: Settings) -> list[dict]:
     if keras.backend.backend() != backend:
         return [_error_row("keras", backend, None, None, settings, f"Keras started with {keras.backend.backend()}")]
     if not hasattr(impl_keras, "AttentionUNet"):
-        return [_error_row("keras", backend, None, None, settings, "impl_keras provides no AttentionUNet")]
+        return [_error_row("keras", backend, None, None, settings, _no_model(impl_keras))]
     if settings.device == "gpu" and not _keras_sees_gpu(backend):
         return [_error_row("keras", backend, None, None, settings, f"--device gpu: {backend} sees no GPU")]
     keras.config.set_floatx(settings.dtype)
@@ -632,14 +634,15 @@ def run(
     keras_backends: tuple[str, ...] | None = None,
     sgemm_n: int | None = None,
 ) -> dict:
-    """The whole bench: sgemm before and after the frameworks (the ceiling is the higher of the two,
-    so a busy machine does not inflate the ratios), then every framework's rows."""
+    """The whole bench: sgemm with every library before and after the frameworks, then every
+    framework's rows. The ceiling is the highest sgemm rate measured, so neither a busy moment nor a
+    slower BLAS inflates the ratios."""
     unknown = [f for f in frameworks if f not in FRAMEWORKS]
     if unknown:
         raise ValueError(f"unknown frameworks {unknown}; known: {list(FRAMEWORKS)}")
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    sgemm_runs = [measure_sgemm(settings.device, sgemm_n)]
+    sgemm_runs = measure_sgemm(settings.device, sgemm_n)
     results: list[dict] = []
     for framework in frameworks:
         if framework == "torch":
@@ -648,14 +651,15 @@ def run(
             results += bench_flax(settings)
         else:
             results += bench_keras(settings, keras_backends)
-    sgemm_runs.append(measure_sgemm(settings.device, sgemm_n))
-    sgemm = max(r["gflops"] for r in sgemm_runs)
+    sgemm_runs += measure_sgemm(settings.device, sgemm_n)
+    best = max(sgemm_runs, key=lambda r: r["gflops"])
+    sgemm = best["gflops"]
     for row in results:
         if row.get("gflops") is not None:
             row["ratio_to_sgemm"] = _significant(row["gflops"] / sgemm, 4)
     return {
         "sgemm_gflops": sgemm,
-        "sgemm": {"n": sgemm_runs[0]["n"], "library": sgemm_runs[0]["library"], "runs": sgemm_runs},
+        "sgemm": {"n": best["n"], "library": best["library"], "runs": sgemm_runs},
         "flops": {
             "forward": forward_flops(settings.config, settings.size, settings.batch),
             "train_step": train_step_flops(settings.config, settings.size, settings.batch),
