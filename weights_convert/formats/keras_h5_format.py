@@ -7,7 +7,9 @@ with a ``vars`` sub-group carrying the layer's *name* as an attribute and its va
 (``e1`` / ``conv`` / ``conv`` / ``0``), so the chain of names above a ``vars`` group is the
 canonical module path, and the creation order is the canonical leaf order (kernel, bias; gamma,
 beta, moving_mean, moving_variance, num_batches_tracked). The file carries no config: it is
-inferred from the tensor shapes. Writing builds the Keras model and calls ``save_weights``.
+inferred from the tensor shapes. Writing builds the Keras model and calls ``save_weights``, then
+adds a root attribute ``CHECKSUM_ATTR`` (SHA-256 of the canonical tensors; Keras ignores it) that
+reading verifies when present, so flipped bytes in tensor data are refused instead of loaded.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import numpy as np
 
 from weights_convert.checkpoint import Checkpoint, CheckpointError
-from weights_convert.formats.safetensors_format import _one_line
+from weights_convert.formats.safetensors_format import _one_line, checksum
 from weights_convert.layouts import LEAF_RULES, module_path, rule
 from weights_convert.spec import LEAVES, ParamSpec
 
 # A layer's kind from how many variables it holds (conv3 and conv1 share leaves and rules).
 KIND_BY_COUNT = {len(LEAVES["conv1"]): "conv1", len(LEAVES["bn"]): "bn"}
+CHECKSUM_ATTR = "attention_unet_sha256"
 
 
 def keras_path(spec: ParamSpec) -> str:
@@ -35,7 +38,8 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
     try:
         with h5py.File(str(path), "r") as f:
             layers = _layer_variables(f)
-    except (OSError, KeyError, ValueError, TypeError) as error:
+            expected = f.attrs.get(CHECKSUM_ATTR)
+    except Exception as error:  # h5py raises OSError, KeyError, RuntimeError, ... on damaged files
         raise CheckpointError(f"{path}: not a readable Keras .weights.h5 file ({_one_line(error)[:200]})") from None
     if not layers:
         raise CheckpointError(f"{path}: no layer variables found; not a Keras .weights.h5 of this model")
@@ -49,6 +53,8 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
             )
         for leaf, value in zip(LEAVES[kind], arrays, strict=True):
             tensors[f"{module}.{leaf}"] = LEAF_RULES[(kind, leaf)].from_channels_last(value)
+    if expected is not None and expected != checksum(tensors):
+        raise CheckpointError(f"{path}: corrupt: the tensor data does not match the checksum in its attributes")
     return tensors, None
 
 
@@ -93,6 +99,10 @@ def _array(dataset) -> np.ndarray:
 
 
 def write(checkpoint: Checkpoint, path) -> None:
+    import h5py
+
     from impl_keras.io import build_model
 
     build_model(checkpoint).save_weights(str(path))
+    with h5py.File(str(path), "a") as f:
+        f.attrs[CHECKSUM_ATTR] = checksum(checkpoint.tensors)
