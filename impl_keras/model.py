@@ -391,6 +391,8 @@ class AttentionUNet(keras.Model):
         return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
 
     def build(self, input_shape=None):
+        if self.built:  # built in __init__; load_model calls build again with the saved build config
+            return
         c, fmt = self.config.channels, self.data_format
         for encoder in self.encoders:
             encoder.build(build_shape(encoder.c_in, fmt))

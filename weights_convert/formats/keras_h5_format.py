@@ -21,6 +21,9 @@ from weights_convert.formats.safetensors_format import _one_line, checksum
 from weights_convert.layouts import LEAF_RULES, module_path, rule
 from weights_convert.spec import LEAVES, ParamSpec
 
+# save_weights of a compiled, trained model also writes the optimizer's slots under this group.
+OPTIMIZER_GROUP = "optimizer"
+
 # A layer's kind from how many variables it holds (conv3 and conv1 share leaves and rules).
 KIND_BY_COUNT = {len(LEAVES["conv1"]): "conv1", len(LEAVES["bn"]): "bn"}
 CHECKSUM_ATTR = "attention_unet_sha256"
@@ -71,6 +74,8 @@ def _layer_variables(f) -> dict[str, list[np.ndarray]]:
             child = group[key]
             if key == "vars" or not isinstance(child, h5py.Group):
                 continue
+            if group == f and key == OPTIMIZER_GROUP:
+                continue  # a compiled model's optimizer state: training state, not weights
             variables = child.get("vars")
             child_names = names
             if isinstance(variables, h5py.Group):
