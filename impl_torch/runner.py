@@ -6,7 +6,7 @@ same two functions; inputs and results are numpy in canonical layouts (NCHW, can
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode), and ``step/<name>`` for every
-  trainable tensor after one optimizer step (``optimizer`` in ``OPTIMIZERS`` of ``weights_convert.parity``).
+  trainable tensor after one optimizer step (``optimizer`` in ``weights_convert.optim.OPTIMIZERS``).
 """
 
 from __future__ import annotations
