@@ -159,6 +159,13 @@ def test_bad_usage_is_one_line_and_exit_2(capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_no_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_sgemm_candidates", lambda device, n: [])
+    assert cli.main(["bench", "--device", "gpu", "--config", TINY, "--size", "8", "8"]) == 2
+    error = "attention-unet bench: error: --device gpu: neither torch nor jax sees a GPU here"
+    assert capsys.readouterr().err.strip() == error
+
+
 def test_importing_the_command_imports_no_framework():
     code = (
         "import sys, weights_convert, weights_convert.bench, weights_convert.cli as cli; cli.build_parser(); "

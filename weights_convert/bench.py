@@ -329,7 +329,7 @@ def measure_sgemm(device: str = "cpu", n: int | None = None, repeats: int = 5) -
         progress(f"sgemm {n}x{n} float32: {gflops:.1f} GFLOP/s ({library})")
         measured.append({"gflops": _significant(gflops), "n": n, "library": library, "load_1min": _load()})
     if not measured:
-        raise ValueError(f"--device {device}: no library here can run a float32 matmul on it")
+        raise ValueError(f"--device {device}: neither torch nor jax sees a GPU here")
     return measured
 
 
