@@ -91,6 +91,9 @@ def cmd_parity(args) -> int:
             size=tuple(args.size),
             batch=args.batch,
             seed=args.seed,
+            steps=args.steps,
+            optimizer=args.optimizer,
+            trajectory=bool(args.report),
             progress=progress,
         )
     except parity.ParityError as error:
@@ -161,7 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
     p.set_defaults(func=cmd_convert)
 
-    from weights_convert.parity import DEFAULT_BATCH, DEFAULT_SIZE, FRAMEWORKS, KERAS_BACKENDS
+    from weights_convert.parity import (
+        DEFAULT_BATCH,
+        DEFAULT_SIZE,
+        DEFAULT_STEPS,
+        DTYPES,
+        FRAMEWORKS,
+        KERAS_BACKENDS,
+        MODES,
+        OPTIMIZER_NAMES,
+    )
 
     p = sub.add_parser(
         "parity",
@@ -171,15 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="any supported checkpoint (default: seeded random default model)")
     p.add_argument("--frameworks", type=_choices(FRAMEWORKS), default=FRAMEWORKS, help="comma-separated")
     p.add_argument("--keras-backends", type=_choices(KERAS_BACKENDS), default=KERAS_BACKENDS, help="comma-separated")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="float64 must agree to 1e-10; float32 and mixed_bfloat16 (bfloat16 compute, float32 parameters) "
+        "within a multiple of the reference's own rounding noise, measured in the same run",
+    )
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--mode", choices=("eval", "train"), default="eval")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="eval",
+        help="eval: block outputs; train: also running statistics, gradients and one step of each optimizer; "
+        "fit: --steps training steps (losses, final parameters and statistics)",
+    )
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps in fit mode")
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZER_NAMES, help="fit: the optimizer (default adam); train: only this one"
+    )
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=DEFAULT_SIZE)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.add_argument("--seed", type=int, default=0, help="seed of the input (and training target)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--verbose", action="store_true", help="one table row per tensor in train mode")
-    p.add_argument("--report", metavar="DIR", help="write parity.png and the per-block table to DIR")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write parity.png (fit: loss curves and parameter drift) and the per-row table to DIR",
+    )
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")

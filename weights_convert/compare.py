@@ -1,6 +1,10 @@
 """Framework-free comparison of named results (block outputs, running statistics, gradients,
-optimizer steps) against a float64 reference, in the order the network computes them, so the
-first failing row names the block where two implementations start to drift."""
+optimizer steps, losses) against a float64 reference, in the order the network computes them, so
+the first failing row names the block where two implementations start to drift.
+
+At a reduced precision each row also gets its *noise*: the same comparison for the reference
+computed at that precision, which sets the row's bound (``weights_convert.tolerances``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.tolerances import TOLERANCES
+from weights_convert.tolerances import tolerance as bound_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +22,7 @@ class Row:
     rel_diff: float
     tolerance: float
     passed: bool
+    noise: float | None = None  # the reduced-precision reference's own rel diff; None in float64
 
 
 def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str, scale: float | None = None) -> tuple[float, float]:
@@ -41,19 +46,29 @@ def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str, scale: float
 
 
 def compare(
-    actual: dict, reference: dict, dtype: str, tolerance: float | None = None, scale: float | None = None
+    actual: dict,
+    reference: dict,
+    dtype: str,
+    tolerance: float | None = None,
+    scale: float | None = None,
+    noise: dict | None = None,
 ) -> list[Row]:
     """One row per reference quantity, in the reference's order; a quantity missing from
     ``actual`` or of the wrong shape fails with an infinite difference. ``scale`` replaces each
-    quantity's own max|ref| when the quantities are parts of one vector (the gradient)."""
-    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    quantity's own max|ref| when the quantities are parts of one vector (the gradient).
+
+    The bound is ``tolerance`` if given, else the dtype's (``weights_convert.tolerances``); below
+    float64 that needs ``noise`` (the reference computed at ``dtype``, same names), and each row's
+    bound is relative to that row's measured noise."""
     rows = []
     for name, ref in reference.items():
+        row_noise = rel_diff(noise[name], ref, dtype, scale)[1] if noise is not None else None
+        row_tolerance = bound_for(dtype, row_noise) if tolerance is None else tolerance
         if name in actual:
             max_abs, rel = rel_diff(actual[name], ref, dtype, scale)
         else:
             max_abs, rel = float("inf"), float("inf")
-        rows.append(Row(name, max_abs, rel, tolerance, bool(rel <= tolerance)))
+        rows.append(Row(name, max_abs, rel, row_tolerance, bool(rel <= row_tolerance), row_noise))
     return rows
 
 
@@ -66,6 +81,6 @@ def assert_rows_pass(rows: list[Row], label: str = "") -> None:
     """Raise AssertionError naming the first drifting quantity and every failing one."""
     failing = [row for row in rows if not row.passed]
     if failing:
-        details = "; ".join(f"{r.quantity}: rel {r.rel_diff:.3g} > {r.tolerance:g}" for r in failing[:10])
+        details = "; ".join(f"{r.quantity}: rel {r.rel_diff:.3g} > {r.tolerance:.3g}" for r in failing[:10])
         more = f" (+{len(failing) - 10} more)" if len(failing) > 10 else ""
         raise AssertionError(f"{label}first drift at {failing[0].quantity}; {details}{more}")

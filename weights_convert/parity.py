@@ -1,14 +1,23 @@
 """Cross-framework parity: the same checkpoint and input through every implementation, each
 result compared with a float64 reference, block by block.
 
-The reference for every forward quantity (block outputs, and in train mode the updated running
-statistics) is an independent float64 NumPy computation (``weights_convert.reference``) that
-shares no code with any implementation, so PyTorch is checked like the others. Gradients and
-optimizer steps are referenced to the PyTorch implementation in float64 on the CPU (autograd;
-its forward is itself checked against NumPy in the same run). Every implementation is fed the
-canonical checkpoint through its converter (``from_checkpoint``) and returns results in canonical
-layouts, so the comparison is framework-free (``weights_convert.compare``). Rows come in
-computation order, so the first failing row names the block where an implementation starts to drift.
+The reference is an independent float64 NumPy computation (``weights_convert.reference``) that
+shares no code with any implementation: block outputs, and in train mode the updated running
+statistics, the gradients of the loss and one SGD and one Adam step; in fit mode the loss at every
+step of an N-step training run and the final parameters and running statistics. So every
+framework, PyTorch included, is checked against something that is not itself, and a parity run
+needs no framework but the ones under test.
+
+At a reduced precision (float32, mixed bfloat16) the same NumPy reference is also computed at that
+precision, and its difference from the float64 reference is each row's measured rounding *noise*;
+an implementation passes a row when its own difference is at most ``max(floor, factor * noise)``
+(``weights_convert.tolerances``). The verdict is therefore a property of the computation, not of
+the CPU that runs it. float64 rows must agree to 1e-10.
+
+Every implementation is fed the canonical checkpoint through its converter (``from_checkpoint``)
+and returns results in canonical layouts, so the comparison is framework-free
+(``weights_convert.compare``). Rows come in computation order, so the first failing row names the
+block where an implementation starts to drift.
 
 Python API for users' CI::
 
@@ -29,16 +38,18 @@ from weights_convert.checkpoint import Checkpoint
 from weights_convert.compare import Row, compare
 from weights_convert.random_init import random_checkpoint
 from weights_convert.spec import ModelConfig
-from weights_convert.tolerances import TOLERANCES
+from weights_convert.tolerances import NOISY_PRECISIONS, tolerance
 
 FRAMEWORKS = ("torch", "flax", "keras")
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "mixed_bfloat16")
 DEVICES = ("cpu", "gpu")
-MODES = ("eval", "train")
+MODES = ("eval", "train", "fit")
 OPTIMIZER_NAMES = ("sgd", "adam")
 DEFAULT_SIZE = (64, 64)
 DEFAULT_BATCH = 2
+DEFAULT_STEPS = 5
+DEFAULT_FIT_OPTIMIZER = "adam"
 RESULT_FIELDS = (
     "framework",
     "backend",
@@ -48,9 +59,12 @@ RESULT_FIELDS = (
     "quantity",
     "max_abs_diff",
     "rel_diff",
+    "noise",
     "tolerance",
     "passed",
 )
+# Row groups, by the prefix of their names, in the order the rows are reported.
+GROUPS = ("block", "state", "grad", "step", "loss", "param")
 
 
 class ParityError(ValueError):
@@ -75,6 +89,24 @@ class Target:
 
 
 @dataclasses.dataclass(frozen=True)
+class Run:
+    """What is computed: ``mode`` with its optimizers (train: one step each; fit: ``steps`` steps of the first)."""
+
+    mode: str = "eval"
+    optimizers: tuple[str, ...] = OPTIMIZER_NAMES
+    steps: int = DEFAULT_STEPS
+    trajectory: bool = False  # fit: also the parameters after every step (``trajectory/step<k>/<name>``)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Seeded data: one batch ``x`` / ``target`` (eval and train), or one per step (fit: stacked)."""
+
+    x: np.ndarray
+    target: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class Result:
     framework: str
     backend: str
@@ -87,6 +119,8 @@ class Result:
     tolerance: float
     passed: bool
     informational: bool = False
+    noise: float | None = None
+    agree: float | None = None  # mask rows: the fraction of all pixels whose masks agree
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,9 +130,11 @@ class Result:
 class Report:
     results: list[Result]
     config: ModelConfig
-    outputs: dict[str, np.ndarray]  # target label -> output logits (NCHW), for plots
-    reference_output: np.ndarray
+    outputs: dict[str, np.ndarray]  # target label -> output logits (NCHW), or losses per step in fit mode
+    reference_output: np.ndarray  # the float64 reference's logits, or its losses per step in fit mode
     input: np.ndarray
+    mode: str = "eval"
+    drift: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # fit: max |param - ref| per step
 
     @property
     def passed(self) -> bool:
@@ -125,17 +161,26 @@ def _label(r: Result) -> str:
 
 def _json_row(r: Result) -> dict:
     row = {field: getattr(r, field) for field in RESULT_FIELDS}
-    for key in ("max_abs_diff", "rel_diff"):
-        if not np.isfinite(row[key]):
+    for key in ("max_abs_diff", "rel_diff", "noise"):
+        if row[key] is not None and not np.isfinite(row[key]):
             row[key] = None  # JSON has no inf; None means "missing or misshapen"
+    if r.agree is not None:
+        row["agree"] = r.agree
     if r.informational:
         row["informational"] = True
     return row
 
 
-def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: int = 0):
+def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: int = 0, steps: int | None = None):
     """Seeded input in [0, 1] (NCHW): smooth blobs plus noise, so that masks and difference maps
-    are readable; and a regression target for the training loss."""
+    are readable; and a regression target for the training loss. With ``steps``, one batch per
+    step (seeds ``seed``, ``seed + 1``, ...) stacked on a new first axis.
+
+    Values are float32-representable, so every precision starts from the same numbers and the
+    rounding of the input is not counted as error."""
+    if steps is not None:
+        batches = [make_inputs(config, batch, size, seed + k) for k in range(steps)]
+        return tuple(np.stack(arrays) for arrays in zip(*batches, strict=True))
     rng = np.random.default_rng(seed)
     h, w = size
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
@@ -146,7 +191,7 @@ def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: in
             blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
             x[n] += 0.8 * blob * rng.uniform(0.3, 1.0, (config.in_channels, 1, 1))
     target = rng.normal(0.0, 1.0, (batch, config.out_channels, h, w))
-    return np.clip(x, 0.0, 1.0), target
+    return (np.clip(x, 0.0, 1.0).astype(np.float32).astype(np.float64), target.astype(np.float32).astype(np.float64))
 
 
 def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:
@@ -208,64 +253,81 @@ def _matmul_precision(target: Target):
         yield  # Keras runs its backends with their strict settings (see impl_keras.runner)
 
 
-def run_calls(impl: Target, checkpoint: Checkpoint, x, target_map, calls) -> list[dict]:
-    """Run ``calls`` ((function name, kwargs) pairs) with the implementation ``impl``. Keras runs
-    them all in one process of the requested backend (a subprocess unless it is this one's)."""
-    common = {"device": impl.device, "dtype": impl.dtype}
-    if impl.framework == "keras":
-        from impl_keras.runner import Call, run_batch_in_backend
-
-        batch = [
-            Call(function, checkpoint, x, target_map if function == "train_step" else None, {**kwargs, **common})
-            for function, kwargs in calls
-        ]
-        return run_batch_in_backend(impl.backend, batch)
-    runner = _runner(impl.framework)
-    with _matmul_precision(impl):
-        return [
-            getattr(runner, function)(checkpoint, x, **kwargs, **common)
-            for function, kwargs in _with_targets(calls, target_map)
-        ]
+def calls_for(run: Run, inputs: Inputs) -> list[tuple[str, np.ndarray, np.ndarray | None, dict]]:
+    """The runner calls of one run: (function name, x, target or None, keyword arguments)."""
+    if run.mode == "fit":
+        kwargs = {"optimizer": run.optimizers[0], **({"trajectory": True} if run.trajectory else {})}
+        return [("fit", inputs.x, inputs.target, kwargs)]
+    calls = [("forward", inputs.x, None, {"train": run.mode == "train"})]
+    if run.mode == "train":
+        calls += [("train_step", inputs.x, inputs.target, {"optimizer": name}) for name in run.optimizers]
+    return calls
 
 
-def _with_targets(calls, target_map):
-    for function, kwargs in calls:
-        yield function, ({**kwargs, "target": target_map} if function == "train_step" else kwargs)
-
-
-def compute(impl: Target, checkpoint: Checkpoint, x, target_map, mode: str) -> dict:
-    """Every compared quantity of one implementation, in computation order."""
-    calls = [("forward", {"train": mode == "train"})]
-    if mode == "train":
-        calls += [("train_step", {"optimizer": optimizer}) for optimizer in OPTIMIZER_NAMES]
-    forward, *steps = run_calls(impl, checkpoint.astype(impl.dtype), x, target_map, calls)
-    results = dict(forward)
-    for (_, kwargs), step in zip(calls[1:], steps, strict=True):
-        for name, value in step.items():
-            if name.startswith("grad/"):
+def merge(calls, outputs: list[dict]) -> dict:
+    """One dict of every quantity, in computation order: the gradient once (every step of a train
+    run starts from the same weights and batch), each step under ``step/<optimizer>/``."""
+    results: dict = {}
+    for (function, _, _, kwargs), output in zip(calls, outputs, strict=True):
+        for name, value in output.items():
+            if function != "train_step":
+                results[name] = value
+            elif name.startswith("grad/"):
                 results.setdefault(name, value)
-            else:
+            elif name.startswith("step/"):
                 results[name.replace("step/", f"step/{kwargs['optimizer']}/", 1)] = value
     return results
 
 
-def compute_reference(checkpoint: Checkpoint, x, target_map, mode: str, say) -> dict:
-    """Forward quantities from NumPy float64; gradients and steps from PyTorch float64 on the CPU."""
-    from weights_convert import reference as numpy_reference
+def run_calls(impl: Target, checkpoint: Checkpoint, calls) -> list[dict]:
+    """Run ``calls`` (see ``calls_for``) with the implementation ``impl``. Keras runs them all in
+    one process of the requested backend (a subprocess unless it is this one's)."""
+    common = {"device": impl.device, "dtype": impl.dtype}
+    if impl.framework == "keras":
+        from impl_keras.runner import Call, run_batch_in_backend
 
-    say("reference: numpy float64")
-    results = numpy_reference.forward(checkpoint.tensors, x, train=(mode == "train"), config=checkpoint.config)
-    if mode == "train":
-        say("reference: torch cpu float64 (gradients, optimizer steps)")
-        autograd = compute(Target("torch", "torch", "cpu", "float64"), checkpoint, x, target_map, mode)
-        results.update({k: v for k, v in autograd.items() if k.startswith(("grad/", "step/"))})
-    return results
+        batch = [Call(function, checkpoint, x, target, {**kwargs, **common}) for function, x, target, kwargs in calls]
+        return run_batch_in_backend(impl.backend, batch)
+    runner = _runner(impl.framework)
+    with _matmul_precision(impl):
+        return [
+            getattr(runner, function)(checkpoint, x, *([] if target is None else [target]), **kwargs, **common)
+            for function, x, target, kwargs in calls
+        ]
 
 
-def judge(actual: dict, reference: dict, target: Target) -> list[tuple[Row, bool]]:
+def compute(impl: Target, checkpoint: Checkpoint, inputs: Inputs, run: Run) -> dict:
+    """Every compared quantity of one implementation, in computation order."""
+    parameters = checkpoint.astype("float32" if impl.dtype == "mixed_bfloat16" else impl.dtype)
+    calls = calls_for(run, inputs)
+    return merge(calls, run_calls(impl, parameters, calls))
+
+
+def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precision: str = "float64") -> dict:
+    """The same quantities from the independent NumPy reference, computed at ``precision``."""
+    from weights_convert import reference
+
+    common = {"config": checkpoint.config, "precision": precision}
+    functions = {
+        "forward": lambda x, target, train: reference.forward(checkpoint.tensors, x, train=train, **common),
+        "train_step": lambda x, target, optimizer: reference.train_step(
+            checkpoint.tensors, x, target, optimizer=optimizer, **common
+        ),
+        "fit": lambda x, target, optimizer: reference.fit(checkpoint.tensors, x, target, optimizer=optimizer, **common),
+    }
+    calls = calls_for(run, inputs)
+    return merge(calls, [functions[function](x, target, **kwargs) for function, x, target, kwargs in calls])
+
+
+def _group(name: str) -> str:
+    return name.split("/", 1)[0] if "/" in name else "block"
+
+
+def judge(actual: dict, reference: dict, target: Target, noise: dict | None = None) -> list[tuple[Row, bool]]:
     """(row, informational) for every quantity: block outputs, the mask, running statistics,
-    gradients, optimizer steps. Gating rows use the dtype's tolerance; TF32 rows, and float32
-    gradients and steps (see TOLERANCES["float32_gradients"]), are informational.
+    gradients, optimizer steps, losses and fitted parameters. Each row's bound is the dtype's:
+    1e-10 in float64, relative to the row's measured ``noise`` (the reference computed at the
+    dtype) below; TF32 rows are informational.
 
     Gradient rows are scaled by the largest entry of the whole gradient, not of each tensor: the
     gradient is one vector, and the conv biases in front of a train-mode BatchNorm have an exact
@@ -273,31 +335,42 @@ def judge(actual: dict, reference: dict, target: Target) -> list[tuple[Row, bool
     noise (~1e-17) and a per-tensor ratio would compare noise with noise."""
     dtype = target.dtype
     informational = target.precision != "strict"
-    tolerance = TOLERANCES[target.precision if informational else dtype]
-    groups = {"block": {}, "state": {}, "grad": {}, "step": {}}
+    fixed = tolerance("tf32") if informational else None
+    groups: dict[str, dict] = {group: {} for group in GROUPS}
     for name, value in reference.items():
-        groups[name.split("/", 1)[0] if "/" in name else "block"][name] = value
-    judged = [(row, informational) for row in compare(actual, groups["block"], dtype, tolerance)]
-    mask = Row("mask", *mask_row(actual.get("output"), reference["output"], tolerance, dtype))
-    judged.append((mask, informational))
-    judged += [(row, informational) for row in compare(actual, groups["state"], dtype, tolerance)]
-    if dtype == "float32" and not informational:
-        tolerance, informational = TOLERANCES["float32_gradients"], True
-    gradient_scale = max((float(np.max(np.abs(v))) for v in groups["grad"].values()), default=None)
-    judged += [(row, informational) for row in compare(actual, groups["grad"], dtype, tolerance, gradient_scale)]
-    judged += [(row, informational) for row in compare(actual, groups["step"], dtype, tolerance)]
+        groups[_group(name)][name] = value
+    judged: list[tuple[Row, bool]] = []
+    for group, quantities in groups.items():
+        scale = max((float(np.max(np.abs(v))) for v in quantities.values()), default=None) if group == "grad" else None
+        rows = compare(actual, quantities, dtype, fixed, scale, noise if fixed is None else None)
+        judged += [(row, informational) for row in rows]
+        if group == "block" and "output" in quantities:
+            output_row = next(row for row in rows if row.quantity == "output")
+            judged.append(
+                (mask_row(actual.get("output"), reference["output"], output_row.tolerance, dtype), informational)
+            )
     return judged
 
 
-def mask_row(output, reference: np.ndarray, tolerance: float, dtype: str) -> tuple[float, float, float, bool]:
-    """Thresholded masks (logit > 0) must agree wherever |reference logit| exceeds the tolerance:
-    (disagreeing pixels, their fraction, tolerance 0, passed)."""
-    scale = float(np.max(np.abs(reference))) if dtype == "float64" else max(1.0, float(np.max(np.abs(reference))))
-    decided = np.abs(reference) > tolerance * scale
+def mask_row(output, reference: np.ndarray, bound: float, dtype: str) -> Row:
+    """Thresholded masks (logit > 0) must agree on every pixel whose |reference logit| exceeds the
+    output row's bound (relative, so times the output's scale). The row reports the disagreeing
+    pixels among those (max_abs_diff) and their fraction (rel_diff); ``Result.agree`` carries the
+    fraction of all pixels that agree."""
     if np.shape(output) != np.shape(reference):
-        return float("inf"), float("inf"), 0.0, False
-    disagree = int(np.count_nonzero(((output > 0) != (reference > 0)) & decided))
-    return float(disagree), disagree / max(1, int(decided.sum())), 0.0, disagree == 0
+        return Row("mask", float("inf"), float("inf"), 0.0, False)
+    scale = float(np.max(np.abs(reference))) if dtype == "float64" else max(1.0, float(np.max(np.abs(reference))))
+    decided = np.abs(reference) > bound * scale
+    differ = (np.asarray(output) > 0) != (reference > 0)
+    disagree = int(np.count_nonzero(differ & decided))
+    return Row("mask", float(disagree), disagree / max(1, int(decided.sum())), 0.0, disagree == 0)
+
+
+def mask_agreement(output, reference: np.ndarray) -> float:
+    """The fraction of all pixels whose thresholded masks agree."""
+    if np.shape(output) != np.shape(reference):
+        return 0.0
+    return float(np.mean((np.asarray(output) > 0) == (reference > 0)))
 
 
 def check(
@@ -311,12 +384,22 @@ def check(
     size: tuple[int, int] = DEFAULT_SIZE,
     batch: int = DEFAULT_BATCH,
     seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    optimizer: str | None = None,
+    trajectory: bool = False,
     progress=None,
 ) -> Report:
     """Run ``checkpoint`` (a path, a Checkpoint, or None for seeded default weights) through each
-    framework and compare every block output (and, in train mode, running statistics, gradients
-    and one SGD and one Adam step) with the float64 PyTorch reference on the CPU."""
-    frameworks, keras_backends = _validate(frameworks, keras_backends, dtype, device, mode, size, batch)
+    framework and compare every quantity with the independent float64 NumPy reference: block
+    outputs (eval), plus running statistics, gradients and one step of each optimizer (train, or
+    of ``optimizer`` only), or the losses of ``steps`` training steps and the final parameters and
+    running statistics (fit, with ``optimizer``, default Adam). Below float64 each row's bound is
+    relative to the noise of the same reference computed at ``dtype``. With ``trajectory`` a fit
+    also records every implementation's largest parameter difference after each step
+    (``Report.drift``, for the plot)."""
+    frameworks, keras_backends = _validate(
+        frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer
+    )
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         import weights_convert
 
@@ -324,36 +407,71 @@ def check(
     config = checkpoint.config if checkpoint is not None else ModelConfig()
     if min(size) < config.min_size:
         raise ParityError(f"--size {size[0]} {size[1]} is too small for depth {config.depth}: min {config.min_size}")
-    x, target_map = make_inputs(config, batch, size, seed)
+    default_optimizers = (DEFAULT_FIT_OPTIMIZER,) if mode == "fit" else OPTIMIZER_NAMES
+    run = Run(mode, (optimizer,) if optimizer else default_optimizers, steps, trajectory and mode == "fit")
+    inputs = Inputs(*make_inputs(config, batch, size, seed, steps if mode == "fit" else None))
     if checkpoint is None:
-        checkpoint = default_checkpoint(x)
+        checkpoint = default_checkpoint(inputs.x[0] if mode == "fit" else inputs.x)
     say = progress or (lambda message: None)
-    reference = compute_reference(checkpoint, x, target_map, mode, say)
+    say("reference: numpy float64")
+    reference, reference_path = _split_trajectory(compute_reference(checkpoint, inputs, run))
+    noise = None
+    if dtype in NOISY_PRECISIONS:
+        say(f"noise: numpy {dtype}")
+        noise, _ = _split_trajectory(compute_reference(checkpoint, inputs, run, precision=dtype))
     results: list[Result] = []
     outputs: dict[str, np.ndarray] = {}
+    drift: dict[str, np.ndarray] = {}
     for target in targets_for(frameworks, keras_backends, device, dtype):
         say(f"{target.label}{' (tf32)' if target.precision == 'tf32' else ''}")
-        actual = compute(target, checkpoint, x, target_map, mode)
-        for row, informational in judge(actual, reference, target):
+        actual, path = _split_trajectory(compute(target, checkpoint, inputs, run))
+        if run.trajectory and target.precision == "strict":
+            drift[target.label] = _drift(path, reference_path, run.steps)
+        for row, informational in judge(actual, reference, target, noise):
             quantity = ("tf32:" if target.precision == "tf32" else "") + row.quantity
+            agree = mask_agreement(actual.get("output"), reference["output"]) if row.quantity == "mask" else None
+            fields = dataclasses.asdict(row) | {"quantity": quantity}
             results.append(
                 Result(
                     target.framework,
                     target.backend,
                     target.device,
-                    target.dtype,
+                    dtype,
                     mode,
-                    quantity,
-                    row.max_abs_diff,
-                    row.rel_diff,
-                    row.tolerance,
-                    row.passed,
-                    informational,
+                    **fields,
+                    informational=informational,
+                    agree=agree,
                 )
             )
         if target.precision == "strict":
-            outputs[target.label] = np.asarray(actual.get("output"))
-    return Report(results, config, outputs, reference["output"], x)
+            outputs[target.label] = _curve(actual, run) if mode == "fit" else np.asarray(actual.get("output"))
+    shown = _curve(reference, run) if mode == "fit" else reference["output"]
+    return Report(results, config, outputs, shown, inputs.x[0] if mode == "fit" else inputs.x, mode, drift)
+
+
+def _split_trajectory(results: dict) -> tuple[dict, dict]:
+    """(the compared quantities, the ``trajectory/`` entries of a fit)."""
+    path = {k: v for k, v in results.items() if k.startswith("trajectory/")}
+    return {k: v for k, v in results.items() if k not in path}, path
+
+
+def _drift(path: dict, reference_path: dict, steps: int) -> np.ndarray:
+    """max |parameter - reference parameter| over every parameter, after each step."""
+    curve = np.full(steps, np.nan)
+    for k in range(1, steps + 1):
+        prefix = f"trajectory/step{k}/"
+        diffs = [
+            float(np.max(np.abs(np.asarray(path[name], np.float64) - np.asarray(ref, np.float64))))
+            for name, ref in reference_path.items()
+            if name.startswith(prefix) and name in path and np.shape(path[name]) == np.shape(ref)
+        ]
+        curve[k - 1] = max(diffs, default=np.nan)
+    return curve
+
+
+def _curve(results: dict, run: Run) -> np.ndarray:
+    """The losses of a fit, step by step."""
+    return np.array([float(results.get(f"loss/step{k}", np.nan)) for k in range(1, run.steps + 1)])
 
 
 def assert_parity(checkpoint=None, **kwargs) -> Report:
@@ -366,7 +484,7 @@ def assert_parity(checkpoint=None, **kwargs) -> Report:
     return report
 
 
-def _validate(frameworks, keras_backends, dtype, device, mode, size, batch):
+def _validate(frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer):
     frameworks = tuple(frameworks)
     keras_backends = tuple(keras_backends)
     for name, values, allowed in (
@@ -379,8 +497,12 @@ def _validate(frameworks, keras_backends, dtype, device, mode, size, batch):
     for name, value, allowed in (("dtype", dtype, DTYPES), ("device", device, DEVICES), ("mode", mode, MODES)):
         if value not in allowed:
             raise ParityError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+    if optimizer is not None and optimizer not in OPTIMIZER_NAMES:
+        raise ParityError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
     if len(size) != 2 or min(size) < 1 or batch < 1:
         raise ParityError(f"size must be two positive integers and batch positive, got size {size}, batch {batch}")
+    if steps < 1:
+        raise ParityError(f"steps must be positive, got {steps}")
     if device == "gpu":
         missing = [f for f in frameworks if not gpu_available(f, keras_backends)]
         if missing:
@@ -413,9 +535,11 @@ def _backend_sees_gpu(backend: str) -> bool:
 
 
 def format_table(report: Report, verbose: bool = False) -> str:
-    """The human table. Gradient, statistics and step groups are folded to their worst row
-    (with a count) unless ``verbose``; failing rows are always listed."""
-    header = ("framework", "backend", "device", "dtype", "quantity", "max abs diff", "rel diff", "tolerance", "pass")
+    """The human table. Gradient, statistics, step and parameter groups are folded to their worst
+    row (with a count) unless ``verbose``; failing rows are always listed. ``noise`` is the
+    reference's own difference at the dtype, which sets the row's tolerance."""
+    header = ("framework", "backend", "device", "dtype", "quantity", "max abs diff", "rel diff", "noise", "tolerance")
+    header += ("pass",)
     lines = []
     for key, group in _grouped(report.results, verbose):
         r, count = group
@@ -424,7 +548,10 @@ def format_table(report: Report, verbose: bool = False) -> str:
             if count == 1
             else f"{key} ({count} tensors, worst {r.quantity.split('/', 1 + key.count('/'))[-1]})"
         )
+        if r.agree is not None:
+            quantity += f" ({r.agree:.2%} agree)"
         status = "info" if r.informational else ("ok" if r.passed else "FAIL")
+        noise = "-" if r.noise is None else f"{r.noise:.3g}"
         lines.append(
             (
                 r.framework,
@@ -434,7 +561,8 @@ def format_table(report: Report, verbose: bool = False) -> str:
                 quantity,
                 f"{r.max_abs_diff:.3g}",
                 f"{r.rel_diff:.3g}",
-                f"{r.tolerance:g}",
+                noise,
+                f"{r.tolerance:.3g}",
                 status,
             )
         )
@@ -447,13 +575,16 @@ def format_table(report: Report, verbose: bool = False) -> str:
     return "\n".join([*out, summary])
 
 
+FOLDED = ("state", "grad", "step/sgd", "step/adam", "param")
+
+
 def _grouped(results: list[Result], verbose: bool):
-    """Rows to print: each block row as is; grad/, state/ and step/<optimizer>/ folded per implementation."""
+    """Rows to print: each block row as is; grad/, state/, step/<optimizer>/ and param/ folded per implementation."""
     groups: dict[tuple, list] = {}
     order = []
     for r in results:
         name = r.quantity.removeprefix("tf32:")
-        prefix = next((p for p in ("state", "grad", "step/sgd", "step/adam") if name.startswith(p + "/")), None)
+        prefix = next((p for p in FOLDED if name.startswith(p + "/")), None)
         if verbose or prefix is None or not r.passed:
             key = (id(r),)
             groups[key] = [r, 1, r.quantity]
@@ -465,7 +596,7 @@ def _grouped(results: list[Result], verbose: bool):
             order.append(key)
         group = groups[key]
         group[1] += 1
-        if r.rel_diff > group[0].rel_diff:
+        if r.rel_diff / r.tolerance > group[0].rel_diff / group[0].tolerance:
             group[0] = r
     for key in order:
         r, count, label = groups[key]
@@ -488,6 +619,36 @@ def write_report(report: Report, directory) -> list[str]:
     table.write_text("```\n" + format_table(report, verbose=True) + "\n```\n")
     data = directory / "parity.json"
     data.write_text(json.dumps(report.to_json(), indent=1))
+    png = directory / "parity.png"
+    plot = _plot_fit if report.mode == "fit" else _plot_outputs
+    fig = plot(report, plt)
+    fig.suptitle("PASS" if report.passed else "FAIL")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return [str(png), str(table), str(data)]
+
+
+def _plot_fit(report: Report, plt):
+    """The loss curves of every implementation over the reference's, and the largest parameter
+    difference from the reference after each step (log axis)."""
+    fig, (losses, drift) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.arange(1, len(report.reference_output) + 1)
+    losses.plot(steps, report.reference_output, "k--", linewidth=3, alpha=0.4, label="reference (numpy float64)")
+    for label, curve in report.outputs.items():
+        losses.plot(steps, curve, marker="o", markersize=3, label=label)
+    for label, curve in report.drift.items():
+        drift.semilogy(steps, np.maximum(curve, np.finfo(np.float64).tiny), marker="o", markersize=3, label=label)
+    losses.set(xlabel="step", ylabel="loss (before the step's update)", title="training loss")
+    drift.set(xlabel="step", ylabel="max |parameter - reference|", title="largest parameter difference")
+    losses.legend(fontsize=7)
+    if report.drift:
+        drift.legend(fontsize=7)
+    return fig
+
+
+def _plot_outputs(report: Report, plt):
+    """Input, reference and per-implementation masks, and heat maps of |difference|."""
     labels = list(report.outputs)
     columns = 2 + len(labels)
     fig, axes = plt.subplots(2, columns, figsize=(3 * columns, 6), squeeze=False)
@@ -510,9 +671,4 @@ def write_report(report: Report, directory) -> list[str]:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("PASS" if report.passed else "FAIL")
-    fig.tight_layout()
-    png = directory / "parity.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return [str(png), str(table), str(data)]
+    return fig
