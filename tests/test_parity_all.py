@@ -50,6 +50,24 @@ def test_train_float64_everywhere(capsys, tmp_path):
         assert per_target == ALL_TARGETS, prefix
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--mode", "fit", "--steps", "3", "--optimizer", "adam", "--dtype", "float64"], id="fit-float64"),
+        pytest.param(["--mode", "fit", "--steps", "3", "--dtype", "float32"], id="fit-float32"),
+        pytest.param(["--mode", "train", "--dtype", "mixed_bfloat16"], id="train-mixed_bfloat16"),
+    ],
+)
+def test_fit_and_mixed_precision_everywhere(capsys, tmp_path, args):
+    path = tmp_path / "small.safetensors"
+    weights_convert.write(random_checkpoint(ModelConfig(2, 1, (4, 8, 16)), seed=8), path)
+    code, report = run_json(capsys, "parity", path, *args, "--size", "13", "10")
+    failing = [(r["framework"], r["backend"], r["quantity"]) for r in report["results"] if not r["passed"]]
+    assert code == 0 and report["passed"], failing[:10]
+    assert {(r["framework"], r["backend"]) for r in report["results"]} == ALL_TARGETS
+    assert not any(r.get("informational") for r in report["results"])
+
+
 def test_perturbed_flax_weights_fail_and_name_the_block(capsys, monkeypatch, tmp_path):
     path = tmp_path / "small.safetensors"
     weights_convert.write(random_checkpoint(ModelConfig(3, 1, (4, 8, 16)), seed=9), path)

@@ -11,6 +11,7 @@ import weights_convert
 from weights_convert import cli, parity
 from weights_convert.random_init import random_checkpoint
 from weights_convert.spec import ModelConfig
+from weights_convert.tolerances import tolerance
 
 SMALL = ModelConfig(3, 2, (4, 8, 16))
 
@@ -61,8 +62,28 @@ def test_json_shape_and_pass(capsys, small_checkpoint):
     assert report["passed"] is True
     rows = report["results"]
     assert [r["quantity"] for r in rows] == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output", "mask"]
-    assert all(set(r) == set(parity.RESULT_FIELDS) for r in rows)
+    assert all(set(r) == set(parity.RESULT_FIELDS) for r in rows[:-1])
+    assert set(rows[-1]) == {*parity.RESULT_FIELDS, "agree"} and rows[-1]["agree"] == 1.0
     assert all(r["rel_diff"] <= 1e-10 and r["dtype"] == "float64" and r["mode"] == "eval" for r in rows)
+    assert all(r["noise"] is None and r["tolerance"] == 1e-10 for r in rows[:-1])
+
+
+def test_float32_train_rows_all_gate_and_carry_their_noise(capsys, small_checkpoint):
+    """Gradients and optimizer steps gate in float32 too, each row bounded by its measured noise."""
+    code, out, _ = run_cli(
+        capsys, "parity", small_checkpoint, "--frameworks", "torch", "--mode", "train", "--size", "12", "9", "--json"
+    )
+    assert code == 0
+    rows = json.loads(out)["results"]
+    assert not any(r.get("informational") for r in rows)
+    for r in rows:
+        if r["quantity"] == "mask":
+            continue
+        assert r["noise"] is not None and r["noise"] >= 0, r
+        assert r["tolerance"] == tolerance("float32", r["noise"]), r
+        assert r["passed"] == (r["rel_diff"] <= r["tolerance"])
+    grads = [r for r in rows if r["quantity"].startswith(("grad/", "step/"))]
+    assert grads and max(r["noise"] for r in grads) > 0  # float32 noise was really measured
 
 
 @pytest.mark.parametrize(
@@ -156,6 +177,8 @@ def test_report_directory(capsys, tmp_path, small_checkpoint):
         ["--size", "3", "3"],
         ["--batch", "0"],
         ["--mode", "predict"],
+        ["--mode", "fit", "--steps", "0"],
+        ["--optimizer", "rmsprop"],
     ],
 )
 def test_bad_usage_exits_2(capsys, small_checkpoint, args):
@@ -179,3 +202,59 @@ def test_refused_checkpoint_exits_1(capsys, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     code, _, err = run_cli(capsys, "parity", bad, "--frameworks", "torch")
     assert code == 1 and "bad.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+# Sensitivity: the smallest relative change of one layer's weights that each precision must catch
+# on the small model (measured ratio of that change's effect to the bound: see README).
+SENSITIVITY = {"float64": 1e-8, "float32": 1e-4, "mixed_bfloat16": 3e-2}
+
+
+@pytest.mark.parametrize("dtype", sorted(SENSITIVITY))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_small_relative_change_of_one_layer_fails_at_every_precision(monkeypatch, small_checkpoint, dtype, mode):
+    name = "d2.c1.conv.3.weight"
+    scale = 1 + SENSITIVITY[dtype]
+    real = {function: getattr(impl_torch.runner, function) for function in ("forward", "train_step")}
+
+    def perturbed(function):
+        def run(checkpoint, *args, **kwargs):
+            tensors = dict(checkpoint.tensors)
+            tensors[name] = tensors[name] * np.asarray(scale, tensors[name].dtype)
+            return real[function](weights_convert.Checkpoint(checkpoint.config, tensors), *args, **kwargs)
+
+        return run
+
+    args = dict(frameworks=["torch"], dtype=dtype, mode=mode, size=(16, 16))
+    assert parity.check(small_checkpoint, **args).passed  # unperturbed: passes
+    for function in real:
+        monkeypatch.setattr(impl_torch.runner, function, perturbed(function))
+    report = parity.check(small_checkpoint, **args)
+    assert not report.passed
+    assert report.first_drift() == {f"torch cpu {dtype}": "d2"}
+
+
+def test_fit_report_plots_losses_and_parameter_drift(capsys, tmp_path, small_checkpoint):
+    code, _, _ = run_cli(
+        capsys,
+        "parity",
+        small_checkpoint,
+        "--frameworks",
+        "torch",
+        "--mode",
+        "fit",
+        "--steps",
+        "3",
+        "--optimizer",
+        "sgd",
+        "--size",
+        "16",
+        "16",
+        "--report",
+        tmp_path / "report",
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "report" / "parity.json").read_text())
+    quantities = [r["quantity"] for r in report["results"]]
+    assert quantities[:3] == ["loss/step1", "loss/step2", "loss/step3"]
+    assert not any(q.startswith("trajectory/") for q in quantities)
+    assert (tmp_path / "report" / "parity.png").read_bytes()[:4] == b"\x89PNG"
