@@ -1,5 +1,5 @@
 """What the parity harness runs in PyTorch. Each implementation has a ``runner`` module with the
-same two functions; inputs and results are numpy in canonical layouts (NCHW, canonical names).
+same three functions; inputs and results are numpy in canonical layouts (NCHW, canonical names).
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
@@ -7,6 +7,14 @@ same two functions; inputs and results are numpy in canonical layouts (NCHW, can
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode), and ``step/<name>`` for every
   trainable tensor after one optimizer step (``optimizer`` in ``weights_convert.optim.OPTIMIZERS``).
+- ``fit(checkpoint, xs, targets, *, dtype, device, optimizer)`` -> ``len(xs)`` training steps with
+  one optimizer whose state persists: ``loss/step<k>`` (step k's loss, before its update) for every
+  step, then ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running
+  statistic after the last step; with ``trajectory=True`` also ``trajectory/step<k>/<name>``, every
+  trainable tensor after each step.
+
+``train_step`` and ``fit`` run the same eager PyTorch training step (``torch.optim``, autograd);
+eager mode is how PyTorch is normally trained, so nothing is compiled.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from impl_torch.model import AttentionUNet
 from weights_convert.checkpoint import Checkpoint
 from weights_convert.formats.torch_format import to_numpy
 from weights_convert.optim import OPTIMIZERS
+
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def torch_device(device: str) -> torch.device:
@@ -34,30 +44,75 @@ def _input(x: np.ndarray, dtype: str, device: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x)).to(device=torch_device(device), dtype=torch_dtype(dtype))
 
 
+def _buffers(model: AttentionUNet) -> dict:
+    """Every running statistic, in state_dict order."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in BUFFERS}
+
+
+def make_optimizer(parameters, optimizer: str) -> torch.optim.Optimizer:
+    """``torch.optim`` SGD or Adam with the hyperparameters of ``weights_convert.optim.OPTIMIZERS``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    hyper = OPTIMIZERS[optimizer]
+    if optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=hyper["lr"])
+    return torch.optim.Adam(parameters, lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
+
+
+def _training(checkpoint: Checkpoint, dtype: str, device: str, optimizer: str):
+    """A train-mode model and a fresh optimizer over its parameters."""
+    model = _model(checkpoint, dtype, device, train=True)
+    return model, make_optimizer(model.parameters(), optimizer)
+
+
+def _backward(model: AttentionUNet, optimizer: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor):
+    """One train-mode forward (updating the running statistics) and the gradients of
+    mean((output - target)**2) in the parameters' ``.grad``; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.mean((model(x) - target) ** 2)
+    loss.backward()
+    return loss.detach()
+
+
 def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
     model = _model(checkpoint, dtype, device, train)
     with torch.no_grad():
         _, named = model(_input(x, dtype, device), return_intermediates=True)
     results = {name: to_numpy(value) for name, value in named.items()}
     if train:
-        for name, value in model.state_dict().items():
-            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
-                results[f"state/{name}"] = to_numpy(value)
+        results.update({f"state/{name}": to_numpy(value) for name, value in _buffers(model).items()})
     return results
 
 
 def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
-    model = _model(checkpoint, dtype, device, train=True)
-    output = model(_input(x, dtype, device))
-    loss = torch.mean((output - _input(target, dtype, device)) ** 2)
-    loss.backward()
+    model, opt = _training(checkpoint, dtype, device, optimizer)
+    _backward(model, opt, _input(x, dtype, device), _input(target, dtype, device))
     params = dict(model.named_parameters())
     results = {f"grad/{name}": to_numpy(p.grad) for name, p in params.items()}
-    hyper = OPTIMIZERS[optimizer]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params.values(), lr=hyper["lr"])
-    else:
-        opt = torch.optim.Adam(params.values(), lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
     opt.step()
     results.update({f"step/{name}": to_numpy(p.detach()) for name, p in params.items()})
     return results
+
+
+def fit(
+    checkpoint: Checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False
+) -> dict:
+    """``xs`` (steps, N, C, H, W), ``targets`` (steps, N, out_channels, H, W): step k trains on
+    ``xs[k-1]`` against ``targets[k-1]`` with one optimizer (Adam's t runs 1, 2, ...)."""
+    xs, targets = np.asarray(xs), np.asarray(targets)
+    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets):
+        raise ValueError(
+            f"expected xs (steps, N, C, H, W) and targets (steps, N, out_channels, H, W) with the same number "
+            f"of steps, got shapes {xs.shape} and {targets.shape}"
+        )
+    model, opt = _training(checkpoint, dtype, device, optimizer)
+    losses, path = [], {}
+    for k, (x, target) in enumerate(zip(_input(xs, dtype, device), _input(targets, dtype, device), strict=True)):
+        losses.append(_backward(model, opt, x, target))
+        opt.step()
+        if trajectory:  # copies: the optimizer updates the parameters in place
+            path.update({f"trajectory/step{k + 1}/{n}": to_numpy(p).copy() for n, p in model.named_parameters()})
+    results = {f"loss/step{k + 1}": to_numpy(loss) for k, loss in enumerate(losses)}
+    results.update({f"param/{name}": to_numpy(p.detach()) for name, p in model.named_parameters()})
+    results.update({f"state/{name}": to_numpy(value) for name, value in _buffers(model).items()})
+    return results | path

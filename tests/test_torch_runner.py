@@ -1,0 +1,118 @@
+"""``impl_torch.runner``: the functions the parity harness runs, checked on tiny configs."""
+
+import numpy as np
+import pytest
+import torch
+
+import impl_torch
+from impl_torch import runner
+from tests.conftest import rel_error
+from weights_convert.optim import OPTIMIZERS
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig
+from weights_convert.tolerances import TOLERANCES
+
+CONFIG = ModelConfig(3, 1, (4, 8, 16))
+STEPS = 3
+
+
+def fit_data(config=CONFIG, steps=STEPS, size=(12, 10), seed=5):
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(size=(steps, 2, config.in_channels, *size))
+    targets = rng.uniform(size=(steps, 2, config.out_channels, *size))
+    return xs, targets
+
+
+def hand_written_fit(checkpoint, xs, targets, optimizer):
+    """The training loop written out in float64: autograd for the gradients, the optimizer updates
+    spelled out from their definitions (PyTorch's Adam: eps added to the bias-corrected sqrt(v))."""
+    model = impl_torch.from_checkpoint(checkpoint, "float64").train()
+    params = dict(model.named_parameters())
+    hyper = OPTIMIZERS[optimizer]
+    m = {k: torch.zeros_like(p) for k, p in params.items()}
+    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    results = {}
+    for t, (x, target) in enumerate(zip(xs, targets, strict=True), start=1):
+        loss = torch.mean((model(torch.from_numpy(x)) - torch.from_numpy(target)) ** 2)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        results[f"loss/step{t}"] = loss.detach().numpy()
+        with torch.no_grad():
+            for (k, p), g in zip(params.items(), grads, strict=True):
+                if optimizer == "sgd":
+                    p -= hyper["lr"] * g
+                    continue
+                b1, b2 = hyper["b1"], hyper["b2"]
+                m[k] = b1 * m[k] + (1 - b1) * g
+                v[k] = b2 * v[k] + (1 - b2) * g * g
+                p -= hyper["lr"] / (1 - b1**t) * m[k] / (torch.sqrt(v[k]) / (1 - b2**t) ** 0.5 + hyper["eps"])
+    results.update({f"param/{k}": p.detach().numpy() for k, p in params.items()})
+    results.update({f"state/{k}": v.numpy() for k, v in runner._buffers(model).items()})
+    return results
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fit_float64_matches_hand_written_loop(optimizer):
+    checkpoint = random_checkpoint(CONFIG, seed=4, dtype="float64")
+    xs, targets = fit_data()
+    actual = runner.fit(checkpoint, xs, targets, dtype="float64", optimizer=optimizer)
+    expected = hand_written_fit(checkpoint, xs, targets, optimizer)
+    assert list(actual) == list(expected)
+    assert list(actual)[: STEPS + 1] == ["loss/step1", "loss/step2", "loss/step3", "param/e1.conv.conv.0.weight"]
+    worst = {}
+    for name, value in expected.items():
+        assert actual[name].shape == value.shape and actual[name].dtype == value.dtype, name
+        # Parameters are compared relative to their own tensor's scale (a step changes each by ~lr * g).
+        worst[name] = rel_error(actual[name], value, floor=1e-30)
+        assert worst[name] <= TOLERANCES["float64"], (name, worst[name])
+    counter = "e1.conv.conv.1.num_batches_tracked"
+    assert actual[f"state/{counter}"] == checkpoint.tensors[counter] + STEPS
+    print(optimizer, "worst relative error:", max(worst.values()))
+
+
+def test_fit_continues_one_optimizer():
+    """Three steps of one Adam are not three fresh first steps: the state (t, m, v) carries over."""
+    checkpoint = random_checkpoint(CONFIG, seed=4, dtype="float64")
+    xs, targets = fit_data()
+    fitted = runner.fit(checkpoint, xs, targets, dtype="float64", optimizer="adam")
+    restarted = checkpoint
+    for x, target in zip(xs, targets, strict=True):
+        stepped = runner.fit(restarted, x[None], target[None], dtype="float64", optimizer="adam")
+        tensors = dict(restarted.tensors)
+        tensors.update({k.split("/", 1)[1]: v for k, v in stepped.items() if k.startswith(("param/", "state/"))})
+        restarted = type(checkpoint).from_tensors(tensors, checkpoint.config)
+    name = "e1.conv.conv.0.weight"
+    assert rel_error(fitted[f"param/{name}"], restarted.tensors[name]) > 1e-6
+
+
+def test_fit_float32_runs():
+    checkpoint = random_checkpoint(CONFIG, seed=4)
+    xs, targets = fit_data()
+    results = runner.fit(checkpoint, xs, targets, dtype="float32", optimizer="adam")
+    losses = [results[f"loss/step{k}"] for k in range(1, STEPS + 1)]
+    assert all(loss.shape == () and loss.dtype == np.float32 and np.isfinite(loss) for loss in losses)
+    assert results["param/output.weight"].dtype == np.float32
+    counter = "e1.conv.conv.1.num_batches_tracked"
+    assert results[f"state/{counter}"] == checkpoint.tensors[counter] + STEPS
+
+
+def test_fit_rejects_mismatched_steps():
+    checkpoint = random_checkpoint(CONFIG, seed=4)
+    xs, targets = fit_data()
+    with pytest.raises(ValueError, match=r"same number of steps, got shapes \(3, 2, 3, 12, 10\) and \(2, 2, 1"):
+        runner.fit(checkpoint, xs, targets[:2])
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="optimizer must be one of \\['adam', 'sgd'\\], got 'rmsprop'"):
+        runner.train_step(random_checkpoint(CONFIG, seed=4), *fit_data(steps=1), optimizer="rmsprop")
+
+
+def test_fit_trajectory_records_every_step():
+    checkpoint = random_checkpoint(CONFIG, seed=4, dtype="float64")
+    xs, targets = fit_data()
+    results = runner.fit(checkpoint, xs, targets, dtype="float64", optimizer="sgd", trajectory=True)
+    name = "output.weight"
+    path = [results[f"trajectory/step{k}/{name}"] for k in range(1, STEPS + 1)]
+    assert np.array_equal(path[-1], results[f"param/{name}"])
+    assert not np.array_equal(path[0], path[1]) and not np.array_equal(path[1], path[2])
+    assert list(results)[-1] == f"trajectory/step{STEPS}/output.bias"
