@@ -10,36 +10,56 @@ from impl_torch.model import AttentionUNet
 from weights_convert.checkpoint import Checkpoint, CheckpointError
 from weights_convert.formats.torch_format import from_numpy, to_numpy
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The precisions a model can be loaded in, by name: (parameter dtype, compute dtype). None computes in
+# the parameters' dtype; "mixed_bfloat16" (Keras' name for the policy) is float32 parameters under
+# bfloat16 autocast.
+PRECISIONS = {
+    "float32": (torch.float32, None),
+    "float64": (torch.float64, None),
+    "mixed_bfloat16": (torch.float32, torch.bfloat16),
+}
+DTYPES = {name: param for name, (param, compute) in PRECISIONS.items() if compute is None}
+
+
+def precision(dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, compute dtype or None) for a name of ``PRECISIONS`` or a torch float dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype, None
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype must be one of {sorted(PRECISIONS)}, got {dtype!r}")
+    return PRECISIONS[dtype]
 
 
 def torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    """The parameters' (and the input's) dtype: float32 for "mixed_bfloat16"."""
+    return precision(dtype)[0]
 
 
 def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
-    """An eval-mode model holding ``checkpoint``'s tensors (loaded strictly), cast to ``dtype``."""
+    """An eval-mode model holding ``checkpoint``'s tensors (loaded strictly), cast to ``dtype``:
+    "float32", "float64", or "mixed_bfloat16" (float32 parameters computing in bfloat16, see
+    ``AttentionUNet``)."""
+    param_dtype, compute_dtype = precision(dtype)
     config = checkpoint.config
     # Cast before loading: load_state_dict copies into the existing parameters' dtype, which would
     # round a float64 checkpoint through float32.
-    model = AttentionUNet(config.in_channels, config.out_channels, config.channels).to(torch_dtype(dtype))
+    model = AttentionUNet(config.in_channels, config.out_channels, config.channels, compute_dtype=compute_dtype)
+    model = model.to(param_dtype)
     state = {k: from_numpy(v) for k, v in checkpoint.tensors.items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
 def to_checkpoint(model: AttentionUNet) -> Checkpoint:
+    """The state_dict as a canonical checkpoint, in the parameters' dtype (float32 for mixed bfloat16)."""
     tensors = {k: to_numpy(v) for k, v in model.state_dict().items()}
     return Checkpoint.from_tensors(tensors, model.config, allow_nonfinite=True)
 
 
 def load(path, dtype="float32") -> AttentionUNet:
-    """Load any checkpoint ``weights_convert`` reads into an eval-mode model."""
-    torch_dtype(dtype)
+    """Load any checkpoint ``weights_convert`` reads into an eval-mode model; ``dtype`` as in
+    ``from_checkpoint`` ("float32", "float64" or "mixed_bfloat16")."""
+    precision(dtype)
     return from_checkpoint(weights_convert.read(path), dtype)
 
 

@@ -2,6 +2,32 @@
 
 Attribute names reproduce the article's module tree, so ``state_dict()`` keys are the canonical
 parameter names. ``impl_flax/model.py`` and ``impl_keras/model.py`` mirror this file class by class.
+
+Precision: the parameters' dtype (``model.to(torch.float64)``) is the compute dtype, unless the model
+is built with ``compute_dtype=torch.bfloat16``: mixed precision, PyTorch's way. The parameters and
+BatchNorm statistics stay float32 and the forward runs under
+``torch.autocast(x.device.type, dtype=torch.bfloat16)``; ``impl_torch.load(path, dtype="mixed_bfloat16")``
+and ``impl_torch.from_checkpoint(checkpoint, "mixed_bfloat16")`` build that model. Where bfloat16 is
+used then follows autocast's op lists (torch 2.13, ``aten/src/ATen/autocast_mode.cpp``; the CPU entries
+checked by experiment, the CUDA ones read from that source):
+
+- conv2d is on the lower-precision list for CPU and CUDA: input and float32 weights are cast to
+  bfloat16, products accumulate in float32 inside oneDNN/cuDNN, the output is bfloat16.
+- batch_norm is on no list, so it receives the bfloat16 conv output as it is, with float32 weight,
+  bias and running statistics. PyTorch's BatchNorm kernels for that mixed case (CPU, CUDA and cuDNN)
+  accumulate the batch mean and variance in float32, update the float32 running statistics and
+  normalize in float32, then return bfloat16: the statistics are float32 without an explicit cast
+  (on CPU they equal a float32 BatchNorm of the upcast input to float32 rounding; the test suite
+  checks it), as in Flax's and Keras' BatchNorm under mixed precision.
+- relu, max_pool2d, sigmoid, the gate product and the zero padding are on no list and keep their
+  bfloat16 input's dtype.
+- upsample_bilinear2d differs by device: on CPU it is on no list and computes in bfloat16; on CUDA
+  it is on the float32 list, so the upsampled tensor and the concatenation that contains it are
+  float32 there (the next convolution casts them back to bfloat16).
+- The logits are bfloat16 (the head is a convolution): cast them to float32 before the loss.
+  Gradients are float32, the parameters' dtype.
+
+autocast leaves float64 tensors alone, so ``compute_dtype`` only takes effect on float32 parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +45,8 @@ BN_MOMENTUM = 0.1
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
+    # Under bfloat16 autocast this takes a bfloat16 input and still computes its statistics in
+    # float32 (torch's mixed-dtype BatchNorm kernels; see the module docstring), so no cast is needed.
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
@@ -95,16 +123,36 @@ class DecoderBlock(nn.Module):
         return self.c1(torch.cat([x, gated], dim=1)), attention
 
 
+# Compute dtypes for mixed precision: what autocast runs convolutions in, with float32 parameters.
+COMPUTE_DTYPES = (torch.bfloat16,)
+
+
 class AttentionUNet(nn.Module):
-    """Attention U-Net, NCHW in and out; returns logits."""
+    """Attention U-Net, NCHW in and out; returns logits.
+
+    ``compute_dtype=None`` computes in the parameters' dtype (float32, or float64 after
+    ``.to(torch.float64)``). ``compute_dtype=torch.bfloat16`` is mixed precision: parameters and
+    BatchNorm running statistics stay float32, the forward runs under ``torch.autocast`` with bfloat16
+    (convolutions and activations in bfloat16, BatchNorm statistics in float32; see the module
+    docstring for each op), and the logits are bfloat16. ``impl_torch.load(path, dtype="mixed_bfloat16")``
+    builds the same model from a file, and ``impl_torch.to_checkpoint`` of it gives float32 tensors.
+    """
 
     def __init__(
         self,
         in_channels: int = 3,
         out_channels: int = 1,
         channels: tuple[int, ...] = (64, 128, 256, 512),
+        *,
+        compute_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype must be None (the parameters' dtype) or one of {list(COMPUTE_DTYPES)}, "
+                f"got {compute_dtype!r}"
+            )
+        self.compute_dtype = compute_dtype
         self.config = ModelConfig(in_channels, out_channels, tuple(channels))
         c = self.config.channels
         depth = self.config.depth
@@ -136,6 +184,12 @@ class AttentionUNet(nn.Module):
         """Logits of shape (N, out_channels, H, W); with ``return_intermediates`` also a dict of
         every block's output: ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
         self.check_input(x)
+        if self.compute_dtype is None:
+            return self._forward(x, return_intermediates)
+        with torch.autocast(device_type=x.device.type, dtype=self.compute_dtype):
+            return self._forward(x, return_intermediates)
+
+    def _forward(self, x: torch.Tensor, return_intermediates: bool):
         named: dict[str, torch.Tensor] = {}
         skips = []
         for i, encoder in enumerate(self.encoders):

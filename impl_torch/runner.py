@@ -15,6 +15,11 @@ same three functions; inputs and results are numpy in canonical layouts (NCHW, c
 
 ``train_step`` and ``fit`` run the same eager PyTorch training step (``torch.optim``, autograd);
 eager mode is how PyTorch is normally trained, so nothing is compiled.
+
+``dtype`` is "float32", "float64" or "mixed_bfloat16": float32 parameters and input, the model's
+forward under bfloat16 autocast (``impl_torch.model``), the loss in float32 from the logits cast to
+float32, float32 gradients and optimizer updates. Every result is float32/float64 numpy (bfloat16
+activations are widened exactly), or int64 for the counters.
 """
 
 from __future__ import annotations
@@ -41,7 +46,13 @@ def _model(checkpoint: Checkpoint, dtype: str, device: str, train: bool) -> Atte
 
 
 def _input(x: np.ndarray, dtype: str, device: str) -> torch.Tensor:
+    """In the parameters' dtype: float32 under mixed precision, which autocast casts per op."""
     return torch.from_numpy(np.asarray(x)).to(device=torch_device(device), dtype=torch_dtype(dtype))
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array; bfloat16 widened to float32 (exact), which every framework's numpy reads."""
+    return to_numpy(tensor.float() if tensor.dtype == torch.bfloat16 else tensor)
 
 
 def _buffers(model: AttentionUNet) -> dict:
@@ -69,7 +80,8 @@ def _backward(model: AttentionUNet, optimizer: torch.optim.Optimizer, x: torch.T
     """One train-mode forward (updating the running statistics) and the gradients of
     mean((output - target)**2) in the parameters' ``.grad``; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.mean((model(x) - target) ** 2)
+    # Under mixed precision the logits are bfloat16: the loss is taken in float32 (the target's dtype).
+    loss = torch.mean((model(x).to(target.dtype) - target) ** 2)
     loss.backward()
     return loss.detach()
 
@@ -78,9 +90,9 @@ def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="c
     model = _model(checkpoint, dtype, device, train)
     with torch.no_grad():
         _, named = model(_input(x, dtype, device), return_intermediates=True)
-    results = {name: to_numpy(value) for name, value in named.items()}
+    results = {name: _numpy(value) for name, value in named.items()}
     if train:
-        results.update({f"state/{name}": to_numpy(value) for name, value in _buffers(model).items()})
+        results.update({f"state/{name}": _numpy(value) for name, value in _buffers(model).items()})
     return results
 
 
@@ -88,9 +100,9 @@ def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cp
     model, opt = _training(checkpoint, dtype, device, optimizer)
     _backward(model, opt, _input(x, dtype, device), _input(target, dtype, device))
     params = dict(model.named_parameters())
-    results = {f"grad/{name}": to_numpy(p.grad) for name, p in params.items()}
+    results = {f"grad/{name}": _numpy(p.grad) for name, p in params.items()}
     opt.step()
-    results.update({f"step/{name}": to_numpy(p.detach()) for name, p in params.items()})
+    results.update({f"step/{name}": _numpy(p.detach()) for name, p in params.items()})
     return results
 
 
@@ -111,8 +123,8 @@ def fit(
         losses.append(_backward(model, opt, x, target))
         opt.step()
         if trajectory:  # copies: the optimizer updates the parameters in place
-            path.update({f"trajectory/step{k + 1}/{n}": to_numpy(p).copy() for n, p in model.named_parameters()})
-    results = {f"loss/step{k + 1}": to_numpy(loss) for k, loss in enumerate(losses)}
-    results.update({f"param/{name}": to_numpy(p.detach()) for name, p in model.named_parameters()})
-    results.update({f"state/{name}": to_numpy(value) for name, value in _buffers(model).items()})
+            path.update({f"trajectory/step{k + 1}/{n}": _numpy(p).copy() for n, p in model.named_parameters()})
+    results = {f"loss/step{k + 1}": _numpy(loss) for k, loss in enumerate(losses)}
+    results.update({f"param/{name}": _numpy(p.detach()) for name, p in model.named_parameters()})
+    results.update({f"state/{name}": _numpy(value) for name, value in _buffers(model).items()})
     return results | path
