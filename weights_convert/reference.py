@@ -1,112 +1,196 @@
-"""An independent float64 forward pass in plain NumPy, written from ARCHITECTURE.md and sharing no
-code with any implementation: the reference every implementation's forward is compared with.
+"""An independent NumPy reference of the network, written from ARCHITECTURE.md and sharing no code
+with any implementation: the forward, a hand-written reverse mode, the optimizer steps and
+multi-step training that every implementation is compared with.
 
 Eval mode uses the running statistics; train mode normalises with the batch statistics and
 returns the updated running statistics (torch's rule: ``new = 0.9 * old + 0.1 * batch``, the
-variance unbiased) as ``state/<name>``. NCHW arrays and canonical names throughout.
+variance unbiased) as ``state/<name>``. Inputs and results are NCHW arrays with canonical names
+and layouts (conv OIHW); internally activations are NHWC and kernels HWIO, so that every
+convolution is one BLAS matmul of the k*k taps side by side (im2col) with the kernel.
+
+The backward is a tape: each op of the forward appends ``(backward, inputs, output)``, where
+``backward`` maps the output's gradient to its inputs' gradients (and stores the gradients of
+the op's parameters); ``Graph.backward`` walks the tape in reverse, summing the gradients of
+activations used more than once (the skip connections, the gate's inputs).
+
+``precision`` selects one of three runs of the same code path:
+
+- ``"float64"``: every array float64 (the exact reference).
+- ``"float32"``: every array float32 (weights, input, activations, gradients, optimizer state),
+  NumPy float32 BLAS: a reference run at float32, to measure float32 rounding noise.
+- ``"mixed_bfloat16"``: how frameworks train in mixed precision. Parameters, BatchNorm
+  statistics, parameter gradients and the optimizer are float32; convolution operands are
+  rounded to bfloat16 and their products accumulated in float32; every activation and every
+  activation gradient is rounded to bfloat16 after its op; the loss is float32. The rounding is
+  ``Precision.round`` (bfloat16 values held in float32 arrays).
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
-from weights_convert.spec import ModelConfig, infer_config
+from weights_convert.optim import OPTIMIZERS
+from weights_convert.spec import ModelConfig, infer_config, param_specs
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: weight of the new batch statistic
+PRECISIONS = ("float64", "float32", "mixed_bfloat16")
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def conv2d(x, weight, bias, pad):
-    """x (N, C, H, W), weight (O, C, k, k) -> (N, O, H, W); stride 1, symmetric zero padding."""
-    k = weight.shape[-1]
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
-    h, w = x.shape[2] + 2 * pad - k + 1, x.shape[3] + 2 * pad - k + 1
-    out = np.zeros((x.shape[0], h, w, weight.shape[0]))
-    for dy in range(k):
-        for dx in range(k):
-            window = xp[:, :, dy : dy + h, dx : dx + w]
-            out += np.tensordot(window, weight[:, :, dy, dx], axes=([1], [1]))
-    return out.transpose(0, 3, 1, 2) + bias[None, :, None, None]
+# ---------------------------------------------------------------------------------------------
+# Precision: the only place that knows about dtypes and rounding.
 
 
-class Forward:
-    """One forward pass over canonical tensors; collects named block outputs and BN state."""
+class Precision:
+    """Storage dtype of parameters, statistics and gradients, and the rounding of activations."""
 
-    def __init__(self, tensors: dict, train: bool):
-        self.t = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
-        self.counters = {k: np.asarray(v) for k, v in tensors.items() if k.endswith("num_batches_tracked")}
-        self.train = train
-        self.state: dict[str, np.ndarray] = {}
+    def __init__(self, name: str):
+        if name not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+        self.name = name
+        self.dtype = np.dtype(np.float64 if name == "float64" else np.float32)
+        self.bfloat16 = name == "mixed_bfloat16"
 
-    def conv(self, x, prefix, pad):
-        return conv2d(x, self.t[f"{prefix}.weight"], self.t[f"{prefix}.bias"], pad)
+    def array(self, x) -> np.ndarray:
+        """A parameter, statistic, input or target in the storage dtype."""
+        return np.asarray(x, dtype=self.dtype)
 
-    def batch_norm(self, x, prefix):
-        if self.train:
-            n = x.shape[0] * x.shape[2] * x.shape[3]
-            mean = x.mean(axis=(0, 2, 3))
-            var = x.var(axis=(0, 2, 3))  # biased: what normalises the batch
-            unbiased = var * n / (n - 1)  # what torch stores in running_var
-            old_mean, old_var = self.t[f"{prefix}.running_mean"], self.t[f"{prefix}.running_var"]
-            self.state[f"{prefix}.running_mean"] = (1 - BN_MOMENTUM) * old_mean + BN_MOMENTUM * mean
-            self.state[f"{prefix}.running_var"] = (1 - BN_MOMENTUM) * old_var + BN_MOMENTUM * unbiased
-            self.state[f"{prefix}.num_batches_tracked"] = self.counters[f"{prefix}.num_batches_tracked"] + 1
-        else:
-            mean, var = self.t[f"{prefix}.running_mean"], self.t[f"{prefix}.running_var"]
-        scale = self.t[f"{prefix}.weight"] / np.sqrt(var + BN_EPS)
-        return (x - mean[None, :, None, None]) * scale[None, :, None, None] + self.t[f"{prefix}.bias"][
-            None, :, None, None
-        ]
-
-    def conv_block(self, x, prefix):
-        x = relu(self.batch_norm(self.conv(x, f"{prefix}.0", 1), f"{prefix}.1"))
-        return relu(self.batch_norm(self.conv(x, f"{prefix}.3", 1), f"{prefix}.4"))
-
-    def gate(self, g, s, prefix):
-        a = relu(
-            self.batch_norm(self.conv(g, f"{prefix}.Wg.0", 0), f"{prefix}.Wg.1")
-            + self.batch_norm(self.conv(s, f"{prefix}.Ws.0", 0), f"{prefix}.Ws.1")
-        )
-        return sigmoid(self.conv(a, f"{prefix}.output.0", 0))
-
-    def __call__(self, x, config: ModelConfig) -> dict[str, np.ndarray]:
-        named: dict[str, np.ndarray] = {}
-        skips = []
-        for i in range(1, config.depth + 1):
-            s = self.conv_block(x, f"e{i}.conv.conv")
-            named[f"e{i}"] = s
-            skips.append(s)
-            x = max_pool(s)
-        x = named["b1"] = self.conv_block(x, "b1.conv")
-        for j in range(1, config.depth + 1):
-            s = skips[-j]
-            x = pad_to(upsample(x), s.shape[2], s.shape[3])
-            a = named[f"d{j}.ag"] = self.gate(x, s, f"d{j}.ag")
-            x = named[f"d{j}"] = self.conv_block(np.concatenate([x, a * s], axis=1), f"d{j}.c1.conv")
-        named["output"] = self.conv(x, "output", 0)
-        return named
+    def round(self, x: np.ndarray) -> np.ndarray:
+        """An activation, activation gradient or convolution operand: bfloat16 in mixed precision."""
+        if self.bfloat16:
+            return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+        return x
 
 
-def per_channel(v):
-    return v[None, :, None, None]
+# ---------------------------------------------------------------------------------------------
+# Ops on NHWC arrays, forward and backward (one function each).
+
+
+IM2COL_ELEMENTS = 2**23  # largest patch matrix built at once (64 MiB in float64); larger inputs go in row bands
+
+
+def _row_bands(h: int, elements_per_row: int):
+    """(start, stop) output-row bands whose patch matrices hold at most IM2COL_ELEMENTS."""
+    rows = max(1, IM2COL_ELEMENTS // max(1, elements_per_row))
+    return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+
+
+def _patches(xp, k: int, h: int, w: int):
+    """(N, h+k-1, w+k-1, C) -> (N*h*w, k*k*C): the k*k taps side by side, tap-major (dy, dx, c),
+    which is the row order of an HWIO kernel reshaped to (k*k*C, O)."""
+    if k == 1:
+        return xp.reshape(-1, xp.shape[3])
+    taps = [xp[:, dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k)]
+    return np.concatenate(taps, axis=3).reshape(-1, k * k * xp.shape[3])
+
+
+def conv2d(x, kernel, bias, pad):
+    """x (N, H, W, C), kernel (k, k, C, O) -> (N, H', W', O); stride 1, symmetric zero padding.
+    One matmul over the k*k taps and the channels (products summed in the operands' dtype)."""
+    k = kernel.shape[0]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+    n, hp, wp, c = xp.shape
+    h, w = hp - k + 1, wp - k + 1
+    kmat = kernel.reshape(k * k * c, -1)
+    out = np.empty((n, h, w, kmat.shape[1]), dtype=np.result_type(x, kernel))
+    for r0, r1 in _row_bands(h, n * w * k * k * c):
+        out[:, r0:r1] = (_patches(xp[:, r0 : r1 + k - 1], k, r1 - r0, w) @ kmat).reshape(n, r1 - r0, w, -1)
+    return out + bias
+
+
+def conv2d_backward(g, x, kernel, pad, need_input=True):
+    """Gradients of ``conv2d`` with respect to x (None unless ``need_input``), kernel and bias:
+    the kernel's is patches^T @ g, x's is g @ kernel^T scattered back onto the taps."""
+    k = kernel.shape[0]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+    n, h, w, o = g.shape
+    c = x.shape[3]
+    kmat = kernel.reshape(k * k * c, o)
+    gkmat = np.zeros(kmat.shape, dtype=np.result_type(g, x))
+    gxp = np.zeros(xp.shape, dtype=np.result_type(g, kernel)) if need_input else None
+    for r0, r1 in _row_bands(h, n * w * k * k * c):
+        g2 = g[:, r0:r1].reshape(-1, o)
+        gkmat += _patches(xp[:, r0 : r1 + k - 1], k, r1 - r0, w).T @ g2
+        if need_input:
+            gpatches = (g2 @ kmat.T).reshape(n, r1 - r0, w, k * k, c)
+            for dy in range(k):
+                for dx in range(k):
+                    gxp[:, r0 + dy : r1 + dy, dx : dx + w] += gpatches[:, :, :, dy * k + dx]
+    gx = None
+    if need_input:
+        gx = gxp[:, pad : pad + x.shape[1], pad : pad + x.shape[2]] if pad else gxp
+    return gx, gkmat.reshape(kernel.shape), channel_sum(g)
+
+
+def channel_sum(x):
+    """Per-channel sum of an (..., C) array by pairwise summation (NumPy sums a contiguous last
+    axis pairwise, other axes one row at a time): a float32 sum over N*H*W then errs ~log(n)*eps,
+    as a framework's tree reduction does, not ~n*eps."""
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T).sum(axis=1)
+
+
+def channel_mean(x):
+    return channel_sum(x) / (x.size // x.shape[-1])
+
+
+def batch_norm_backward(g, xhat, weight, inv_std, train):
+    """Gradients with respect to x, weight and bias of ``y = xhat * weight + bias``, where
+    ``xhat = (x - mean) * inv_std``; in train mode mean and inv_std depend on x (biased variance)."""
+    gweight = channel_sum(g * xhat)
+    gbias = channel_sum(g)
+    if train:
+        n = g.size // g.shape[3]
+        gx = (weight * inv_std) * (g - gbias / n - xhat * (gweight / n))
+    else:
+        gx = g * (weight * inv_std)
+    return gx, gweight, gbias
 
 
 def relu(x):
-    return np.maximum(x, 0.0)
+    return np.maximum(x, 0)
+
+
+def relu_backward(g, y):
+    """The gradient passes where the input was > 0 (equivalently, the output is > 0)."""
+    return np.where(y > 0, g, 0)
 
 
 def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    return 1 / (1 + np.exp(-x))
+
+
+def sigmoid_backward(g, y):
+    return g * (y * (1 - y))
+
+
+def _pool_windows(x):
+    """(N, H, W, C) -> (N, H//2, W//2, C, 4): each 2x2 window in row-major order (floor)."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
 
 
 def max_pool(x):
     """2x2, stride 2, floor for odd sizes."""
-    n, c, h, w = x.shape
-    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+    return _pool_windows(x).max(axis=-1)
 
 
-def interpolation_matrix(n: int) -> np.ndarray:
+def max_pool_backward(g, x):
+    """The gradient goes to each window's maximum; on ties, to the first in row-major order."""
+    n, h, w, c = x.shape
+    windows = _pool_windows(x)
+    first_max = windows.argmax(axis=-1)[..., None] == np.arange(4)
+    gwindows = np.where(first_max, g[..., None], 0)
+    gx = np.zeros_like(x, dtype=g.dtype)
+    gx[:, : h // 2 * 2, : w // 2 * 2] = (
+        gwindows.reshape(n, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    )
+    return gx
+
+
+def interpolation_matrix(n: int, dtype=np.float64) -> np.ndarray:
     """(2n, n) bilinear weights with align_corners=True: output i samples input i*(n-1)/(2n-1)."""
     m = np.zeros((2 * n, n))
     for i in range(2 * n):
@@ -115,25 +199,322 @@ def interpolation_matrix(n: int) -> np.ndarray:
         hi = min(lo + 1, n - 1)
         m[i, lo] += 1 - (src - lo)
         m[i, hi] += src - lo
-    return m
+    return m.astype(dtype)
 
 
 def upsample(x):
-    mh, mw = interpolation_matrix(x.shape[2]), interpolation_matrix(x.shape[3])
-    return np.einsum("ih,nchw,jw->ncij", mh, x, mw, optimize=True)
+    """Bilinear x2, align_corners=True: y = Mh x Mw^T on each (H, W) plane."""
+    mh, mw = interpolation_matrix(x.shape[1], x.dtype), interpolation_matrix(x.shape[2], x.dtype)
+    return np.einsum("ih,nhwc,jw->nijc", mh, x, mw, optimize=True)
+
+
+def upsample_backward(g):
+    """The transpose of the interpolation: gx = Mh^T g Mw."""
+    mh, mw = interpolation_matrix(g.shape[1] // 2, g.dtype), interpolation_matrix(g.shape[2] // 2, g.dtype)
+    return np.einsum("ih,nijc,jw->nhwc", mh, g, mw, optimize=True)
+
+
+def _pad_widths(shape, h, w):
+    dh, dw = h - shape[1], w - shape[2]
+    return (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)
 
 
 def pad_to(x, h, w):
     """Zeros to the skip's size: d // 2 before, the rest after."""
-    dh, dw = h - x.shape[2], w - x.shape[3]
-    return np.pad(x, ((0, 0), (0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)))
+    ph, pw = _pad_widths(x.shape, h, w)
+    return np.pad(x, ((0, 0), ph, pw, (0, 0)))
 
 
-def forward(tensors: dict, x, *, train: bool = False, config: ModelConfig | None = None) -> dict[str, np.ndarray]:
-    """Named block outputs (``e1``.., ``b1``, ``d1.ag``, ``d1``.., ``output``) in float64; in train
+def pad_to_backward(g, shape):
+    """The gradient of the unpadded region: ``shape`` is the input's shape."""
+    (top, _), (left, _) = _pad_widths(shape, g.shape[1], g.shape[2])
+    return g[:, top : top + shape[1], left : left + shape[2]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The network on a tape.
+
+
+class Node:
+    """An activation: its value and, during the backward, its gradient."""
+
+    __slots__ = ("value", "grad", "needs_grad")
+
+    def __init__(self, value, needs_grad=True):
+        self.value = value
+        self.grad = None
+        self.needs_grad = needs_grad
+
+
+class Graph:
+    """One pass over canonical tensors: collects named block outputs and BatchNorm state, and
+    (with ``record``) the tape that ``backward`` walks to fill ``grads`` (canonical names)."""
+
+    def __init__(self, tensors: dict, *, train: bool, precision: str = "float64", record: bool = False):
+        self.p = Precision(precision)
+        self.t = {k: self.p.array(v) for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
+        self.counters = {k: np.asarray(v) for k, v in tensors.items() if k.endswith("num_batches_tracked")}
+        self.train = train
+        self.state: dict[str, np.ndarray] = {}
+        self.tape: list | None = [] if record else None
+        self.grads: dict[str, np.ndarray] = {}
+
+    # -- tape ---------------------------------------------------------------------------------
+
+    def op(self, value, inputs, backward) -> Node:
+        """A new activation ``value`` computed from ``inputs``; ``backward(g)`` returns one
+        gradient per input (None for an input that needs none)."""
+        node = Node(value)
+        if self.tape is not None:
+            self.tape.append((backward, inputs, node))
+        return node
+
+    def backward(self, output: Node, grad) -> None:
+        output.grad = grad
+        for backward, inputs, node in reversed(self.tape):
+            if node.grad is None:
+                continue
+            for x, g in zip(inputs, backward(node.grad), strict=True):
+                if g is None or not x.needs_grad:
+                    continue
+                x.grad = g if x.grad is None else self.p.round(x.grad + g)
+            node.grad = None  # done with it: frees memory on the way back
+
+    # -- ops ----------------------------------------------------------------------------------
+
+    def conv(self, x: Node, prefix: str, pad: int) -> Node:
+        r = self.p.round
+        kernel = r(self.t[f"{prefix}.weight"]).transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        xv = r(x.value)
+        y = r(conv2d(xv, kernel, self.t[f"{prefix}.bias"], pad))
+
+        def backward(g):
+            gx, gkernel, gbias = conv2d_backward(g, xv, kernel, pad, need_input=x.needs_grad)
+            self.grads[f"{prefix}.weight"] = gkernel.transpose(3, 2, 0, 1)
+            self.grads[f"{prefix}.bias"] = gbias
+            return (None if gx is None else r(gx),)
+
+        return self.op(y, (x,), backward)
+
+    def batch_norm(self, x: Node, prefix: str) -> Node:
+        xv = x.value
+        weight, bias = self.t[f"{prefix}.weight"], self.t[f"{prefix}.bias"]
+        train = self.train
+        if train:
+            n = xv.size // xv.shape[3]
+            mean = channel_mean(xv)
+            var = channel_mean((xv - mean) ** 2)  # biased: what normalises the batch
+            unbiased = var * n / (n - 1)  # what torch stores in running_var
+            old_mean, old_var = self.t[f"{prefix}.running_mean"], self.t[f"{prefix}.running_var"]
+            self.state[f"{prefix}.running_mean"] = (1 - BN_MOMENTUM) * old_mean + BN_MOMENTUM * mean
+            self.state[f"{prefix}.running_var"] = (1 - BN_MOMENTUM) * old_var + BN_MOMENTUM * unbiased
+            counter = f"{prefix}.num_batches_tracked"
+            self.state[counter] = np.asarray(self.counters.get(counter, 0) + 1, dtype=np.int64)
+        else:
+            mean, var = self.t[f"{prefix}.running_mean"], self.t[f"{prefix}.running_var"]
+        inv_std = 1 / np.sqrt(var + BN_EPS)
+        xhat = (xv - mean) * inv_std
+        y = self.p.round(xhat * weight + bias)
+
+        def backward(g):
+            gx, gweight, gbias = batch_norm_backward(g, xhat, weight, inv_std, train)
+            self.grads[f"{prefix}.weight"] = gweight
+            self.grads[f"{prefix}.bias"] = gbias
+            return (self.p.round(gx),)
+
+        return self.op(y, (x,), backward)
+
+    def relu(self, x: Node) -> Node:
+        y = relu(x.value)
+        return self.op(y, (x,), lambda g: (relu_backward(g, y),))
+
+    def sigmoid(self, x: Node) -> Node:
+        y = self.p.round(sigmoid(x.value))
+        return self.op(y, (x,), lambda g: (self.p.round(sigmoid_backward(g, y)),))
+
+    def add(self, a: Node, b: Node) -> Node:
+        return self.op(self.p.round(a.value + b.value), (a, b), lambda g: (g, g))
+
+    def multiply(self, a: Node, b: Node) -> Node:
+        av, bv = a.value, b.value
+        return self.op(self.p.round(av * bv), (a, b), lambda g: (self.p.round(g * bv), self.p.round(g * av)))
+
+    def max_pool(self, x: Node) -> Node:
+        xv = x.value
+        return self.op(max_pool(xv), (x,), lambda g: (max_pool_backward(g, xv),))
+
+    def upsample(self, x: Node) -> Node:
+        return self.op(self.p.round(upsample(x.value)), (x,), lambda g: (self.p.round(upsample_backward(g)),))
+
+    def pad_to(self, x: Node, h: int, w: int) -> Node:
+        shape = x.value.shape
+        return self.op(pad_to(x.value, h, w), (x,), lambda g: (pad_to_backward(g, shape),))
+
+    def concat(self, a: Node, b: Node) -> Node:
+        split = a.value.shape[3]
+        return self.op(np.concatenate([a.value, b.value], axis=3), (a, b), lambda g: (g[..., :split], g[..., split:]))
+
+    # -- blocks -------------------------------------------------------------------------------
+
+    def conv_block(self, x: Node, prefix: str) -> Node:
+        x = self.relu(self.batch_norm(self.conv(x, f"{prefix}.0", 1), f"{prefix}.1"))
+        return self.relu(self.batch_norm(self.conv(x, f"{prefix}.3", 1), f"{prefix}.4"))
+
+    def gate(self, g: Node, s: Node, prefix: str) -> Node:
+        a = self.relu(
+            self.add(
+                self.batch_norm(self.conv(g, f"{prefix}.Wg.0", 0), f"{prefix}.Wg.1"),
+                self.batch_norm(self.conv(s, f"{prefix}.Ws.0", 0), f"{prefix}.Ws.1"),
+            )
+        )
+        return self.sigmoid(self.conv(a, f"{prefix}.output.0", 0))
+
+    def __call__(self, x: Node, config: ModelConfig) -> dict[str, Node]:
+        named: dict[str, Node] = {}
+        skips = []
+        for i in range(1, config.depth + 1):
+            s = named[f"e{i}"] = self.conv_block(x, f"e{i}.conv.conv")
+            skips.append(s)
+            x = self.max_pool(s)
+        x = named["b1"] = self.conv_block(x, "b1.conv")
+        for j in range(1, config.depth + 1):
+            s = skips[-j]
+            x = self.pad_to(self.upsample(x), s.value.shape[1], s.value.shape[2])
+            a = named[f"d{j}.ag"] = self.gate(x, s, f"d{j}.ag")
+            x = named[f"d{j}"] = self.conv_block(self.concat(x, self.multiply(a, s)), f"d{j}.c1.conv")
+        named["output"] = self.conv(x, "output", 0)
+        return named
+
+
+def _nhwc(x):
+    return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def _nchw(x):
+    return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+
+
+def _config(tensors, config):
+    return config or infer_config({k: np.shape(v) for k, v in tensors.items()})
+
+
+def _trainable(config: ModelConfig) -> list[str]:
+    return [p.name for p in param_specs(config) if not p.is_buffer]
+
+
+def _buffers(config: ModelConfig) -> list[str]:
+    return [p.name for p in param_specs(config) if p.is_buffer]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def forward(
+    tensors: dict, x, *, train: bool = False, config: ModelConfig | None = None, precision: str = "float64"
+) -> dict[str, np.ndarray]:
+    """Named block outputs (``e1``.., ``b1``, ``d1.ag``, ``d1``.., ``output``), NCHW; in train
     mode also ``state/<name>`` for every running statistic after the pass."""
-    config = config or infer_config({k: np.shape(v) for k, v in tensors.items()})
-    run = Forward(tensors, train)
-    named = run(np.asarray(x, dtype=np.float64), config)
-    named.update({f"state/{k}": v for k, v in run.state.items()})
-    return named
+    config = _config(tensors, config)
+    graph = Graph(tensors, train=train, precision=precision)
+    named = graph(Node(_nhwc(graph.p.array(x)), needs_grad=False), config)
+    results = {k: _nchw(v.value) for k, v in named.items()}
+    results.update({f"state/{k}": v for k, v in graph.state.items()})
+    return results
+
+
+def _loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision: str):
+    """(loss, {name: gradient}, {name: running statistic after the pass}) of one train-mode pass."""
+    graph = Graph(tensors, train=True, precision=precision, record=True)
+    p = graph.p
+    output = graph(Node(_nhwc(p.array(x)), needs_grad=False), config)["output"]
+    diff = output.value - _nhwc(p.array(target))
+    loss = np.mean(diff * diff)
+    graph.backward(output, p.round(diff * (2 / diff.size)))
+    grads = {name: p.array(graph.grads[name]) for name in _trainable(config)}
+    return loss, grads, graph.state
+
+
+def gradients(tensors: dict, x, target, *, config: ModelConfig | None = None, precision: str = "float64") -> dict:
+    """``loss`` = mean((output - target)**2) of the train-mode forward, ``grad/<name>`` for every
+    trainable tensor (canonical layout) and ``state/<name>`` for every running statistic."""
+    config = _config(tensors, config)
+    loss, grads, state = _loss_and_gradients(tensors, x, target, config, precision)
+    results = {"loss": np.asarray(loss)}
+    results.update({f"grad/{k}": v for k, v in grads.items()})
+    results.update({f"state/{k}": state[k] for k in _buffers(config)})
+    return results
+
+
+class Optimizer:
+    """SGD (``p -= lr * g``) or Adam with PyTorch's definition (eps added to the bias-corrected
+    sqrt(v)), hyperparameters from ``weights_convert.optim.OPTIMIZERS``; holds the state, so that
+    successive ``step`` calls continue one run."""
+
+    def __init__(self, name: str):
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+        self.name = name
+        self.hyper = dict(OPTIMIZERS[name])
+        self.t = 0
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def step(self, params: dict, grads: dict) -> dict:
+        """The parameters after one step (new arrays, in the parameters' dtype)."""
+        self.t += 1
+        lr = self.hyper["lr"]
+        if self.name == "sgd":
+            return {k: p - lr * grads[k] for k, p in params.items()}
+        b1, b2, eps = self.hyper["b1"], self.hyper["b2"], self.hyper["eps"]
+        step_size = lr / (1 - b1**self.t)
+        bias_correction2_sqrt = (1 - b2**self.t) ** 0.5
+        updated = {}
+        for k, p in params.items():
+            g = grads[k]
+            self.m[k] = b1 * self.m.get(k, np.zeros_like(p)) + (1 - b1) * g
+            self.v[k] = b2 * self.v.get(k, np.zeros_like(p)) + (1 - b2) * (g * g)
+            updated[k] = p - step_size * (self.m[k] / (np.sqrt(self.v[k]) / bias_correction2_sqrt + eps))
+        return updated
+
+
+def train_step(
+    tensors: dict, x, target, *, optimizer: str, config: ModelConfig | None = None, precision: str = "float64"
+) -> dict:
+    """``grad/<name>`` (as ``gradients``) and ``step/<name>``: every trainable tensor after one
+    step of a fresh ``optimizer``."""
+    config = _config(tensors, config)
+    p = Precision(precision)
+    _, grads, _ = _loss_and_gradients(tensors, x, target, config, precision)
+    params = {k: p.array(tensors[k]) for k in grads}
+    stepped = Optimizer(optimizer).step(params, grads)
+    results = {f"grad/{k}": v for k, v in grads.items()}
+    results.update({f"step/{k}": v for k, v in stepped.items()})
+    return results
+
+
+def fit(
+    tensors: dict, xs, targets, *, optimizer: str, config: ModelConfig | None = None, precision: str = "float64"
+) -> dict:
+    """``len(xs)`` training steps with one ``optimizer`` whose state persists: step k runs the
+    train-mode forward on ``xs[k-1]`` (updating the running statistics), and one optimizer step on
+    the gradient of mean((output - targets[k-1])**2).
+
+    Returns ``loss/step<k>`` (before step k's update) for every step, then ``param/<name>`` for
+    every trainable tensor and ``state/<name>`` for every running statistic after the last step."""
+    config = _config(tensors, config)
+    p = Precision(precision)
+    if len(xs) != len(targets):
+        raise ValueError(f"xs has {len(xs)} steps, targets {len(targets)}")
+    params = {k: p.array(tensors[k]) for k in _trainable(config)}
+    state = {k: tensors[k] for k in _buffers(config) if k in tensors}
+    opt = Optimizer(optimizer)
+    results: dict[str, np.ndarray] = {}
+    for k in range(len(xs)):
+        loss, grads, new_state = _loss_and_gradients({**params, **state}, xs[k], targets[k], config, precision)
+        results[f"loss/step{k + 1}"] = np.asarray(loss)
+        params = opt.step(params, grads)
+        state.update(new_state)
+    results.update({f"param/{k}": v for k, v in params.items()})
+    results.update({f"state/{k}": state[k] for k in _buffers(config)})
+    return results

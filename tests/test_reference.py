@@ -1,0 +1,386 @@
+"""The NumPy reference's backward, optimizer steps, multi-step fit and reduced precisions: against
+finite differences, against PyTorch float64 autograd and torch.optim, and for plausible rounding
+noise at float32 and mixed bfloat16."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from weights_convert import reference
+from weights_convert.optim import OPTIMIZERS
+from weights_convert.random_init import random_checkpoint
+from weights_convert.spec import ModelConfig, param_specs
+
+torch = pytest.importorskip("torch")
+from impl_torch.io import from_checkpoint  # noqa: E402
+
+TINY = ModelConfig(3, 1, (4, 8, 16))
+DEEP = ModelConfig(2, 3, (8, 16, 32, 64, 128))
+CASES = [(TINY, (16, 16)), (TINY, (37, 53)), (DEEP, (45, 33))]
+CASE_IDS = ["tiny-16x16", "tiny-37x53", "deep-45x33"]
+FLOAT64_BOUND = 1e-10
+
+
+def data(config, size, batch=2, seed=1, steps=None):
+    rng = np.random.default_rng(seed)
+    lead = (batch,) if steps is None else (steps, batch)
+    x = rng.uniform(0.0, 1.0, (*lead, config.in_channels, *size))
+    target = rng.normal(0.0, 1.0, (*lead, config.out_channels, *size))
+    return x, target
+
+
+def checkpoint(config):
+    return random_checkpoint(config, seed=0, dtype="float64")
+
+
+def trainable(config):
+    return [p.name for p in param_specs(config) if not p.is_buffer]
+
+
+def buffers(config):
+    return [p.name for p in param_specs(config) if p.is_buffer]
+
+
+def whole(results, prefix, names):
+    """One vector of every tensor ``prefix + name``: gradients are compared as one vector."""
+    return np.concatenate([np.asarray(results[prefix + n], np.float64).ravel() for n in names])
+
+
+def rel(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape
+    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+# --- PyTorch float64 autograd, written here with torch.optim directly -------------------------
+
+
+def torch_model(ckpt):
+    return from_checkpoint(ckpt, "float64").train()
+
+
+def torch_loss(model, x, target):
+    out = model(torch.from_numpy(np.asarray(x, np.float64)))
+    return torch.mean((out - torch.from_numpy(np.asarray(target, np.float64))) ** 2)
+
+
+def torch_optimizer(params, name):
+    hyper = OPTIMIZERS[name]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=hyper["lr"])
+    return torch.optim.Adam(params, lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
+
+
+def torch_fit(ckpt, xs, targets, optimizer):
+    model = torch_model(ckpt)
+    params = dict(model.named_parameters())
+    opt = torch_optimizer(list(params.values()), optimizer)
+    results = {}
+    for k in range(len(xs)):
+        opt.zero_grad()
+        loss = torch_loss(model, xs[k], targets[k])
+        loss.backward()
+        results[f"loss/step{k + 1}"] = loss.item()
+        opt.step()
+    state = model.state_dict()
+    results.update({f"param/{n}": p.detach().numpy() for n, p in params.items()})
+    results.update({f"state/{n}": state[n].numpy() for n in state if n.rsplit(".", 1)[-1] in reference.BUFFERS})
+    return results
+
+
+# --- the ops' backward, one at a time ---------------------------------------------------------
+
+
+def test_op_backwards_are_adjoints():
+    """<op(x), g> == <x, op_backward(g)> for the linear ops."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 7, 3))
+    g = rng.normal(size=(2, 10, 14, 3))
+    assert np.isclose(np.sum(reference.upsample(x) * g), np.sum(x * reference.upsample_backward(g)), rtol=1e-12)
+    g = rng.normal(size=(2, 8, 10, 3))
+    assert np.isclose(
+        np.sum(reference.pad_to(x, 8, 10) * g), np.sum(x * reference.pad_to_backward(g, x.shape)), rtol=1e-12
+    )
+    for k, pad in ((3, 1), (1, 0)):
+        kernel = rng.normal(size=(k, k, 3, 4))
+        g = rng.normal(size=(2, 5, 7, 4))
+        zero = np.zeros(4)
+        gx, gkernel, gbias = reference.conv2d_backward(g, x, kernel, pad)
+        assert np.isclose(np.sum(reference.conv2d(x, kernel, zero, pad) * g), np.sum(x * gx), rtol=1e-12)
+        assert np.isclose(np.sum(reference.conv2d(x, kernel, zero, pad) * g), np.sum(kernel * gkernel), rtol=1e-12)
+        np.testing.assert_allclose(gbias, g.sum(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_conv_in_row_bands_is_the_same(monkeypatch):
+    rng = np.random.default_rng(0)
+    x, kernel, bias = rng.normal(size=(2, 9, 6, 3)), rng.normal(size=(3, 3, 3, 4)), rng.normal(size=4)
+    g = rng.normal(size=(2, 9, 6, 4))
+    whole_y, whole_g = reference.conv2d(x, kernel, bias, 1), reference.conv2d_backward(g, x, kernel, 1)
+    monkeypatch.setattr(reference, "IM2COL_ELEMENTS", 100)
+    assert len(reference._row_bands(9, 2 * 6 * 9 * 3)) == 9
+    np.testing.assert_allclose(reference.conv2d(x, kernel, bias, 1), whole_y, rtol=1e-13, atol=1e-13)
+    for banded, single in zip(reference.conv2d_backward(g, x, kernel, 1), whole_g, strict=True):
+        np.testing.assert_allclose(banded, single, rtol=1e-13, atol=1e-13)
+
+
+def test_max_pool_backward_matches_torch_with_ties_and_odd_sizes():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(2, 7, 9, 3)).astype(np.float64)  # many ties
+    g = rng.normal(size=(2, 3, 4, 3))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, 2)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(reference.max_pool(x), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(reference.max_pool_backward(g, x), xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+def test_relu_gradient_is_zero_at_zero():
+    y = reference.relu(np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(reference.relu_backward(np.ones(3), y), [0.0, 0.0, 1.0])
+
+
+# --- the whole network -----------------------------------------------------------------------
+
+
+def test_gradients_match_finite_differences():
+    config, size = TINY, (37, 53)
+    tensors = dict(checkpoint(config).tensors)
+    x, target = data(config, size)
+    grads = reference.gradients(tensors, x, target, config=config)
+
+    def loss(t):
+        out = reference.forward(t, x, train=True, config=config)["output"]
+        return np.mean((out - target) ** 2)
+
+    rng = np.random.default_rng(0)
+    names = [
+        "e1.conv.conv.0.weight",  # encoder conv, behind everything
+        "e2.conv.conv.4.weight",  # BatchNorm scale
+        "b1.conv.1.bias",  # BatchNorm shift in the bridge
+        "d1.ag.Wg.0.weight",  # gate conv on the upsampled path
+        "d2.ag.Ws.0.weight",  # gate conv on the skip
+        "d1.ag.output.0.weight",  # the attention map's conv
+        "d2.c1.conv.3.weight",  # decoder conv on the concatenation
+        "output.weight",
+        "output.bias",
+    ]
+    for name in names:
+        g = grads[f"grad/{name}"]
+        flat = np.abs(g).ravel()
+        # The largest entry and two random ones.
+        picks = {int(np.argmax(flat)), *rng.integers(0, flat.size, 2).tolist()}
+        for i in picks:
+            index = np.unravel_index(i, g.shape)
+            # Small enough not to cross a ReLU or max-pool kink (at 1e-5 one is crossed for an
+            # e1 weight), large enough for float64 rounding (~1e-16 / h) to stay below 1e-9.
+            h = 1e-6 * max(1.0, abs(float(tensors[name][index])))
+            plus, minus = dict(tensors), dict(tensors)
+            plus[name], minus[name] = tensors[name].copy(), tensors[name].copy()
+            plus[name][index] += h
+            minus[name][index] -= h
+            numeric = (loss(plus) - loss(minus)) / (2 * h)
+            assert abs(numeric - g[index]) <= 1e-6 * np.max(np.abs(g)) + 1e-12, (name, index, numeric, g[index])
+
+
+@pytest.mark.parametrize("config,size", CASES, ids=CASE_IDS)
+def test_gradients_match_torch_float64(config, size):
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    ours = reference.gradients(ckpt.tensors, x, target, config=config)
+    model = torch_model(ckpt)
+    loss = torch_loss(model, x, target)
+    loss.backward()
+    names = trainable(config)
+    theirs = {f"grad/{n}": p.grad.numpy() for n, p in model.named_parameters()}
+    assert list(theirs) == [f"grad/{n}" for n in names]
+    assert list(ours) == ["loss"] + [f"grad/{n}" for n in names] + [f"state/{n}" for n in buffers(config)]
+    assert abs(float(ours["loss"]) - loss.item()) <= FLOAT64_BOUND * loss.item()
+    for n in names:
+        assert ours[f"grad/{n}"].shape == ckpt.tensors[n].shape and ours[f"grad/{n}"].dtype == np.float64
+    # Relative to the largest entry of the whole gradient: conv biases in front of a train-mode
+    # BatchNorm have an exact gradient of zero.
+    assert rel(whole(ours, "grad/", names), whole(theirs, "grad/", names)) <= FLOAT64_BOUND
+    state = model.state_dict()
+    for n in buffers(config):
+        assert rel(ours[f"state/{n}"], state[n].numpy()) <= FLOAT64_BOUND, n
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_train_step_matches_torch_optim(optimizer):
+    config, size = TINY, (37, 53)
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    ours = reference.train_step(ckpt.tensors, x, target, optimizer=optimizer, config=config)
+    theirs = torch_fit(ckpt, x[None], target[None], optimizer)
+    names = trainable(config)
+    assert list(ours) == [f"grad/{n}" for n in names] + [f"step/{n}" for n in names]
+    for n in names:
+        step = ours[f"step/{n}"]
+        assert step.shape == ckpt.tensors[n].shape
+        assert np.max(np.abs(step - theirs[f"param/{n}"])) <= FLOAT64_BOUND * np.max(np.abs(theirs[f"param/{n}"]))
+    # The step moved every parameter with a nonzero gradient.
+    moved = whole(ours, "step/", names) - np.concatenate([ckpt.tensors[n].ravel() for n in names])
+    assert np.count_nonzero(moved) > 0.5 * moved.size
+
+
+def test_train_step_matches_the_torch_runner():
+    runner = pytest.importorskip("impl_torch.runner")
+    config, size = TINY, (16, 16)
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    names = trainable(config)
+    for optimizer in sorted(OPTIMIZERS):
+        ours = reference.train_step(ckpt.tensors, x, target, optimizer=optimizer, config=config)
+        theirs = runner.train_step(ckpt, x, target, dtype="float64", optimizer=optimizer)
+        assert rel(whole(ours, "grad/", names), whole(theirs, "grad/", names)) <= FLOAT64_BOUND
+        assert rel(whole(ours, "step/", names), whole(theirs, "step/", names)) <= FLOAT64_BOUND
+
+
+def test_fit_matches_torch():
+    config, size = DEEP, (45, 33)
+    ckpt = checkpoint(config)
+    xs, targets = data(config, size, steps=3)
+    ours = reference.fit(ckpt.tensors, xs, targets, optimizer="adam", config=config)
+    theirs = torch_fit(ckpt, xs, targets, "adam")
+    names, state = trainable(config), buffers(config)
+    expected_keys = [f"loss/step{k}" for k in (1, 2, 3)] + [f"param/{n}" for n in names] + [f"state/{n}" for n in state]
+    assert list(ours) == expected_keys
+    for k in (1, 2, 3):
+        assert abs(float(ours[f"loss/step{k}"]) - theirs[f"loss/step{k}"]) <= FLOAT64_BOUND * theirs[f"loss/step{k}"]
+    assert ours["loss/step1"] != ours["loss/step2"]
+    for n in names:
+        assert np.max(np.abs(ours[f"param/{n}"] - theirs[f"param/{n}"])) <= FLOAT64_BOUND * np.max(
+            np.abs(theirs[f"param/{n}"])
+        )
+    for n in state:
+        assert rel(ours[f"state/{n}"], theirs[f"state/{n}"]) <= FLOAT64_BOUND, n
+    assert int(ours[f"state/{state[-1]}"]) == int(ckpt.tensors[state[-1]]) + 3
+
+
+def test_fit_adam_state_persists_across_steps():
+    """Two steps of one Adam differ from two fresh one-step Adams (whose first steps are all
+    ~lr * sign(g))."""
+    config, size = TINY, (16, 16)
+    ckpt = checkpoint(config)
+    xs, targets = data(config, size, steps=2)
+    two = reference.fit(ckpt.tensors, xs, targets, optimizer="adam", config=config)
+    tensors = dict(ckpt.tensors)
+    for k in range(2):
+        step = reference.train_step(tensors, xs[k], targets[k], optimizer="adam", config=config)
+        stats = reference.forward(tensors, xs[k], train=True, config=config)
+        tensors.update({n: step[f"step/{n}"] for n in trainable(config)})
+        tensors.update({n: stats[f"state/{n}"] for n in buffers(config)})
+    names = trainable(config)
+    assert rel(whole(two, "param/", names), whole({f"param/{n}": tensors[n] for n in names}, "param/", names)) > 1e-6
+
+
+def test_perturbing_one_weight_changes_the_gradient():
+    """The comparison is sensitive: a 1e-4 change of one gate weight moves the whole gradient far
+    beyond the float64 bound."""
+    config, size = TINY, (37, 53)
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    names = trainable(config)
+    base = reference.gradients(ckpt.tensors, x, target, config=config)
+    tensors = dict(ckpt.tensors)
+    tensors["d2.ag.Ws.0.weight"] = tensors["d2.ag.Ws.0.weight"].copy()
+    tensors["d2.ag.Ws.0.weight"][0, 0, 0, 0] += 1e-4
+    perturbed = reference.gradients(tensors, x, target, config=config)
+    assert rel(whole(perturbed, "grad/", names), whole(base, "grad/", names)) > 1e3 * FLOAT64_BOUND
+
+
+def test_forward_keys_and_train_state():
+    config, size = TINY, (37, 53)
+    ckpt = checkpoint(config)
+    x, _ = data(config, size)
+    blocks = ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"]  # depth 2
+    out = reference.forward(ckpt.tensors, x, config=config)
+    assert list(out) == blocks
+    assert out["output"].shape == (2, 1, *size) and out["d2.ag"].shape == (2, 4, *size)
+    train = reference.forward(ckpt.tensors, x, train=True, config=config)
+    assert sorted(k for k in train if k.startswith("state/")) == sorted(f"state/{n}" for n in buffers(config))
+    model = from_checkpoint(ckpt, "float64")
+    with torch.no_grad():
+        assert rel(out["output"], model(torch.from_numpy(x)).numpy()) <= FLOAT64_BOUND
+        assert rel(train["output"], model.train()(torch.from_numpy(x)).numpy()) <= FLOAT64_BOUND
+
+
+def test_unknown_precision_and_optimizer_are_refused():
+    ckpt = checkpoint(TINY)
+    x, target = data(TINY, (16, 16))
+    with pytest.raises(ValueError, match="precision"):
+        reference.forward(ckpt.tensors, x, precision="float16")
+    with pytest.raises(ValueError, match="optimizer"):
+        reference.train_step(ckpt.tensors, x, target, optimizer="rmsprop")
+
+
+# --- reduced precision -----------------------------------------------------------------------
+
+# Rounding noise against float64, relative to the largest |value|: (low, high) plausible ranges.
+NOISE = {
+    "float32": {"eval": (1e-8, 1e-5), "train": (1e-8, 1e-4), "grad": (1e-8, 1e-1)},
+    "mixed_bfloat16": {"eval": (1e-4, 3e-2), "train": (1e-3, 0.5), "grad": (1e-3, 2.0)},
+}
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("config,size", CASES, ids=CASE_IDS)
+def test_reduced_precision_noise_is_plausible(config, size, precision, record_property):
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    names = trainable(config)
+    exact = reference.gradients(ckpt.tensors, x, target, config=config)
+    rounded = reference.gradients(ckpt.tensors, x, target, config=config, precision=precision)
+    assert list(rounded) == list(exact)
+    for key, value in rounded.items():
+        assert value.shape == exact[key].shape, key
+        assert np.all(np.isfinite(value)), key
+        if not key.endswith("num_batches_tracked"):
+            assert value.dtype == np.float32, key
+    eval64 = reference.forward(ckpt.tensors, x, config=config)
+    eval_low = reference.forward(ckpt.tensors, x, config=config, precision=precision)
+    train64 = reference.forward(ckpt.tensors, x, config=config, train=True)
+    train_low = reference.forward(ckpt.tensors, x, config=config, train=True, precision=precision)
+    noise = {
+        "eval": rel(eval_low["output"], eval64["output"]),
+        "train": rel(train_low["output"], train64["output"]),
+        "grad": rel(whole(rounded, "grad/", names), whole(exact, "grad/", names)),
+    }
+    record_property("noise", noise)
+    print(precision, config.channels, size, {k: f"{v:.2e}" for k, v in noise.items()})
+    for what, (low, high) in NOISE[precision].items():
+        assert low <= noise[what] <= high, (what, noise[what])
+    assert abs(float(rounded["loss"]) - float(exact["loss"])) <= NOISE[precision]["train"][1] * float(exact["loss"])
+
+
+def test_mixed_bfloat16_rounds_activations_not_parameters():
+    config, size = TINY, (16, 16)
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    out = reference.forward(ckpt.tensors, x, config=config, train=True, precision="mixed_bfloat16")
+    for name in ("e1", "b1", "d1.ag", "d2", "output"):
+        value = out[name]
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, value.astype(ml_dtypes.bfloat16).astype(np.float32))
+    # Running statistics, gradients and optimizer steps stay float32 (not bfloat16 values).
+    mean = out["state/e1.conv.conv.1.running_mean"]
+    assert np.any(mean != mean.astype(ml_dtypes.bfloat16).astype(np.float32))
+    step = reference.train_step(ckpt.tensors, x, target, optimizer="adam", config=config, precision="mixed_bfloat16")
+    for key in ("grad/e1.conv.conv.0.weight", "step/e1.conv.conv.0.weight"):
+        assert step[key].dtype == np.float32
+        assert np.any(step[key] != step[key].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_reduced_precision_fit(precision):
+    config, size = TINY, (16, 16)
+    ckpt = checkpoint(config)
+    xs, targets = data(config, size, steps=2)
+    exact = reference.fit(ckpt.tensors, xs, targets, optimizer="adam", config=config)
+    rounded = reference.fit(ckpt.tensors, xs, targets, optimizer="adam", config=config, precision=precision)
+    assert list(rounded) == list(exact)
+    names = trainable(config)
+    for key, value in rounded.items():
+        assert value.shape == exact[key].shape and np.all(np.isfinite(value)), key
+    difference = rel(whole(rounded, "param/", names), whole(exact, "param/", names))
+    assert 0 < difference < 1e-2
