@@ -167,8 +167,8 @@ def test_gradients_match_finite_differences():
     for name in names:
         g = grads[f"grad/{name}"]
         flat = np.abs(g).ravel()
-        # The largest entry and two random ones.
-        picks = {int(np.argmax(flat)), *rng.integers(0, flat.size, 2).tolist()}
+        # The largest entry and a random one.
+        picks = {int(np.argmax(flat)), int(rng.integers(0, flat.size))}
         for i in picks:
             index = np.unravel_index(i, g.shape)
             # Small enough not to cross a ReLU or max-pool kink (at 1e-5 one is crossed for an

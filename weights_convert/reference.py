@@ -270,8 +270,11 @@ class Graph:
         return node
 
     def backward(self, output: Node, grad) -> None:
+        """Walk the tape once, from ``output`` (whose gradient is ``grad``) back; consumes it, so
+        that each op's saved arrays are freed as soon as its backward has run."""
         output.grad = grad
-        for backward, inputs, node in reversed(self.tape):
+        while self.tape:
+            backward, inputs, node = self.tape.pop()
             if node.grad is None:
                 continue
             for x, g in zip(inputs, backward(node.grad), strict=True):
@@ -323,6 +326,9 @@ class Graph:
             return (self.p.round(gx),)
 
         return self.op(y, (x,), backward)
+
+    # relu, max pool, pad and concat select or move values: exact on bfloat16 operands, as their
+    # backwards are on bfloat16 gradients, so they need no rounding.
 
     def relu(self, x: Node) -> Node:
         y = relu(x.value)
@@ -413,8 +419,9 @@ def _buffers(config: ModelConfig) -> list[str]:
 def forward(
     tensors: dict, x, *, train: bool = False, config: ModelConfig | None = None, precision: str = "float64"
 ) -> dict[str, np.ndarray]:
-    """Named block outputs (``e1``.., ``b1``, ``d1.ag``, ``d1``.., ``output``), NCHW; in train
-    mode also ``state/<name>`` for every running statistic after the pass."""
+    """Named block outputs (``e1``.., ``b1``, ``d1.ag`` (the attention map), ``d1``.., ``output``),
+    NCHW, computed at ``precision`` (see the module docstring); in train mode also ``state/<name>``
+    for every running statistic after the pass."""
     config = _config(tensors, config)
     graph = Graph(tensors, train=train, precision=precision)
     named = graph(Node(_nhwc(graph.p.array(x)), needs_grad=False), config)
@@ -507,7 +514,11 @@ def fit(
     if len(xs) != len(targets):
         raise ValueError(f"xs has {len(xs)} steps, targets {len(targets)}")
     params = {k: p.array(tensors[k]) for k in _trainable(config)}
-    state = {k: tensors[k] for k in _buffers(config) if k in tensors}
+    state = {
+        k: np.asarray(tensors[k]) if k.endswith("num_batches_tracked") else p.array(tensors[k])
+        for k in _buffers(config)
+        if k in tensors
+    }
     opt = Optimizer(optimizer)
     results: dict[str, np.ndarray] = {}
     for k in range(len(xs)):
@@ -516,5 +527,5 @@ def fit(
         params = opt.step(params, grads)
         state.update(new_state)
     results.update({f"param/{k}": v for k, v in params.items()})
-    results.update({f"state/{k}": state[k] for k in _buffers(config)})
+    results.update({f"state/{k}": state[k] for k in _buffers(config) if k in state})
     return results
