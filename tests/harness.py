@@ -10,10 +10,11 @@ from weights_convert.tolerances import NOISY_PRECISIONS
 
 
 def reference_and_noise(checkpoint, inputs: parity.Inputs, run: parity.Run, dtype: str) -> tuple[dict, dict | None]:
-    """The float64 reference, and the reference at ``dtype`` (None for float64)."""
+    """The float64 reference, and each row's noise level at ``dtype`` (None for float64)."""
     reference = parity.compute_reference(checkpoint, inputs, run)
-    noise = parity.compute_reference(checkpoint, inputs, run, precision=dtype) if dtype in NOISY_PRECISIONS else None
-    return reference, noise
+    if dtype not in NOISY_PRECISIONS:
+        return reference, None
+    return reference, parity.measure_noise(checkpoint, inputs, run, dtype, reference, say=lambda message: None)
 
 
 def judge(actual: dict, reference: dict, noise: dict | None, dtype: str) -> list[Row]:

@@ -20,8 +20,8 @@ def require_gpu(framework, backend):
 
 
 @pytest.mark.parametrize("framework, backend", TARGETS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "mixed_bfloat16"])
+@pytest.mark.parametrize("mode", ["eval", "train", "fit"])
 def test_gpu_parity_small(framework, backend, dtype, mode):
     require_gpu(framework, backend)
     report = parity.assert_parity(
@@ -33,12 +33,14 @@ def test_gpu_parity_small(framework, backend, dtype, mode):
         mode=mode,
         size=(37, 53),
         batch=2,
+        steps=3,
     )
     assert all(r.device == "gpu" for r in report.results)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("framework, backend", TARGETS)
-def test_gpu_parity_default_float32(framework, backend):
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_gpu_parity_default(framework, backend, dtype):
     require_gpu(framework, backend)
-    parity.assert_parity(None, frameworks=[framework], keras_backends=[backend], dtype="float32", device="gpu")
+    parity.assert_parity(None, frameworks=[framework], keras_backends=[backend], dtype=dtype, device="gpu")

@@ -51,18 +51,18 @@ def compare(
     dtype: str,
     tolerance: float | None = None,
     scale: float | None = None,
-    noise: dict | None = None,
+    noise: dict[str, float] | None = None,
 ) -> list[Row]:
     """One row per reference quantity, in the reference's order; a quantity missing from
     ``actual`` or of the wrong shape fails with an infinite difference. ``scale`` replaces each
     quantity's own max|ref| when the quantities are parts of one vector (the gradient).
 
     The bound is ``tolerance`` if given, else the dtype's (``weights_convert.tolerances``); below
-    float64 that needs ``noise`` (the reference computed at ``dtype``, same names), and each row's
-    bound is relative to that row's measured noise."""
+    float64 that needs ``noise``, each row's measured noise level (``parity.measure_noise``), and
+    each row's bound is relative to it."""
     rows = []
     for name, ref in reference.items():
-        row_noise = rel_diff(noise[name], ref, dtype, scale)[1] if noise is not None else None
+        row_noise = noise[name] if noise is not None else None
         row_tolerance = bound_for(dtype, row_noise) if tolerance is None else tolerance
         if name in actual:
             max_abs, rel = rel_diff(actual[name], ref, dtype, scale)
