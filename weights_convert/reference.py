@@ -438,7 +438,7 @@ def _loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision
     diff = output.value - _nhwc(p.array(target))
     loss = np.mean(diff * diff)
     graph.backward(output, p.round(diff * (2 / diff.size)))
-    grads = {name: p.array(graph.grads[name]) for name in _trainable(config)}
+    grads = {name: np.ascontiguousarray(graph.grads[name], dtype=p.dtype) for name in _trainable(config)}
     return loss, grads, graph.state
 
 
@@ -490,25 +490,43 @@ def train_step(
 ) -> dict:
     """``grad/<name>`` (as ``gradients``) and ``step/<name>``: every trainable tensor after one
     step of a fresh ``optimizer``."""
+    results = train_steps(tensors, x, target, optimizers=(optimizer,), config=config, precision=precision)
+    return {name.replace(f"step/{optimizer}/", "step/", 1): value for name, value in results.items()}
+
+
+def train_steps(
+    tensors: dict, x, target, *, optimizers, config: ModelConfig | None = None, precision: str = "float64"
+) -> dict:
+    """``grad/<name>``, then ``step/<optimizer>/<name>`` for each of ``optimizers``: one step of
+    each, fresh, from the same weights and gradient (one backward pass for all)."""
     config = _config(tensors, config)
     p = Precision(precision)
     _, grads, _ = _loss_and_gradients(tensors, x, target, config, precision)
     params = {k: p.array(tensors[k]) for k in grads}
-    stepped = Optimizer(optimizer).step(params, grads)
     results = {f"grad/{k}": v for k, v in grads.items()}
-    results.update({f"step/{k}": v for k, v in stepped.items()})
+    for optimizer in optimizers:
+        stepped = Optimizer(optimizer).step(params, grads)
+        results.update({f"step/{optimizer}/{k}": v for k, v in stepped.items()})
     return results
 
 
 def fit(
-    tensors: dict, xs, targets, *, optimizer: str, config: ModelConfig | None = None, precision: str = "float64"
+    tensors: dict,
+    xs,
+    targets,
+    *,
+    optimizer: str,
+    config: ModelConfig | None = None,
+    precision: str = "float64",
+    trajectory: bool = False,
 ) -> dict:
     """``len(xs)`` training steps with one ``optimizer`` whose state persists: step k runs the
     train-mode forward on ``xs[k-1]`` (updating the running statistics), and one optimizer step on
     the gradient of mean((output - targets[k-1])**2).
 
     Returns ``loss/step<k>`` (before step k's update) for every step, then ``param/<name>`` for
-    every trainable tensor and ``state/<name>`` for every running statistic after the last step."""
+    every trainable tensor and ``state/<name>`` for every running statistic after the last step.
+    With ``trajectory``, also ``trajectory/step<k>/<name>``: every trainable tensor after step k."""
     config = _config(tensors, config)
     p = Precision(precision)
     if len(xs) != len(targets):
@@ -526,6 +544,8 @@ def fit(
         results[f"loss/step{k + 1}"] = np.asarray(loss)
         params = opt.step(params, grads)
         state.update(new_state)
+        if trajectory:
+            results.update({f"trajectory/step{k + 1}/{name}": v for name, v in params.items()})
     results.update({f"param/{k}": v for k, v in params.items()})
     results.update({f"state/{k}": state[k] for k in _buffers(config) if k in state})
     return results
