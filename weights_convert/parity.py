@@ -310,19 +310,18 @@ def compute(impl: Target, checkpoint: Checkpoint, inputs: Inputs, run: Run) -> d
 
 
 def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precision: str = "float64") -> dict:
-    """The same quantities from the independent NumPy reference, computed at ``precision``."""
+    """The same quantities from the independent NumPy reference, computed at ``precision`` (one
+    backward pass for every optimizer of a train run)."""
     from weights_convert import reference
 
-    common = {"config": checkpoint.config, "precision": precision}
-    functions = {
-        "forward": lambda x, target, train: reference.forward(checkpoint.tensors, x, train=train, **common),
-        "train_step": lambda x, target, optimizer: reference.train_step(
-            checkpoint.tensors, x, target, optimizer=optimizer, **common
-        ),
-        "fit": lambda x, target, optimizer: reference.fit(checkpoint.tensors, x, target, optimizer=optimizer, **common),
-    }
-    calls = calls_for(run, inputs)
-    return merge(calls, [functions[function](x, target, **kwargs) for function, x, target, kwargs in calls])
+    tensors, common = checkpoint.tensors, {"config": checkpoint.config, "precision": precision}
+    if run.mode == "fit":
+        ((_, x, target, kwargs),) = calls_for(run, inputs)
+        return reference.fit(tensors, x, target, **kwargs, **common)
+    results = reference.forward(tensors, inputs.x, train=run.mode == "train", **common)
+    if run.mode == "train":
+        results.update(reference.train_steps(tensors, inputs.x, inputs.target, optimizers=run.optimizers, **common))
+    return results
 
 
 def _group(name: str) -> str:
