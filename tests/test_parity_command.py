@@ -204,15 +204,16 @@ def test_refused_checkpoint_exits_1(capsys, tmp_path):
     assert code == 1 and "bad.safetensors" in err and len(err.strip().splitlines()) == 1
 
 
-# Sensitivity: the smallest relative change of one layer's weights that each precision must catch
-# on the small model (measured ratio of that change's effect to the bound: see README).
-SENSITIVITY = {"float64": 1e-8, "float32": 1e-4, "mixed_bfloat16": 3e-2}
+# Sensitivity: a relative change of one BatchNorm scale (it reaches the output in eval and train
+# mode alike) that each precision must catch on the small model: 3x the smallest change caught
+# (measured: 3e-10 in float64, 1e-5 in float32 eval and 3e-5 in train, 0.1 in mixed bfloat16).
+SENSITIVITY = {"float64": 1e-9, "float32": 1e-4, "mixed_bfloat16": 0.3}
 
 
 @pytest.mark.parametrize("dtype", sorted(SENSITIVITY))
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_a_small_relative_change_of_one_layer_fails_at_every_precision(monkeypatch, small_checkpoint, dtype, mode):
-    name = "d2.c1.conv.3.weight"
+    name = "d2.c1.conv.4.weight"
     scale = 1 + SENSITIVITY[dtype]
     real = {function: getattr(impl_torch.runner, function) for function in ("forward", "train_step")}
 
