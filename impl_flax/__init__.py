@@ -1,4 +1,5 @@
-"""Attention U-Net in Flax NNX (NHWC), with checkpoint load/save through ``weights_convert``."""
+"""Attention U-Net in Flax NNX (NHWC), with checkpoint load/save through ``weights_convert``; in
+float32, float64 or mixed bfloat16 (float32 parameters, bfloat16 compute: ``dtype="mixed_bfloat16"``)."""
 
 from impl_flax.io import from_checkpoint, load, save, to_checkpoint
 from impl_flax.model import AttentionUNet

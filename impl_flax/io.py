@@ -8,21 +8,25 @@ import numpy as np
 from flax import nnx
 
 import weights_convert
-from impl_flax.model import AttentionUNet, check_dtype
+from impl_flax.model import AttentionUNet, check_dtype, resolve_dtypes
 from weights_convert.checkpoint import Checkpoint, CheckpointError
 from weights_convert.flax_layout import from_nnx, to_nnx
 
 
 def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
-    """An eval-mode model holding ``checkpoint``'s tensors, floating ones cast to ``dtype``.
+    """An eval-mode model holding ``checkpoint``'s tensors, floating ones cast to the parameter dtype.
 
-    float64 needs JAX's 64-bit mode to be on already (see ``impl_flax.model.check_dtype``).
+    ``dtype`` is "float32", "float64" or "mixed_bfloat16" (float32 parameters and BatchNorm
+    statistics, bfloat16 compute; see ``impl_flax.AttentionUNet``). float64 needs JAX's 64-bit mode
+    to be on already (see ``impl_flax.model.resolve_dtypes``).
     """
-    dtype = check_dtype(dtype)
+    compute, param = resolve_dtypes(dtype)
     config = checkpoint.config
     # Build the module tree without initializing 8M random weights, then fill every variable.
     abstract = nnx.eval_shape(
-        lambda: AttentionUNet(config.in_channels, config.out_channels, config.channels, dtype=dtype, rngs=nnx.Rngs(0))
+        lambda: AttentionUNet(
+            config.in_channels, config.out_channels, config.channels, dtype=compute, param_dtype=param, rngs=nnx.Rngs(0)
+        )
     )
     graphdef, state = nnx.split(abstract)
     values = to_nnx(checkpoint)
@@ -35,7 +39,7 @@ def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
         )
     for path, variable in nnx.to_flat_state(state):
         value = values[path]
-        target = variable.get_value().dtype  # the float dtype asked for, or the default int
+        target = variable.get_value().dtype  # the parameter dtype, or the default int
         variable.set_value(jnp.asarray(value, dtype=target))
     model = nnx.merge(graphdef, state)
     model.eval()
@@ -49,7 +53,8 @@ def to_checkpoint(model: AttentionUNet) -> Checkpoint:
 
 
 def load(path, dtype="float32") -> AttentionUNet:
-    """Load any checkpoint ``weights_convert`` reads into an eval-mode model."""
+    """Load any checkpoint ``weights_convert`` reads into an eval-mode model; ``dtype`` as in
+    ``from_checkpoint`` ("float32", "float64" or "mixed_bfloat16")."""
     check_dtype(dtype)
     return from_checkpoint(weights_convert.read(path), dtype)
 

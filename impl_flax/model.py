@@ -4,6 +4,12 @@ NHWC activations and HWIO kernels. The attribute tree is the torch module tree: 
 becomes an ``nnx.List`` holding the same layers at the same indices (parameter-free activations
 included), so ``e1.conv.conv.0.weight`` lives at the state path ``("e1", "conv", "conv", 0, "kernel")``;
 ``weights_convert.flax_layout.nnx_path`` is that rule.
+
+Precision follows Flax's own layers: ``dtype`` is the compute dtype, ``param_dtype`` the dtype of the
+parameters and BatchNorm statistics. float32 and float64 compute in their own dtype; mixed bfloat16
+(``dtype=jnp.bfloat16`` with float32 parameters, or ``dtype="mixed_bfloat16"``, the name that
+``impl_flax.load`` and ``from_checkpoint`` take too) keeps float32 parameters and computes convolutions
+and activations in bfloat16.
 """
 
 from __future__ import annotations
@@ -22,27 +28,56 @@ from weights_convert.spec import ModelConfig
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
-DTYPES = ("float32", "float64")
+# The precisions a model can be built in, by name: (compute dtype, parameter dtype). "mixed_bfloat16"
+# is Keras' name for the policy; in Flax terms it is dtype=bfloat16, param_dtype=float32.
+PRECISIONS = {
+    "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
+}
+DTYPES = tuple(PRECISIONS)
 
 
-def check_dtype(dtype) -> np.dtype:
-    """The model's dtype as numpy dtype; float64 only when JAX's 64-bit mode is already on.
-
-    Without x64, JAX silently computes a requested float64 in float32, so refuse instead of
-    returning float32 results labelled float64; this never switches x64 on itself.
-    """
+def _dtype_name(dtype) -> str | None:
     try:
-        name = np.dtype(dtype).name
+        return np.dtype(dtype).name  # numpy, jnp and ml_dtypes types, and their names
     except TypeError:
-        name = None
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if name == "float64" and not jax.config.jax_enable_x64:
+        return None
+
+
+def resolve_dtypes(dtype, param_dtype=None) -> tuple[np.dtype, np.dtype]:
+    """(compute dtype, parameter dtype) for a model; float64 only when JAX's 64-bit mode is already on.
+
+    ``dtype`` is a name of ``DTYPES`` or a dtype (float32, float64, bfloat16). ``param_dtype`` defaults
+    to ``dtype`` for float32 and float64, and to float32 for bfloat16 (Flax's default): bfloat16 is a
+    compute dtype only, never a parameter dtype, because optimizer updates and BatchNorm running
+    statistics lose most of their digits in it. Without x64, JAX silently computes a requested float64
+    in float32, so that is refused instead of returning float32 results labelled float64; this never
+    switches x64 on itself.
+    """
+    if isinstance(dtype, str) and dtype in PRECISIONS:
+        compute, default_param = PRECISIONS[dtype]
+    else:
+        compute = _dtype_name(dtype)
+        if compute not in ("float32", "float64", "bfloat16"):
+            raise ValueError(f"dtype must be one of {list(DTYPES)} or jnp.bfloat16, got {dtype!r}")
+        default_param = "float32" if compute == "bfloat16" else compute
+    param = default_param if param_dtype is None else _dtype_name(param_dtype)
+    if compute == "bfloat16" and param != "float32":
+        raise ValueError(f"bfloat16 computes with float32 parameters only (mixed precision), got {param_dtype!r}")
+    if compute != "bfloat16" and param != compute:
+        raise ValueError(f"dtype {compute} needs param_dtype {compute} (or None), got {param_dtype!r}")
+    if compute == "float64" and not jax.config.jax_enable_x64:
         raise ValueError(
             "dtype float64 needs JAX's 64-bit mode, which is off: call jax.config.update('jax_enable_x64', True) "
             "first or work inside `with jax.enable_x64(True):`"
         )
-    return np.dtype(name)
+    return np.dtype(compute), np.dtype(param)
+
+
+def check_dtype(dtype, param_dtype=None) -> np.dtype:
+    """The compute dtype of ``resolve_dtypes``, after checking the pair."""
+    return resolve_dtypes(dtype, param_dtype)[0]
 
 
 class BatchNorm(nnx.Module):
@@ -54,13 +89,19 @@ class BatchNorm(nnx.Module):
     variance as E[x^2] - E[x]^2, which cancels digits. This layer normalizes with the biased
     variance of the centred batch (as torch does), stores the unbiased one, and keeps the counter
     so that checkpoints round-trip.
+
+    Precision as in ``nnx.BatchNorm``: scale, bias and running statistics are ``param_dtype``; the
+    batch statistics and the normalization are computed in at least float32 (a bfloat16 input is
+    widened first: its 8-bit mantissa cannot hold a mean over thousands of values), and the output
+    is cast to the compute ``dtype``.
     """
 
-    def __init__(self, num_features: int, *, dtype=jnp.float32, use_running_average: bool = False):
-        self.scale = nnx.Param(jnp.ones((num_features,), dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), dtype))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), dtype))
+    def __init__(self, num_features: int, *, dtype=jnp.float32, param_dtype=None, use_running_average: bool = False):
+        self.dtype, self.param_dtype = resolve_dtypes(dtype, param_dtype)
+        self.scale = nnx.Param(jnp.ones((num_features,), self.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), self.param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), self.param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), self.param_dtype))
         # The default integer type: int64 under x64, int32 otherwise (2**31 steps is plenty).
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), int))
         self.use_running_average = use_running_average
@@ -68,6 +109,7 @@ class BatchNorm(nnx.Module):
         self.epsilon = BN_EPS
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, jnp.promote_types(self.param_dtype, jnp.float32))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
@@ -86,10 +128,10 @@ class BatchNorm(nnx.Module):
             self.num_batches_tracked[...] += 1
         # Folded into one multiply-add per element, as torch's CPU kernel does.
         alpha = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
-        return x * alpha + (self.bias[...] - mean * alpha)
+        return jnp.asarray(x * alpha + (self.bias[...] - mean * alpha), self.dtype)
 
 
-def conv(c_in: int, c_out: int, kernel_size: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(c_in: int, c_out: int, kernel_size: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
     # Explicit symmetric padding: 'SAME' is not torch's padding=1 for every kernel size.
     pad = kernel_size // 2
     return nnx.Conv(
@@ -97,8 +139,8 @@ def conv(c_in: int, c_out: int, kernel_size: int, dtype, rngs: nnx.Rngs) -> nnx.
         c_out,
         (kernel_size, kernel_size),
         padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        param_dtype=dtype,
+        dtype=dtype,  # inputs and kernel are cast to it: bfloat16 convolutions under mixed precision
+        param_dtype=param_dtype,
         rngs=rngs,
     )
 
@@ -112,14 +154,15 @@ def sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
 class ConvBlock(nnx.Module):
     """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU."""
 
-    def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, c_in: int, c_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.conv = nnx.List(
             [
-                conv(c_in, c_out, 3, dtype, rngs),
-                BatchNorm(c_out, dtype=dtype),
+                conv(c_in, c_out, 3, **dtypes, rngs=rngs),
+                BatchNorm(c_out, **dtypes),
                 nnx.relu,
-                conv(c_out, c_out, 3, dtype, rngs),
-                BatchNorm(c_out, dtype=dtype),
+                conv(c_out, c_out, 3, **dtypes, rngs=rngs),
+                BatchNorm(c_out, **dtypes),
                 nnx.relu,
             ]
         )
@@ -138,8 +181,8 @@ def max_pool2x2(x: jax.Array) -> jax.Array:
 class EncoderBlock(nnx.Module):
     """Conv block, then a 2x2 max pool (floor for odd sizes); returns (skip, pooled)."""
 
-    def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = ConvBlock(c_in, c_out, dtype=dtype, rngs=rngs)
+    def __init__(self, c_in: int, c_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.conv = ConvBlock(c_in, c_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pool = max_pool2x2
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -150,11 +193,12 @@ class EncoderBlock(nnx.Module):
 class AttentionGate(nnx.Module):
     """Per-channel attention coefficients ``a`` from the gating signal g and the skip s; returns (a * s, a)."""
 
-    def __init__(self, c_g: int, c_s: int, *, dtype, rngs: nnx.Rngs):
-        self.Wg = nnx.List([conv(c_g, c_s, 1, dtype, rngs), BatchNorm(c_s, dtype=dtype)])
-        self.Ws = nnx.List([conv(c_s, c_s, 1, dtype, rngs), BatchNorm(c_s, dtype=dtype)])
+    def __init__(self, c_g: int, c_s: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.Wg = nnx.List([conv(c_g, c_s, 1, **dtypes, rngs=rngs), BatchNorm(c_s, **dtypes)])
+        self.Ws = nnx.List([conv(c_s, c_s, 1, **dtypes, rngs=rngs), BatchNorm(c_s, **dtypes)])
         self.relu = nnx.relu
-        self.output = nnx.List([conv(c_s, c_s, 1, dtype, rngs), nnx.sigmoid])
+        self.output = nnx.List([conv(c_s, c_s, 1, **dtypes, rngs=rngs), nnx.sigmoid])
 
     def __call__(self, g: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
         attention = sequential(self.output, self.relu(sequential(self.Wg, g) + sequential(self.Ws, s)))
@@ -210,9 +254,9 @@ def pad_to(x: jax.Array, height: int, width: int) -> jax.Array:
 class DecoderBlock(nnx.Module):
     """Upsample x2, pad to the skip, gate the skip, concatenate, conv block."""
 
-    def __init__(self, c_g: int, c_s: int, *, dtype, rngs: nnx.Rngs):
-        self.ag = AttentionGate(c_g, c_s, dtype=dtype, rngs=rngs)
-        self.c1 = ConvBlock(c_g + c_s, c_s, dtype=dtype, rngs=rngs)
+    def __init__(self, c_g: int, c_s: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.ag = AttentionGate(c_g, c_s, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c1 = ConvBlock(c_g + c_s, c_s, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, skip: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = pad_to(upsample2x(x), skip.shape[1], skip.shape[2])
@@ -222,7 +266,18 @@ class DecoderBlock(nnx.Module):
 
 class AttentionUNet(nnx.Module):
     """Attention U-Net, NHWC in and out; returns logits. Starts in training mode, as torch modules
-    do: ``model.eval()`` switches every BatchNorm to its running statistics, ``model.train()`` back."""
+    do: ``model.eval()`` switches every BatchNorm to its running statistics, ``model.train()`` back.
+
+    ``dtype`` is the compute dtype and ``param_dtype`` the dtype of the parameters and BatchNorm
+    statistics, as in Flax's own layers; ``param_dtype`` defaults to ``dtype`` for float32 and float64.
+    Mixed precision is ``dtype=jnp.bfloat16`` (``param_dtype`` then defaults to float32, the only one
+    allowed), or ``dtype="mixed_bfloat16"``: convolutions, activations, the upsampling and the gates
+    compute in bfloat16 and the logits are bfloat16; BatchNorm computes its batch statistics and the
+    normalization in float32 (output bfloat16) and updates float32 running statistics; gradients and
+    optimizer updates are float32 (cast the logits to float32 before the loss).
+    ``impl_flax.load(path, dtype="mixed_bfloat16")`` builds the same model from a file, and
+    ``impl_flax.to_checkpoint`` of it gives float32 tensors.
+    """
 
     def __init__(
         self,
@@ -231,20 +286,21 @@ class AttentionUNet(nnx.Module):
         channels: tuple[int, ...] = (64, 128, 256, 512),
         *,
         dtype=jnp.float32,
+        param_dtype=None,
         rngs: nnx.Rngs,
     ):
         self.config = ModelConfig(in_channels, out_channels, tuple(channels))
-        self.dtype = check_dtype(dtype)
+        self.dtype, self.param_dtype = resolve_dtypes(dtype, param_dtype)
         c = self.config.channels
         depth = self.config.depth
         levels_in = (in_channels,) + c[:-2]
-        kw = dict(dtype=self.dtype, rngs=rngs)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
         for i in range(depth):
             setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i], **kw))
         self.b1 = ConvBlock(c[-2], c[-1], **kw)
         for j in range(depth):
             setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j], **kw))
-        self.output = conv(c[0], out_channels, 1, self.dtype, rngs)
+        self.output = conv(c[0], out_channels, 1, **kw)
 
     @property
     def encoders(self) -> list[EncoderBlock]:

@@ -1,9 +1,24 @@
-"""What the parity harness runs in Flax NNX: the two functions of ``impl_torch.runner``, same
+"""What the parity harness runs in Flax NNX: the functions of ``impl_torch.runner``, same
 signatures, numpy in and out in canonical layouts (NCHW activations, canonical names, OIHW kernels).
 
-Both run under ``nnx.jit`` (the variant users deploy, and one XLA compile instead of one per op).
-float64 runs inside a scoped ``jax.enable_x64(True)``, so x64 never leaks to the caller; every run
-uses "highest" matmul precision so that a GPU computes float32 without TF32 (a no-op on CPU).
+- ``forward(checkpoint, x, *, dtype, device, train)``: every named block output; in train mode also
+  ``state/<name>`` for every running statistic after the forward.
+- ``train_step(checkpoint, x, target, *, dtype, device, optimizer)``: ``grad/<name>`` and
+  ``step/<name>`` (the parameters after one step of a fresh optimizer).
+- ``fit(checkpoint, xs, targets, *, dtype, device, optimizer)``: one train step per batch of ``xs``
+  with ONE optimizer whose state persists across the steps; ``loss/step<k>``, then ``param/<name>``
+  and ``state/<name>`` after the last step; with ``trajectory=True`` also
+  ``trajectory/step<k>/<name>``, every trainable tensor after each step.
+
+All run under ``nnx.jit`` (the variant users deploy, and one XLA compile instead of one per op);
+``train_step`` and ``fit`` share one jitted step function, compiled once per shape and precision and
+reused for every step. ``dtype`` is "float32", "float64" or "mixed_bfloat16" (the model's own mixed
+precision: float32 parameters and statistics, bfloat16 compute); inputs and targets are fed in the
+parameter dtype, and bfloat16 results come back as float32. float64 runs inside a scoped
+``jax.enable_x64(True)``, so x64 never leaks to the caller. Runs use "highest" matmul precision
+so that a GPU computes float32 without TF32 (a no-op on CPU; under mixed_bfloat16 the convolutions
+take bfloat16 operands, which that setting leaves alone), unless the caller has chosen a precision
+(the parity command's TF32 rows run inside ``jax.default_matmul_precision("tensorfloat32")``).
 """
 
 from __future__ import annotations
@@ -18,10 +33,11 @@ import optax
 from flax import nnx
 
 from impl_flax.io import from_checkpoint
-from impl_flax.model import AttentionUNet, check_dtype
+from impl_flax.model import DTYPES, AttentionUNet, resolve_dtypes
 from weights_convert.checkpoint import Checkpoint
 from weights_convert.flax_layout import from_nnx
 from weights_convert.optim import OPTIMIZERS
+from weights_convert.spec import ModelConfig, param_specs
 
 
 def jax_device(device: str):
@@ -35,11 +51,22 @@ def jax_device(device: str):
 
 @contextlib.contextmanager
 def _scope(dtype: str, device: str):
-    """x64 on only for float64 runs, the chosen device, no TF32."""
+    """x64 on only for float64 runs, the chosen device, no TF32; yields the parameter dtype (the
+    dtype inputs and targets are fed in)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
-    with x64, jax.default_device(jax_device(device)), jax.default_matmul_precision("highest"):
-        check_dtype(dtype)
-        yield
+    # JAX's default on a GPU is TF32 for float32 operands; "highest" is full float32. It is explicit
+    # for mixed_bfloat16 too, where the convolutions see bfloat16 operands and are unaffected by it.
+    precision = jax.config.jax_default_matmul_precision or "highest"
+    with x64, jax.default_device(jax_device(device)), jax.default_matmul_precision(precision):
+        yield resolve_dtypes(dtype)[1]
+
+
+def _numpy(value) -> np.ndarray:
+    """A result as numpy; bfloat16 (a numpy dtype only through ml_dtypes) as float32."""
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype == jnp.bfloat16 else array
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -47,7 +74,7 @@ def to_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def to_nchw(x) -> np.ndarray:
-    return np.asarray(x).transpose(0, 3, 1, 2)
+    return _numpy(x).transpose(0, 3, 1, 2)
 
 
 def _model(checkpoint: Checkpoint, dtype: str, train: bool) -> AttentionUNet:
@@ -56,9 +83,10 @@ def _model(checkpoint: Checkpoint, dtype: str, train: bool) -> AttentionUNet:
     return model
 
 
-def _canonical(state: nnx.State, prefix: str) -> dict:
-    flat = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
-    return {f"{prefix}/{name}": value for name, value in from_nnx(flat).items()}
+def _canonical(state: nnx.State, prefix: str, config: ModelConfig) -> dict:
+    """``{prefix/<canonical name>: numpy}`` in ``state_dict`` order (NNX states are sorted by path)."""
+    tensors = from_nnx({path: _numpy(v.get_value()) for path, v in nnx.to_flat_state(state)})
+    return {f"{prefix}/{p.name}": tensors[p.name] for p in param_specs(config) if p.name in tensors}
 
 
 @nnx.jit
@@ -67,20 +95,27 @@ def _named_outputs(model: AttentionUNet, x: jax.Array) -> dict:
 
 
 def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
-    with _scope(dtype, device):
+    with _scope(dtype, device) as input_dtype:
         model = _model(checkpoint, dtype, train)
-        named = _named_outputs(model, jnp.asarray(to_nhwc(x), dtype))
+        named = _named_outputs(model, jnp.asarray(to_nhwc(x), input_dtype))
         results = {name: to_nchw(named[name]) for name in model.block_names}
         if train:
-            results.update(_canonical(nnx.state(model, nnx.BatchStat), "state"))
+            results.update(_canonical(nnx.state(model, nnx.BatchStat), "state", model.config))
     return results
+
+
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
 
 
 @functools.cache
 def make_optimizer(name: str) -> optax.GradientTransformation:
-    """optax with torch.optim's definitions: SGD is p - lr * g; optax's Adam adds eps to the
-    bias-corrected sqrt(v), as torch does (eps_root stays 0). Cached: the transformation is a
-    static part of ``nnx.Optimizer``, so a new one per call would recompile the jitted step."""
+    """optax with torch.optim's definitions, at every step t: SGD is p - lr * g; optax's Adam divides
+    the bias-corrected m by sqrt(v / (1 - b2^t)) + eps, as torch does (eps_root stays 0). Cached: the
+    transformation is a static part of ``nnx.Optimizer``, so a new one per call would recompile the
+    jitted step."""
+    check_optimizer(name)
     hyper = OPTIMIZERS[name]
     if name == "sgd":
         return optax.sgd(hyper["lr"])
@@ -88,23 +123,64 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
 
 
 def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> jax.Array:
-    return jnp.mean((model(x) - target) ** 2)
+    """Mean squared error over all elements. Under mixed precision the logits are bfloat16: the loss
+    is taken in the target's dtype (float32, the parameter dtype), as torch autocast and Keras'
+    mixed policy do."""
+    return jnp.mean((jnp.asarray(model(x), target.dtype) - target) ** 2)
 
 
 @nnx.jit
-def _gradient_step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array) -> nnx.State:
-    grads = nnx.grad(loss_fn)(model, x, target)
+def train_step_fn(
+    model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array
+) -> tuple[jax.Array, nnx.State]:
+    """One training step, in place: the loss and its gradients from a train-mode forward (which
+    updates the running statistics), then one optimizer update. Returns (loss, gradients)."""
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, target)
     optimizer.update(model, grads)
-    return grads
+    return loss, grads
 
 
 def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    with _scope(dtype, device):
+    check_optimizer(optimizer)
+    with _scope(dtype, device) as input_dtype:
         model = _model(checkpoint, dtype, train=True)
         opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
-        x, target = (jnp.asarray(to_nhwc(a), dtype) for a in (x, target))
-        results = _canonical(_gradient_step(model, opt, x, target), "grad")
-        results.update(_canonical(nnx.state(model, nnx.Param), "step"))
+        x, target = (jnp.asarray(to_nhwc(a), input_dtype) for a in (x, target))
+        _, grads = train_step_fn(model, opt, x, target)
+        results = _canonical(grads, "grad", model.config)
+        results.update(_canonical(nnx.state(model, nnx.Param), "step", model.config))
     return results
+
+
+def fit(
+    checkpoint: Checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False
+) -> dict:
+    """``len(xs)`` training steps of one optimizer: step k trains on ``xs[k - 1]`` against
+    ``targets[k - 1]`` (shapes (steps, N, C, H, W) and (steps, N, out_channels, H, W)).
+
+    Returns ``loss/step<k>`` (each step's loss, before its update) for every step, then
+    ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running statistic
+    after the last step; with ``trajectory`` also ``trajectory/step<k>/<name>``, every trainable
+    tensor after each step."""
+    check_optimizer(optimizer)
+    xs, targets = np.asarray(xs), np.asarray(targets)
+    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets) or len(xs) == 0:
+        raise ValueError(
+            f"expected xs (steps, N, C, H, W) and targets (steps, N, out_channels, H, W) with the same number "
+            f"of steps (at least 1), got shapes {xs.shape} and {targets.shape}"
+        )
+    with _scope(dtype, device) as input_dtype:
+        model = _model(checkpoint, dtype, train=True)
+        opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
+        # NHWC in the feed dtype; each step's batch goes to the device as a data loader would send it.
+        xs, targets = (np.asarray(a.transpose(0, 1, 3, 4, 2), input_dtype) for a in (xs, targets))
+        losses, path = [], {}
+        for k, (x, target) in enumerate(zip(xs, targets, strict=True), start=1):
+            loss, _ = train_step_fn(model, opt, jnp.asarray(x), jnp.asarray(target))
+            losses.append(loss)
+            if trajectory:
+                path.update(_canonical(nnx.state(model, nnx.Param), f"trajectory/step{k}", model.config))
+        results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
+        results.update(_canonical(nnx.state(model, nnx.Param), "param", model.config))
+        results.update(_canonical(nnx.state(model, nnx.BatchStat), "state", model.config))
+    return results | path
