@@ -93,7 +93,8 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What is computed: ``mode`` with its optimizers (train: one step each; fit: ``steps`` steps of the first)."""
+    """What is computed: ``mode`` with its optimizers (train: one step each, and no backward pass
+    without any; fit: ``steps`` steps of the first)."""
 
     mode: str = "eval"
     optimizers: tuple[str, ...] = OPTIMIZER_NAMES
@@ -319,7 +320,7 @@ def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precisio
         ((_, x, target, kwargs),) = calls_for(run, inputs)
         return reference.fit(tensors, x, target, **kwargs, **common)
     results = reference.forward(tensors, inputs.x, train=run.mode == "train", **common)
-    if run.mode == "train":
+    if run.mode == "train" and run.optimizers:
         results.update(reference.train_steps(tensors, inputs.x, inputs.target, optimizers=run.optimizers, **common))
     return results
 
@@ -442,19 +443,20 @@ def check(
     batch: int = DEFAULT_BATCH,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
-    optimizer: str | None = None,
+    optimizer: str | tuple[str, ...] | None = None,
     trajectory: bool = False,
     progress=None,
 ) -> Report:
     """Run ``checkpoint`` (a path, a Checkpoint, or None for seeded default weights) through each
     framework and compare every quantity with the independent float64 NumPy reference: block
     outputs (eval), plus running statistics, gradients and one step of each optimizer (train, or
-    of ``optimizer`` only), or the losses of ``steps`` training steps and the final parameters and
-    running statistics (fit, with ``optimizer``, default Adam). Below float64 each row's bound is
+    of ``optimizer`` only: a name, or a tuple of names, empty for no backward pass), or the losses
+    of ``steps`` training steps and the final parameters and running statistics (fit, with
+    ``optimizer``, default Adam). Below float64 each row's bound is
     relative to the noise of the same reference computed at ``dtype``. With ``trajectory`` a fit
     also records every implementation's largest parameter difference after each step
     (``Report.drift``, for the plot)."""
-    frameworks, keras_backends = _validate(
+    frameworks, keras_backends, optimizers = _validate(
         frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer
     )
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
@@ -464,8 +466,7 @@ def check(
     config = checkpoint.config if checkpoint is not None else ModelConfig()
     if min(size) < config.min_size:
         raise ParityError(f"--size {size[0]} {size[1]} is too small for depth {config.depth}: min {config.min_size}")
-    default_optimizers = (DEFAULT_FIT_OPTIMIZER,) if mode == "fit" else OPTIMIZER_NAMES
-    run = Run(mode, (optimizer,) if optimizer else default_optimizers, steps, trajectory and mode == "fit")
+    run = Run(mode, optimizers, steps, trajectory and mode == "fit")
     inputs = Inputs(*make_inputs(config, batch, size, seed, steps if mode == "fit" else None))
     if checkpoint is None:
         checkpoint = default_checkpoint(inputs.x[0] if mode == "fit" else inputs.x)
@@ -551,7 +552,12 @@ def _validate(frameworks, keras_backends, dtype, device, mode, size, batch, step
     for name, value, allowed in (("dtype", dtype, DTYPES), ("device", device, DEVICES), ("mode", mode, MODES)):
         if value not in allowed:
             raise ParityError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
-    if optimizer is not None and optimizer not in OPTIMIZER_NAMES:
+    if optimizer is None:
+        optimizers = (DEFAULT_FIT_OPTIMIZER,) if mode == "fit" else OPTIMIZER_NAMES
+    else:
+        optimizers = (optimizer,) if isinstance(optimizer, str) else tuple(optimizer)
+    unknown = [name for name in optimizers if name not in OPTIMIZER_NAMES]
+    if unknown or (mode == "fit" and len(optimizers) != 1):
         raise ParityError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
     if len(size) != 2 or min(size) < 1 or batch < 1:
         raise ParityError(f"size must be two positive integers and batch positive, got size {size}, batch {batch}")
@@ -561,7 +567,7 @@ def _validate(frameworks, keras_backends, dtype, device, mode, size, batch, step
         missing = [f for f in frameworks if not gpu_available(f, keras_backends)]
         if missing:
             raise ParityError(f"--device gpu: no GPU visible to {', '.join(missing)}")
-    return frameworks, keras_backends
+    return frameworks, keras_backends, optimizers
 
 
 def gpu_available(framework: str, keras_backends=("tensorflow",)) -> bool:
