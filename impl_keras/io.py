@@ -17,7 +17,8 @@ from weights_convert.formats.keras_h5_format import keras_path
 from weights_convert.layouts import rule
 from weights_convert.spec import param_specs
 
-DTYPES = ("float32", "float64")
+# "mixed_bfloat16" is Keras' mixed-precision policy: float32 variables, bfloat16 computation.
+DTYPES = ("float32", "float64", "mixed_bfloat16")
 
 
 def check_dtype(dtype) -> str:
@@ -70,13 +71,16 @@ def assign_checkpoint(model: AttentionUNet, checkpoint: Checkpoint) -> None:
 
 
 def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
-    """A model holding ``checkpoint``'s tensors, cast to ``dtype`` ("float32" or "float64").
+    """A model holding ``checkpoint``'s tensors, cast to ``dtype`` ("float32" or "float64"), or with
+    ``"mixed_bfloat16"`` float32 variables computing in bfloat16.
 
     Call it with ``training=False`` (the Keras default) for running statistics."""
     return build_model(checkpoint, check_dtype(dtype))
 
 
 def to_checkpoint(model: AttentionUNet) -> Checkpoint:
+    """The model's variables as a canonical checkpoint, in the variable dtype (float32 for a
+    ``"mixed_bfloat16"`` model)."""
     specs = {spec.name: spec for spec in param_specs(model.config)}
     tensors = {}
     for name, variable in keras_variables(model).items():
@@ -86,7 +90,8 @@ def to_checkpoint(model: AttentionUNet) -> Checkpoint:
 
 
 def load(path, dtype="float32") -> AttentionUNet:
-    """Load any checkpoint ``weights_convert`` reads (config from the file or inferred from shapes)."""
+    """Load any checkpoint ``weights_convert`` reads (config from the file or inferred from shapes),
+    as a ``dtype`` model ("float32", "float64" or "mixed_bfloat16")."""
     check_dtype(dtype)
     return from_checkpoint(weights_convert.read(path), dtype)
 

@@ -7,13 +7,17 @@ every backend; inside, the activations use the layout the backend's CPU convolut
 its attribute in the PyTorch module tree (``e1`` / ``conv`` / ``conv`` / ``0`` ...), so a variable's
 path is the canonical module path plus its Keras leaf name (``attention_unet/e1/conv/conv/0/kernel``)
 and the converter maps names mechanically (``impl_keras.io.keras_variables``).
+
+``TorchAdam`` (at the end) is Keras' Adam with PyTorch's update, for training that must follow torch's.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from weights_convert.spec import ModelConfig
@@ -57,6 +61,14 @@ def default_data_format() -> str:
     return "channels_first" if keras.backend.backend() == "torch" else "channels_last"
 
 
+def at_least_float32(dtype) -> str:
+    """float64 and float32 as they are; bfloat16 and float16 as float32 (where the model and the
+    loss compute what half precision would round away). Not ``keras.backend.result_type(dtype,
+    "float32")``: under JAX and torch that gives float32 for float64 too."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return dtype if dtype in ("float32", "float64") else "float32"
+
+
 def channel_axis(data_format: str) -> int:
     return 1 if data_format == "channels_first" else 3
 
@@ -78,6 +90,13 @@ class BatchNorm(layers.Layer):
     *biased* batch variance while torch stores the unbiased one (times n / (n - 1)), so the two
     drift apart after the first training step; and it has no ``num_batches_tracked``, which torch
     checkpoints carry and which is kept here (+1 per training-mode call) so conversion is lossless.
+
+    Under a mixed policy (``"mixed_bfloat16"``) it computes as ``keras.layers.BatchNormalization``
+    does: the input is upcast to float32 (``statistics_dtype``); batch statistics, normalization
+    and running-statistic updates are float32, and only the output is cast back to the compute
+    dtype. Its weights are created with ``autocast=False`` for that: inside a mixed layer's
+    ``call``, Keras otherwise hands out autocast variables, bfloat16 copies of the float32 values,
+    and ``variable.dtype`` itself reads "bfloat16".
     """
 
     def __init__(self, epsilon: float = BN_EPS, momentum: float = BN_MOMENTUM, axis: int = -1, **kwargs):
@@ -91,16 +110,25 @@ class BatchNorm(layers.Layer):
         self.reduction_axes = tuple(i for i in range(len(input_shape)) if i != self.axis)
         self.broadcast_shape = tuple(-1 if i == self.axis else 1 for i in range(len(input_shape)))
         c = (input_shape[self.axis],)
-        self.gamma = self.add_weight(shape=c, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=c, initializer="zeros", name="beta")
-        self.moving_mean = self.add_weight(shape=c, initializer="zeros", trainable=False, name="moving_mean")
-        self.moving_variance = self.add_weight(shape=c, initializer="ones", trainable=False, name="moving_variance")
+        # Not autocast: a bfloat16 copy of gamma or the running statistics would round every use.
+        weight = functools.partial(self.add_weight, shape=c, autocast=False)
+        self.gamma = weight(initializer="ones", name="gamma")
+        self.beta = weight(initializer="zeros", name="beta")
+        self.moving_mean = weight(initializer="zeros", trainable=False, name="moving_mean")
+        self.moving_variance = weight(initializer="ones", trainable=False, name="moving_variance")
         # "int" is int64 where the backend has it (JAX without x64 has only int32); torch's is int64.
         self.num_batches_tracked = self.add_weight(
             shape=(), initializer="zeros", dtype="int", trainable=False, name="num_batches_tracked"
         )
 
+    @property
+    def statistics_dtype(self) -> str:
+        """The dtype of every computation in ``call``: the compute dtype, or float32 for bfloat16
+        and float16, as Keras' and torch's own BatchNorms do."""
+        return at_least_float32(self.compute_dtype)
+
     def call(self, x, training=None):
+        x = ops.cast(x, self.statistics_dtype)
         if training:
             mean, variance = self.batch_statistics(x)
         else:
@@ -110,7 +138,7 @@ class BatchNorm(layers.Layer):
         shift = self.beta - mean * alpha
         if self.axis != len(self.broadcast_shape) - 1:
             alpha, shift = ops.reshape(alpha, self.broadcast_shape), ops.reshape(shift, self.broadcast_shape)
-        return x * alpha + shift
+        return ops.cast(x * alpha + shift, self.compute_dtype)
 
     def batch_statistics(self, x):
         """Mean and biased variance of the batch (they normalize it); the running statistics get
@@ -135,9 +163,9 @@ class BatchNorm(layers.Layer):
         return mean, variance
 
     def constant(self, value: float):
-        # A tensor of the variables' dtype: a bare Python float meets a float64 tensor as a float32
+        # A tensor of ``statistics_dtype``: a bare Python float meets a float64 tensor as a float32
         # under the torch backend (0.9 -> 0.89999998), which shows in a float64 comparison.
-        return ops.convert_to_tensor(value, dtype=self.moving_mean.dtype)
+        return ops.convert_to_tensor(value, dtype=self.statistics_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -258,7 +286,9 @@ class Upsample2x(layers.Layer):
     ``keras.layers.UpSampling2D(interpolation="bilinear")`` and ``tf.image.resize`` sample at
     half-pixel centres ((i + 0.5) / 2 - 0.5): a different function. Separable: one linear
     interpolation along H, then one along W, with the sample positions and weights computed in
-    the input's dtype as torch does.
+    the input's dtype as torch does, but at least in float32, as torch's kernel does for bfloat16
+    input (its "opmath" type): bfloat16 positions (8 significant bits) would be off by up to half
+    a pixel from n = 128 on. The result is rounded to the input's dtype once.
     """
 
     def __init__(self, data_format="channels_last", **kwargs):
@@ -282,8 +312,11 @@ class Upsample2x(layers.Layer):
 
 
 def interpolate_axis(x, axis: int, n):
-    """Linear interpolation of ``x`` from ``n`` to ``2n`` samples along ``axis``, corners aligned."""
-    dtype = x.dtype
+    """Linear interpolation of ``x`` from ``n`` to ``2n`` samples along ``axis``, corners aligned;
+    computed in float32 or float64, returned in ``x``'s dtype."""
+    input_dtype = x.dtype
+    dtype = at_least_float32(input_dtype)
+    x = ops.cast(x, dtype)
     scale = ops.cast(n - 1, dtype) / ops.cast(2 * n - 1, dtype)
     position = ops.cast(ops.arange(2 * n), dtype) * scale
     lower = ops.floor(position)
@@ -293,7 +326,8 @@ def interpolate_axis(x, axis: int, n):
     broadcast = [1] * len(x.shape)
     broadcast[axis] = -1
     weight = ops.reshape(weight, broadcast)
-    return ops.take(x, lower, axis=axis) * (1 - weight) + ops.take(x, upper, axis=axis) * weight
+    blended = ops.take(x, lower, axis=axis) * (1 - weight) + ops.take(x, upper, axis=axis) * weight
+    return ops.cast(blended, input_dtype)
 
 
 def pad_to(x, height, width, data_format="channels_last"):
@@ -342,7 +376,13 @@ class AttentionUNet(keras.Model):
     """Attention U-Net, NHWC in and out; returns logits. Built on construction (any batch size
     and resolution), so ``summary()`` and weight loading work before the first call.
 
-    ``dtype`` is a Keras dtype policy ("float32" by default, "float64", ...). Two arguments only
+    ``dtype`` is a Keras dtype policy ("float32" by default, "float64", ...). With
+    ``"mixed_bfloat16"`` the variables (parameters and running statistics) are float32 and the
+    convolutions and activations compute in bfloat16, Keras' own mixed precision: every layer
+    casts its input and its autocast variables to bfloat16. The BatchNorms (as
+    ``keras.layers.BatchNormalization`` does) and the bilinear upsampling (as torch's kernel does)
+    compute in float32 and return bfloat16; running statistics are updated in float32. The logits
+    are bfloat16: cast them to float32 before a loss. Two arguments only
     shape how the model computes, not what, so they are not part of ``get_config()`` (a model
     rebuilt from a config gets the defaults): ``kernel_initializer`` initializes every conv
     kernel before any weights are loaded; ``data_format`` is the layout inside the model
@@ -452,3 +492,50 @@ class AttentionUNet(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), **self.config.to_dict()}
+
+
+@serializable
+class TorchAdam(keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` with PyTorch's update (``torch.optim.Adam``) at every step t = 1, 2, ...::
+
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g**2
+        p = p - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+
+    Keras' own Adam adds eps to sqrt(v) *before* the bias correction,
+    p -= lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps): a different update wherever eps
+    is not negligible next to sqrt(v), and no single rescaled eps matches torch at every step.
+
+    Same arguments, slots (``momentums``, ``velocities``; ``velocity_hats`` with amsgrad, which
+    takes torch's max(v_hat, v) likewise) and state as ``keras.optimizers.Adam``. Keras'
+    ``weight_decay`` is decoupled (AdamW's), torch Adam's is an L2 term in g: it is refused.
+    """
+
+    def __init__(self, *args, weight_decay=None, **kwargs):
+        if weight_decay:
+            raise ValueError(f"TorchAdam takes no weight_decay (torch Adam's is not Keras'), got {weight_decay!r}")
+        super().__init__(*args, **kwargs)
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+
+        def constant(value):
+            # Through a numpy float64: Keras' TensorFlow backend converts a bare Python float through a
+            # float32 tensor (0.999 -> 0.99900001287 in float64, 1 - b2 off by 1.3e-5 relative).
+            return ops.cast(np.float64(value), dtype)
+
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        t = ops.cast(self.iterations + 1, dtype)
+        b1, b2, eps, one = constant(self.beta_1), constant(self.beta_2), constant(self.epsilon), constant(1)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        self.assign(m, b1 * m + (one - b1) * g)
+        self.assign(v, b2 * v + (one - b2) * ops.square(g))
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            self.assign(v_hat, ops.maximum(v_hat, v))
+            v = v_hat
+        step_size = lr / (one - ops.power(b1, t))
+        denominator = ops.sqrt(v) / ops.sqrt(one - ops.power(b2, t)) + eps
+        self.assign_sub(variable, step_size * m / denominator)

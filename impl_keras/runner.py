@@ -1,4 +1,4 @@
-"""What the parity harness runs in Keras: the same two functions as ``impl_torch.runner``, numpy in
+"""What the parity harness runs in Keras: the same three functions as ``impl_torch.runner``, numpy in
 and numpy out in canonical layouts (NCHW, canonical names), under the backend of this process.
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW array}`` (every named
@@ -7,8 +7,21 @@ and numpy out in canonical layouts (NCHW, canonical names), under the backend of
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode) and ``step/<name>`` after one
   optimizer step (``optimizer`` in ``weights_convert.optim.OPTIMIZERS``).
+- ``fit(checkpoint, xs, targets, *, dtype, device, optimizer)`` -> ``len(xs)`` training steps with
+  one optimizer whose state persists: ``loss/step<k>`` (step k's loss, before its update) for every
+  step, then ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running
+  statistic after the last step; with ``trajectory=True`` also ``trajectory/step<k>/<name>``, every
+  trainable tensor after each step.
 
-``checkpoint`` is a ``Checkpoint`` or a path that ``impl_keras.load`` reads.
+``checkpoint`` is a ``Checkpoint`` or a path that ``impl_keras.load`` reads. ``dtype`` is "float32",
+"float64" or "mixed_bfloat16" (Keras' mixed policy: float32 variables, bfloat16 computation; inputs
+are fed as float32, the loss is computed in float32 and bfloat16 results come back as float32).
+
+``train_step`` and ``fit`` run the same training step, as Keras' own trainer runs it on each backend
+(``_Trainer``): TensorFlow ``tf.function``s around a ``tf.GradientTape`` and ``apply_gradients``, JAX
+``stateless_call`` under ``jax.value_and_grad`` and ``stateless_apply``, each jitted once, PyTorch
+eager ``.backward()``. The optimizers are ``keras.optimizers.SGD`` and ``impl_keras.TorchAdam``
+(Keras' Adam with torch's update at every step).
 
 The backend is fixed when Keras is imported, so ``run_in_backend`` / ``run_batch_in_backend`` run
 these functions under any backend: in this process when it already has that backend, otherwise in
@@ -22,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,7 +47,7 @@ from weights_convert.checkpoint import Checkpoint
 from weights_convert.optim import OPTIMIZERS
 
 BACKENDS = ("tensorflow", "jax", "torch")
-FUNCTIONS = ("forward", "train_step")
+FUNCTIONS = ("forward", "train_step", "fit")
 STATE_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,35 +57,51 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
-    from impl_keras.io import to_checkpoint
-
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
         named = _call(model, _nhwc(x, dtype), train)
         results = {name: _nchw(value) for name, value in named.items()}
         if train:
-            for name, value in to_checkpoint(model).tensors.items():
-                if name.rsplit(".", 1)[-1] in STATE_LEAVES:
-                    results[f"state/{name}"] = value
+            results.update({f"state/{name}": value for name, value in _state(model).items()})
     return results
 
 
 def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
-    from impl_keras.io import keras_variables
-    from weights_convert.spec import param_specs
-
-    _optimizer(optimizer)  # an unknown name fails before any work
+    _check_optimizer(optimizer)  # an unknown name fails before any work
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
-        by_id = {id(v): name for name, v in keras_variables(model).items()}
-        specs = {s.name: s for s in param_specs(model.config)}
-        names = [by_id[id(v)] for v in model.trainable_variables]
-        grads = _gradients(model, _nhwc(x, dtype), _nhwc(target, dtype))
-        results = {f"grad/{name}": _canonical(specs[name], g) for name, g in zip(names, grads, strict=True)}
-        variables = model.trainable_variables
-        _apply_gradients(optimizer, model, grads)
-        results.update({f"step/{n}": _canonical(specs[n], v) for n, v in zip(names, variables, strict=True)})
+        trainer = _trainer(model, optimizer)
+        trainer.reset()
+        _, grads = trainer.step(_nhwc(x, dtype), _nhwc(target, dtype))
+        results = {f"grad/{name}": value for name, value in trainer.canonical(grads).items()}
+        results.update({f"step/{name}": value for name, value in trainer.parameters().items()})
     return results
+
+
+def fit(checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False) -> dict:
+    """``xs`` (steps, N, C, H, W), ``targets`` (steps, N, out_channels, H, W): step k trains on
+    ``xs[k-1]`` against ``targets[k-1]`` with one optimizer (Adam's t runs 1, 2, ...)."""
+    _check_optimizer(optimizer)
+    xs, targets = np.asarray(xs), np.asarray(targets)
+    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets) or len(xs) == 0:
+        raise ValueError(
+            "expected xs of shape (steps, N, C, H, W) and targets of shape (steps, N, out_channels, H, W) "
+            f"with the same steps >= 1, got {xs.shape} and {targets.shape}"
+        )
+    with _device_scope(device):
+        model = _model(checkpoint, dtype, device)
+        trainer = _trainer(model, optimizer)
+        trainer.reset()
+        losses, path = [], {}
+        for k, (x, target) in enumerate(zip(xs, targets, strict=True)):
+            loss, _ = trainer.step(_nhwc(x, dtype), _nhwc(target, dtype))
+            losses.append(loss)
+            if trajectory:
+                path.update({f"trajectory/step{k + 1}/{n}": v for n, v in trainer.parameters().items()})
+        results = {f"loss/step{k + 1}": _numpy(loss) for k, loss in enumerate(losses)}
+        results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
+        results.update({f"state/{name}": value for name, value in _state(model).items()})
+    return results | path
 
 
 def _model(checkpoint, dtype: str, device: str):
@@ -97,32 +125,53 @@ def _empty_model(config, dtype: str, device: str):
     )
 
 
+def _state(model) -> dict:
+    """Every running statistic of ``model``, canonical names and layout, in canonical order."""
+    from impl_keras.io import to_checkpoint
+
+    return {k: v for k, v in to_checkpoint(model).tensors.items() if k.rsplit(".", 1)[-1] in STATE_LEAVES}
+
+
 def _nhwc(x, dtype):
+    """NCHW numpy -> an NHWC tensor of the variable dtype ("mixed_bfloat16" feeds float32, and the
+    model casts it to bfloat16 itself)."""
     import keras
 
-    return keras.ops.convert_to_tensor(np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1)), dtype=dtype)
+    feed = keras.dtype_policies.get(dtype).variable_dtype
+    return keras.ops.convert_to_tensor(np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1)), dtype=feed)
+
+
+def _numpy(value) -> np.ndarray:
+    """A backend tensor as numpy; bfloat16 as float32 (numpy has no bfloat16, and torch's tensors
+    refuse the conversion)."""
+    import keras
+
+    if keras.backend.standardize_dtype(value.dtype) == "bfloat16":
+        value = keras.ops.cast(value, "float32")
+    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def _nchw(value) -> np.ndarray:
-    import keras
-
-    return np.ascontiguousarray(keras.ops.convert_to_numpy(value).transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(_numpy(value).transpose(0, 3, 1, 2))
 
 
 def _canonical(spec, value) -> np.ndarray:
     """A parameter-shaped array in the canonical layout (conv kernels HWIO -> OIHW)."""
-    import keras
-
     from weights_convert.layouts import rule
 
-    return rule(spec).from_channels_last(keras.ops.convert_to_numpy(value))
+    return rule(spec).from_channels_last(_numpy(value))
 
 
 def _loss(output, target):
-    import keras
+    """mean((output - target)**2) in float32 at least: bfloat16 logits are cast first."""
+    from keras import ops
 
+    from impl_keras.model import at_least_float32
+
+    output = ops.cast(output, at_least_float32(output.dtype))
+    target = ops.cast(target, output.dtype)
     # sum / size, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
-    return keras.ops.sum(keras.ops.square(output - target)) / keras.ops.cast(keras.ops.size(output), output.dtype)
+    return ops.sum(ops.square(output - target)) / ops.cast(ops.size(output), output.dtype)
 
 
 def _call(model, x, training: bool) -> dict:
@@ -134,58 +183,15 @@ def _call(model, x, training: bool) -> dict:
         # every operation separately, seconds per new shape, for the same arithmetic.
         (_, named), state = _jax_call(model, training)(*_jax_state(model), x)
         _assign(model.non_trainable_variables, state)
-        return named
+        return {name: named[name] for name in _block_names(model.config)}  # jax.jit returns dicts sorted
     _, named = model(x, training=training, return_intermediates=True)
     return named
 
 
-def _gradients(model, x, target) -> list:
-    """Gradients of the train-mode loss w.r.t. ``model.trainable_variables``; the running
-    statistics are updated as by the forward. Keras has no backend-neutral gradient API, so
-    each backend's own autodiff is used here (the model itself is backend-neutral)."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            loss = _loss(model(x, training=True), target)
-        return tape.gradient(loss, model.trainable_variables)
-    if backend == "jax":
-        (_, state), grads = _jax_value_and_grad(model)(*_jax_state(model), x, target)
-        _assign(model.non_trainable_variables, state)
-        return grads
-    if backend == "torch":
-        for variable in model.trainable_variables:
-            variable.value.grad = None  # the model is reused: no accumulation across calls
-        _loss(model(x, training=True), target).backward()
-        return [v.value.grad for v in model.trainable_variables]
-    raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {BACKENDS}")
-
-
-def _apply_gradients(optimizer: str, model, grads) -> None:
-    """One step of a fresh ``optimizer`` on ``model.trainable_variables``."""
-    import keras
-
-    variables = model.trainable_variables
-    if keras.backend.backend() == "jax":
-        # Jitted, as Keras' JAX trainer applies it: eagerly, every update op compiles per shape.
-        apply, initial = _jax_optimizer(model, optimizer, model.dtype_policy.variable_dtype)
-        values, _ = apply(initial, grads, [v.value for v in variables])
-        _assign(variables, values)
-    else:
-        _optimizer(optimizer, model.dtype_policy.variable_dtype).apply_gradients(zip(grads, variables, strict=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _jax_optimizer(model, name: str, dtype: str):
-    """A jitted ``stateless_apply`` of optimizer ``name`` and its initial (fresh) state."""
-    import jax
-
-    opt = _optimizer(name, dtype)
-    opt.build(model.trainable_variables)
-    return jax.jit(opt.stateless_apply), [v.value for v in opt.variables]
+def _block_names(config) -> list[str]:
+    """The named block outputs in the order the model computes them."""
+    decoders = [name for j in range(config.depth) for name in (f"d{j + 1}.ag", f"d{j + 1}")]
+    return [f"e{i + 1}" for i in range(config.depth)] + ["b1", *decoders, "output"]
 
 
 def _jax_state(model) -> tuple[list, list]:
@@ -207,48 +213,167 @@ def _jax_call(model, training: bool):
     return jax.jit(call)
 
 
-@functools.lru_cache(maxsize=4)
-def _jax_value_and_grad(model):
-    import jax
+@functools.lru_cache(maxsize=8)
+def _trainer(model, optimizer: str) -> _Trainer:
+    """One trainer per (model, optimizer): its functions are traced or compiled once and every later
+    ``train_step`` / ``fit`` on the model reuses them, after ``reset()``."""
+    return _Trainer(model, optimizer)
 
-    def loss(trainable, non_trainable, x, target):
-        output, state = model.stateless_call(trainable, non_trainable, x, training=True)
-        return _loss(output, target), state
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+class _Trainer:
+    """One optimizer over ``model.trainable_variables`` and a training step as Keras' own trainer
+    runs it on this backend: loss = mean((model(x, training=True) - target)**2), its gradients,
+    one update. Two compiled functions, the gradients (``_gradients``, one per model, shared by
+    every optimizer) and the update (one per optimizer), each compiled once: Keras' trainer fuses
+    them into one, but compiling the backward pass is the slow part (tens of seconds under XLA on
+    a CPU), and the parity checks run SGD and Adam on every model.
+
+    - TensorFlow: ``tf.function``s around a ``tf.GradientTape`` and ``optimizer.apply_gradients``;
+      no XLA, as Keras' trainer on a CPU-only machine, and on GPU as well, so TensorFlow's own
+      kernels run there, with TF32 off (``_device_scope``).
+    - JAX: ``jax.jit`` of ``jax.value_and_grad`` over ``stateless_call`` and of
+      ``optimizer.stateless_apply``, fed the variables' values at every step.
+    - PyTorch: eager, ``loss.backward()``, then ``optimizer.apply`` under ``torch.no_grad()``.
+    """
+
+    def __init__(self, model, optimizer: str):
+        import keras
+
+        from impl_keras.io import keras_variables
+        from weights_convert.spec import param_specs
+
+        self.model = model
+        by_id = {id(v): name for name, v in keras_variables(model).items()}
+        self.variables = model.trainable_variables
+        self.names = [by_id[id(v)] for v in self.variables]
+        self.specs = {s.name: s for s in param_specs(model.config)}
+        self.gradients = _gradients(model)
+        self.optimizer = _optimizer(optimizer, model.dtype_policy.variable_dtype)
+        self.optimizer.build(self.variables)  # before any tracing: a tf.function must not create variables
+        self.initial = [keras.ops.convert_to_numpy(v.value) for v in self.optimizer.variables]
+        self.apply = getattr(self, f"_{keras.backend.backend()}_apply")()
+
+    def reset(self) -> None:
+        """The optimizer's state as when it was created (Adam's t back to 0, moments zero)."""
+        _assign(self.optimizer.variables, self.initial)
+
+    def step(self, x, target):
+        """One training step on the model and the optimizer; returns (loss, gradients)."""
+        loss, grads = self.gradients(x, target)
+        self.apply(grads)
+        return loss, grads
+
+    def canonical(self, values) -> dict:
+        """``values`` given in ``model.trainable_variables`` order, as canonical name -> array in the
+        canonical layout, in canonical (state_dict) order."""
+        by_name = dict(zip(self.names, values, strict=True))
+        return {name: _canonical(self.specs[name], by_name[name]) for name in self.specs if name in by_name}
+
+    def parameters(self) -> dict:
+        """Every trainable tensor now (``canonical``)."""
+        return self.canonical([v.value for v in self.variables])
+
+    def _tensorflow_apply(self):
+        import tensorflow as tf
+
+        optimizer, variables = self.optimizer, self.variables
+        return tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables, strict=True)), autograph=False)
+
+    def _jax_apply(self):
+        import jax
+
+        optimizer, variables = self.optimizer, self.variables
+        compiled = jax.jit(optimizer.stateless_apply)
+
+        def apply(grads):
+            values, state = compiled([v.value for v in optimizer.variables], grads, [v.value for v in variables])
+            _assign(variables, values)
+            _assign(optimizer.variables, state)
+
+        return apply
+
+    def _torch_apply(self):
+        import torch
+
+        optimizer, variables = self.optimizer, self.variables
+
+        def apply(grads):
+            with torch.no_grad():
+                optimizer.apply(grads, variables)
+
+        return apply
+
+
+@functools.lru_cache(maxsize=8)
+def _gradients(model):
+    """``(x, target) -> (loss, gradients)``: one train-mode forward, which updates the running
+    statistics, and the gradients of the loss in ``model.trainable_variables`` order. Keras has no
+    backend-neutral gradient API, so each backend's own autodiff is used here (the model itself is
+    backend-neutral)."""
+    import keras
+
+    backend = keras.backend.backend()
+    variables = model.trainable_variables
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def gradients(x, target):
+            with tf.GradientTape() as tape:
+                loss = _loss(model(x, training=True), target)
+            return loss, tape.gradient(loss, variables)
+
+        return tf.function(gradients, autograph=False)
+    if backend == "jax":
+        import jax
+
+        def loss_and_state(trainable, non_trainable, x, target):
+            output, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
+            return _loss(output, target), non_trainable
+
+        compiled = jax.jit(jax.value_and_grad(loss_and_state, has_aux=True))
+
+        def gradients(x, target):
+            (loss, state), grads = compiled(*_jax_state(model), x, target)
+            _assign(model.non_trainable_variables, state)
+            return loss, grads
+
+        return gradients
+    if backend == "torch":
+
+        def gradients(x, target):
+            model.zero_grad()  # set to None: no accumulation across steps
+            loss = _loss(model(x, training=True), target)
+            loss.backward()
+            return loss.detach(), [v.value.grad for v in variables]
+
+        return gradients
+    raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
 
 
 def _optimizer(name: str, dtype: str = "float32"):
-    """The optimizer of the parity step, with PyTorch's update.
+    """A fresh optimizer with PyTorch's update: ``keras.optimizers.SGD`` (p -= lr * g, as torch's),
+    or ``impl_keras.TorchAdam`` (Keras' own Adam adds eps before the bias correction).
 
-    Built with floatx = ``dtype``: Keras keeps the learning rate in a floatx variable, and a
-    float32 1e-3 is 5e-8 away from the float64 one, which shows in a float64 step.
-
-    Adam: torch updates p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), Keras
-    p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps'): eps enters before the bias
-    correction. Multiplying both out, they are the same update when eps' = eps * sqrt(1 - b2^t);
-    the parity step is the first one (t = 1). In a float64 step the betas are numpy float64
-    scalars: Keras' TensorFlow backend casts a Python float to float64 through a float32 tensor,
-    which turns 0.999 into 0.99900001287 and the bias correction 1 - b2 by 1e-5.
+    Built with floatx = ``dtype``, the variable dtype: Keras keeps the learning rate in a floatx
+    variable, and a float32 1e-3 is 5e-8 away from the float64 one, which shows in a float64 step.
     """
     import keras
 
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    from impl_keras.model import TorchAdam
+
+    _check_optimizer(name)
     hyper = OPTIMIZERS[name]
     floatx = keras.config.floatx()
     keras.config.set_floatx(dtype)
     try:
         if name == "sgd":
             return keras.optimizers.SGD(learning_rate=hyper["lr"])
-        step = 1
-        scalar = np.float64 if dtype == "float64" else float
-        return keras.optimizers.Adam(
-            learning_rate=hyper["lr"],
-            beta_1=scalar(hyper["b1"]),
-            beta_2=scalar(hyper["b2"]),
-            epsilon=scalar(hyper["eps"] * math.sqrt(1 - hyper["b2"] ** step)),
-        )
+        return TorchAdam(learning_rate=hyper["lr"], beta_1=hyper["b1"], beta_2=hyper["b2"], epsilon=hyper["eps"])
     finally:
         keras.config.set_floatx(floatx)
 
@@ -298,7 +423,8 @@ def _disable_tf32(backend: str) -> None:
 
 @dataclasses.dataclass
 class Call:
-    """One runner call: ``function`` ("forward" or "train_step") with its arguments."""
+    """One runner call: ``function`` (one of ``FUNCTIONS``) with its arguments; for "fit", ``x`` and
+    ``target`` are the stacked ``xs`` and ``targets``."""
 
     function: str
     checkpoint: Checkpoint | str | os.PathLike
@@ -309,12 +435,13 @@ class Call:
     def __post_init__(self):
         if self.function not in FUNCTIONS:
             raise ValueError(f"function must be one of {FUNCTIONS}, got {self.function!r}")
-        if (self.function == "train_step") != (self.target is not None):
-            raise ValueError(f"{self.function} takes {'a' if self.function == 'train_step' else 'no'} target")
+        takes_target = self.function != "forward"
+        if takes_target != (self.target is not None):
+            raise ValueError(f"{self.function} takes {'a' if takes_target else 'no'} target")
 
 
 def run_in_backend(backend: str, function: str, checkpoint, x, target=None, **kwargs) -> dict:
-    """``forward`` / ``train_step`` (by name) under Keras backend ``backend``; see the module doc."""
+    """``forward`` / ``train_step`` / ``fit`` (by name) under Keras backend ``backend``; see the module doc."""
     return run_batch_in_backend(backend, [Call(function, checkpoint, x, target, kwargs)])[0]
 
 
@@ -366,7 +493,7 @@ def _runs_here(backend: str, calls: list[Call]) -> bool:
 
 
 def _run(call: Call) -> dict:
-    function = forward if call.function == "forward" else train_step
+    function = {"forward": forward, "train_step": train_step, "fit": fit}[call.function]
     if call.target is None:
         return function(call.checkpoint, call.x, **call.kwargs)
     return function(call.checkpoint, call.x, call.target, **call.kwargs)

@@ -17,11 +17,14 @@ import torch
 
 import impl_keras
 import weights_convert
-from impl_keras.io import keras_variables, to_checkpoint
-from impl_keras.model import Upsample2x, pad_to
+from impl_keras import TorchAdam
+from impl_keras.io import check_dtype, keras_variables, to_checkpoint
+from impl_keras.model import BatchNorm, Upsample2x, pad_to
 from weights_convert.checkpoint import CheckpointError
+from weights_convert.optim import OPTIMIZERS
 from weights_convert.random_init import random_checkpoint
 from weights_convert.spec import ModelConfig, parameter_count
+from weights_convert.tolerances import TOLERANCES
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 REPO = Path(__file__).resolve().parent.parent
@@ -179,8 +182,114 @@ def test_every_argument_reaches_the_model(change):
 
 
 def test_load_rejects_unknown_dtype(reference_dir):
-    with pytest.raises(ValueError, match="dtype must be one of \\['float32', 'float64'\\], got 'int8'"):
+    message = "dtype must be one of \\['float32', 'float64', 'mixed_bfloat16'\\], got 'int8'"
+    with pytest.raises(ValueError, match=message):
         impl_keras.load(reference_dir / "article_state_dict.pt", dtype="int8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision and PyTorch's Adam
+
+
+def test_mixed_bfloat16_model(reference_dir):
+    """float32 variables, bfloat16 computation; load / from_checkpoint / to_checkpoint in float32."""
+    model = impl_keras.load(reference_dir / "article_state_dict.pt", dtype="mixed_bfloat16")
+    assert model.dtype_policy.name == "mixed_bfloat16" and check_dtype(model.dtype_policy) == "mixed_bfloat16"
+    assert {v.dtype for v in model.variables} == {"float32", keras.backend.standardize_dtype("int")}
+    x = np.load(reference_dir / "input_nchw.npy").transpose(0, 2, 3, 1)
+    out, named = model(x.astype("float32"), return_intermediates=True)
+    assert all(keras.backend.standardize_dtype(v.dtype) == "bfloat16" for v in named.values())
+    expected = np.load(reference_dir / "output_eval_float64.npy").transpose(0, 2, 3, 1)
+    error = np.max(np.abs(numpy(keras.ops.cast(out, "float32")) - expected)) / np.max(np.abs(expected))
+    print(f"article model, mixed_bfloat16 against float64: {error:.2e}")
+    assert 1e-4 < error < 1e-1  # bfloat16 (8 bits, ~4e-3 per rounding): orders of magnitude only
+    before = to_checkpoint(model).tensors
+    model(x.astype("float32"), training=True)
+    tensors = to_checkpoint(model).tensors
+    assert {str(v.dtype) for v in tensors.values()} == {"float32", "int64"}
+    counter = "e1.conv.conv.1.num_batches_tracked"
+    assert tensors[counter] == before[counter] + 1
+
+
+def test_mixed_batch_norm_statistics_are_float32():
+    """bfloat16 in, float32 statistics and running averages, bfloat16 out (as keras.layers.BatchNormalization)."""
+    layer = BatchNorm(dtype="mixed_bfloat16")
+    rng = np.random.default_rng(0)
+    # Mean ~100 with spread 1: a bfloat16 mean (spacing 0.5 there) would be off by up to 0.25.
+    x = (100 + rng.normal(size=(4, 6, 5, 3))).astype("float32")
+    y = layer(x, training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    assert layer.moving_mean.dtype == layer.gamma.dtype == "float32"
+    rounded = numpy(keras.ops.cast(keras.ops.cast(x, "bfloat16"), "float64")).reshape(-1, 3)
+    expected_mean = 0.1 * rounded.mean(axis=0)
+    expected_var = 0.9 + 0.1 * rounded.var(axis=0, ddof=1)
+    np.testing.assert_allclose(numpy(layer.moving_mean), expected_mean, rtol=TOLERANCES["float32"].floor)
+    np.testing.assert_allclose(numpy(layer.moving_variance), expected_var, rtol=TOLERANCES["float32"].floor)
+
+
+def test_bfloat16_upsampling_samples_at_float32_positions():
+    """At n = 200 bfloat16 positions would be off by up to half a pixel; float32 ones (as torch's
+    kernel uses for bfloat16) leave only the rounding of the result."""
+    x = np.random.default_rng(0).normal(size=(1, 200, 3, 2))
+    x_bf16 = keras.ops.cast(x, "bfloat16")
+    actual = numpy(keras.ops.cast(Upsample2x(dtype="mixed_bfloat16")(x_bf16), "float64"))
+    rounded = numpy(keras.ops.cast(x_bf16, "float64"))
+    expected = np.einsum("ih,nhwc,jw->nijc", interpolation_matrix(200), rounded, interpolation_matrix(3))
+    assert np.max(np.abs(actual - expected)) <= 2.0**-8 * np.max(np.abs(expected))  # one bfloat16 rounding
+
+
+def adam_trajectories(grads: list[np.ndarray], **hyper) -> dict:
+    """Parameters after each step of torch.optim.Adam, TorchAdam and Keras' Adam, float64."""
+    start = np.linspace(-1, 1, grads[0].size).reshape(grads[0].shape)
+    param = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    torch_adam = torch.optim.Adam([param], lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
+    keras_args = dict(learning_rate=hyper["lr"], beta_1=np.float64(hyper["b1"]), beta_2=np.float64(hyper["b2"]))
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")  # the learning rate variable is floatx
+    try:
+        optimizers = {
+            "torch_adam": TorchAdam(**keras_args, epsilon=hyper["eps"]),
+            "keras_adam": keras.optimizers.Adam(**keras_args, epsilon=np.float64(hyper["eps"])),
+        }
+        variables = {name: keras.Variable(start, dtype="float64") for name in optimizers}
+    finally:
+        keras.config.set_floatx(floatx)
+    paths = {"torch": [], "torch_adam": [], "keras_adam": []}
+    for g in grads:
+        param.grad = torch.from_numpy(g.copy())
+        torch_adam.step()
+        paths["torch"].append(param.detach().numpy().copy())
+        for name, optimizer in optimizers.items():
+            optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), variables[name])])
+            paths[name].append(numpy(variables[name]))
+    return paths
+
+
+def test_torch_adam_is_torchs_update_at_every_step():
+    hyper = OPTIMIZERS["adam"]
+    rng = np.random.default_rng(0)
+    # Gradients near eps, where its placement matters, and far above it.
+    grads = [rng.normal(size=(3, 4)) * scale for scale in (1e-5, 1e-4, 1e-5, 1.0, 1e-5)]
+    paths = adam_trajectories(grads, **hyper)
+    start = np.linspace(-1, 1, 12).reshape(3, 4)
+    for t in range(len(grads)):
+        torchs = paths["torch"][t]
+        moved = np.max(np.abs(torchs - start))
+        assert np.max(np.abs(paths["torch_adam"][t] - torchs)) <= TOLERANCES["float64"] * moved, t
+        # Keras' own Adam (eps before the bias correction) is another update, far outside the bound.
+        assert np.max(np.abs(paths["keras_adam"][t] - torchs)) > 1e3 * TOLERANCES["float64"] * moved, t
+    # Keras' own Adam state: the same variables (iterations, learning rate, momentums, velocities).
+    variable = keras.Variable(np.zeros(3, "float32"))
+    ours, theirs = TorchAdam(), keras.optimizers.Adam()
+    ours.build([variable])
+    theirs.build([variable])
+    assert [v.path.split("/", 1)[1] for v in ours.variables] == [v.path.split("/", 1)[1] for v in theirs.variables]
+    assert len(ours.variables) == 4
+
+
+def test_torch_adam_refuses_weight_decay():
+    with pytest.raises(ValueError, match="TorchAdam takes no weight_decay"):
+        TorchAdam(weight_decay=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
