@@ -453,5 +453,5 @@ def test_load_mixed_bfloat16(tmp_path):
     error, error32 = rel_error(out_mixed, expected, floor=1.0), rel_error(out_float32, expected, floor=1.0)
     print(f"eval output vs float64: mixed_bfloat16 {error:.2e}, float32 {error32:.2e}")
     # Orders of magnitude only: bfloat16 keeps 8 mantissa bits (2**-8 = 3.9e-3 per rounding), so a
-    # few layers land between 1e-4 and 1e-1; float32 stays far below.
-    assert 1e-4 < error < 1e-1 and error32 < 1e-5
+    # few layers land between 1e-4 and 1e-1; float32 (24 bits) stays orders of magnitude below.
+    assert 1e-4 < error < 1e-1 and error32 < error / 1000
