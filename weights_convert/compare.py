@@ -2,8 +2,9 @@
 optimizer steps, losses) against a float64 reference, in the order the network computes them, so
 the first failing row names the block where two implementations start to drift.
 
-At a reduced precision each row also gets its *noise*: the same comparison for the reference
-computed at that precision, which sets the row's bound (``weights_convert.tolerances``).
+At a reduced precision each row also carries its *noise*: how far the reference computed at that
+precision is from the float64 one (``parity.measure_noise``), which sets the row's bound
+(``weights_convert.tolerances``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class Row:
     rel_diff: float
     tolerance: float
     passed: bool
-    noise: float | None = None  # the reduced-precision reference's own rel diff; None in float64
+    noise: float | None = None  # the row's measured noise level at the dtype; None in float64
+    agree: float | None = None  # mask rows only: the fraction of all pixels whose masks agree
 
 
 def rel_diff(actual: np.ndarray, reference: np.ndarray, dtype: str, scale: float | None = None) -> tuple[float, float]:

@@ -63,9 +63,8 @@ RESULT_FIELDS = (
     "tolerance",
     "passed",
 )
-# Row groups computed after a backward pass (see ``measure_noise``), and how many reference runs
-# at dithered weights measure their noise: the worst of 3 runs and ~30-150 rows is stable to a
-# factor of about 3 between runs (measured), which FACTOR in tolerances.py covers.
+# Row groups computed after a backward pass, and how many reference runs (the first at the given
+# weights, the others at one-ulp-dithered ones) measure their noise: see ``measure_noise``.
 BACKWARD_GROUPS = ("grad", "step", "loss", "param")
 NOISE_RUNS = 3
 
@@ -311,18 +310,19 @@ def compute(impl: Target, checkpoint: Checkpoint, inputs: Inputs, run: Run) -> d
 
 
 def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precision: str = "float64") -> dict:
-    """The same quantities from the independent NumPy reference, computed at ``precision`` (one
-    backward pass for every optimizer of a train run)."""
+    """The same quantities from the independent NumPy reference, computed at ``precision`` (a
+    train run's block outputs, statistics and every optimizer's step from one pass)."""
     from weights_convert import reference
 
     tensors, common = checkpoint.tensors, {"config": checkpoint.config, "precision": precision}
     if run.mode == "fit":
         ((_, x, target, kwargs),) = calls_for(run, inputs)
         return reference.fit(tensors, x, target, **kwargs, **common)
-    results = reference.forward(tensors, inputs.x, train=run.mode == "train", **common)
     if run.mode == "train" and run.optimizers:
-        results.update(reference.train_steps(tensors, inputs.x, inputs.target, optimizers=run.optimizers, **common))
-    return results
+        return reference.train_steps(
+            tensors, inputs.x, inputs.target, optimizers=run.optimizers, forward=True, **common
+        )
+    return reference.forward(tensors, inputs.x, train=run.mode == "train", **common)
 
 
 def _group(name: str) -> str:
@@ -370,19 +370,21 @@ def measure_noise(checkpoint: Checkpoint, inputs: Inputs, run: Run, precision: s
     default model errs 3.6e-3 or 8e-6 from float64 after a one-ulp change of the first conv's
     weights; no single run's row bounds another run's row, but the worst over a group and a few
     runs is stable."""
+    forward_only = run.mode == "eval" or (run.mode == "train" and not run.optimizers)
     runs = []
-    for k in range(NOISE_RUNS if run.mode != "eval" else 1):
+    for k in range(1 if forward_only else NOISE_RUNS):
         say(f"noise: numpy {precision}" + (f" at dithered weights ({k}/{NOISE_RUNS - 1})" if k else ""))
         weights = dithered(checkpoint, seed=k) if k else checkpoint
-        runs.append(_split_trajectory(compute_reference(weights, inputs, run, precision=precision))[0])
+        untraced = dataclasses.replace(run, trajectory=False)
+        runs.append(compute_reference(weights, inputs, untraced, precision=precision))
     levels: dict[str, float] = {}
     for group, quantities in _groups(reference).items():
         scale = _scale(group, quantities)
-        per_row = {name: rel_diff(runs[0][name], ref, precision, scale)[1] for name, ref in quantities.items()}
-        if group in BACKWARD_GROUPS or (run.mode == "fit" and group != "block"):
+        if group in BACKWARD_GROUPS or run.mode == "fit":  # everything in a fit follows a backward pass
             worst = max(rel_diff(r[name], ref, precision, scale)[1] for r in runs for name, ref in quantities.items())
-            per_row = dict.fromkeys(quantities, worst)
-        levels.update(per_row)
+            levels.update(dict.fromkeys(quantities, worst))
+        else:
+            levels.update({name: rel_diff(runs[0][name], ref, precision, scale)[1] for name, ref in quantities.items()})
     return levels
 
 
@@ -405,30 +407,25 @@ def judge(actual: dict, reference: dict, target: Target, noise: dict | None = No
         judged += [(row, informational) for row in rows]
         if group == "block" and "output" in quantities:
             output_row = next(row for row in rows if row.quantity == "output")
-            mask = mask_row(actual.get("output"), reference["output"], output_row.tolerance, dtype)
-            judged.append((mask, informational))
+            judged.append(
+                (mask_row(actual.get("output"), reference["output"], output_row.tolerance, dtype), informational)
+            )
     return judged
 
 
 def mask_row(output, reference: np.ndarray, bound: float, dtype: str) -> Row:
     """Thresholded masks (logit > 0) must agree on every pixel whose |reference logit| exceeds the
     output row's bound (relative, so times the output's scale). The row reports the disagreeing
-    pixels among those (max_abs_diff) and their fraction (rel_diff); ``Result.agree`` carries the
-    fraction of all pixels that agree."""
+    pixels among those (max_abs_diff), their fraction (rel_diff), and the fraction of all pixels
+    whose masks agree (agree)."""
     if np.shape(output) != np.shape(reference):
-        return Row("mask", float("inf"), float("inf"), 0.0, False)
+        return Row("mask", float("inf"), float("inf"), 0.0, False, agree=0.0)
     scale = float(np.max(np.abs(reference))) if dtype == "float64" else max(1.0, float(np.max(np.abs(reference))))
     decided = np.abs(reference) > bound * scale
     differ = (np.asarray(output) > 0) != (reference > 0)
     disagree = int(np.count_nonzero(differ & decided))
-    return Row("mask", float(disagree), disagree / max(1, int(decided.sum())), 0.0, disagree == 0)
-
-
-def mask_agreement(output, reference: np.ndarray) -> float:
-    """The fraction of all pixels whose thresholded masks agree."""
-    if np.shape(output) != np.shape(reference):
-        return 0.0
-    return float(np.mean((np.asarray(output) > 0) == (reference > 0)))
+    agree = 1.0 - float(np.mean(differ))
+    return Row("mask", float(disagree), disagree / max(1, int(decided.sum())), 0.0, disagree == 0, agree=agree)
 
 
 def check(
@@ -452,8 +449,8 @@ def check(
     outputs (eval), plus running statistics, gradients and one step of each optimizer (train, or
     of ``optimizer`` only: a name, or a tuple of names, empty for no backward pass), or the losses
     of ``steps`` training steps and the final parameters and running statistics (fit, with
-    ``optimizer``, default Adam). Below float64 each row's bound is
-    relative to the noise of the same reference computed at ``dtype``. With ``trajectory`` a fit
+    ``optimizer``, default Adam). Below float64 each row's bound is relative to the noise of the
+    same reference computed at ``dtype`` (``measure_noise``). With ``trajectory`` a fit
     also records every implementation's largest parameter difference after each step
     (``Report.drift``, for the plot)."""
     frameworks, keras_backends, optimizers = _validate(
@@ -484,7 +481,6 @@ def check(
             drift[target.label] = _drift(path, reference_path, run.steps)
         for row, informational in judge(actual, reference, target, noise):
             quantity = ("tf32:" if target.precision == "tf32" else "") + row.quantity
-            agree = mask_agreement(actual.get("output"), reference["output"]) if row.quantity == "mask" else None
             fields = dataclasses.asdict(row) | {"quantity": quantity}
             results.append(
                 Result(
@@ -495,7 +491,6 @@ def check(
                     mode,
                     **fields,
                     informational=informational,
-                    agree=agree,
                 )
             )
         if target.precision == "strict":

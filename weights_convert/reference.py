@@ -431,22 +431,25 @@ def forward(
 
 
 def _loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision: str):
-    """(loss, {name: gradient}, {name: running statistic after the pass}) of one train-mode pass."""
+    """(loss, {name: gradient}, {name: running statistic after the pass}, {block: NCHW output}) of
+    one train-mode pass."""
     graph = Graph(tensors, train=True, precision=precision, record=True)
     p = graph.p
-    output = graph(Node(_nhwc(p.array(x)), needs_grad=False), config)["output"]
+    named = graph(Node(_nhwc(p.array(x)), needs_grad=False), config)
+    blocks = {k: _nchw(v.value) for k, v in named.items()}  # before the backward frees the tape
+    output = named["output"]
     diff = output.value - _nhwc(p.array(target))
     loss = np.mean(diff * diff)
     graph.backward(output, p.round(diff * (2 / diff.size)))
     grads = {name: np.ascontiguousarray(graph.grads[name], dtype=p.dtype) for name in _trainable(config)}
-    return loss, grads, graph.state
+    return loss, grads, graph.state, blocks
 
 
 def gradients(tensors: dict, x, target, *, config: ModelConfig | None = None, precision: str = "float64") -> dict:
     """``loss`` = mean((output - target)**2) of the train-mode forward, ``grad/<name>`` for every
     trainable tensor (canonical layout) and ``state/<name>`` for every running statistic."""
     config = _config(tensors, config)
-    loss, grads, state = _loss_and_gradients(tensors, x, target, config, precision)
+    loss, grads, state, _ = _loss_and_gradients(tensors, x, target, config, precision)
     results = {"loss": np.asarray(loss)}
     results.update({f"grad/{k}": v for k, v in grads.items()})
     results.update({f"state/{k}": state[k] for k in _buffers(config)})
@@ -495,15 +498,24 @@ def train_step(
 
 
 def train_steps(
-    tensors: dict, x, target, *, optimizers, config: ModelConfig | None = None, precision: str = "float64"
+    tensors: dict,
+    x,
+    target,
+    *,
+    optimizers,
+    config: ModelConfig | None = None,
+    precision: str = "float64",
+    forward: bool = False,
 ) -> dict:
     """``grad/<name>``, then ``step/<optimizer>/<name>`` for each of ``optimizers``: one step of
-    each, fresh, from the same weights and gradient (one backward pass for all)."""
+    each, fresh, from the same weights and gradient (one backward pass for all). With ``forward``,
+    first what ``forward(train=True)`` returns, taken from the same pass."""
     config = _config(tensors, config)
     p = Precision(precision)
-    _, grads, _ = _loss_and_gradients(tensors, x, target, config, precision)
+    _, grads, state, blocks = _loss_and_gradients(tensors, x, target, config, precision)
     params = {k: p.array(tensors[k]) for k in grads}
-    results = {f"grad/{k}": v for k, v in grads.items()}
+    results = {**blocks, **{f"state/{k}": v for k, v in state.items()}} if forward else {}
+    results.update({f"grad/{k}": v for k, v in grads.items()})
     for optimizer in optimizers:
         stepped = Optimizer(optimizer).step(params, grads)
         results.update({f"step/{optimizer}/{k}": v for k, v in stepped.items()})
@@ -540,7 +552,7 @@ def fit(
     opt = Optimizer(optimizer)
     results: dict[str, np.ndarray] = {}
     for k in range(len(xs)):
-        loss, grads, new_state = _loss_and_gradients({**params, **state}, xs[k], targets[k], config, precision)
+        loss, grads, new_state, _ = _loss_and_gradients({**params, **state}, xs[k], targets[k], config, precision)
         results[f"loss/step{k + 1}"] = np.asarray(loss)
         params = opt.step(params, grads)
         state.update(new_state)
