@@ -36,7 +36,7 @@ from impl_flax.io import from_checkpoint
 from impl_flax.model import DTYPES, AttentionUNet, resolve_dtypes
 from weights_convert.checkpoint import Checkpoint
 from weights_convert.flax_layout import from_nnx
-from weights_convert.optim import OPTIMIZERS
+from weights_convert.optim import check_fit_batches, check_optimizer
 from weights_convert.spec import ModelConfig, param_specs
 
 
@@ -104,19 +104,13 @@ def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="c
     return results
 
 
-def check_optimizer(name: str) -> None:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-
-
 @functools.cache
 def make_optimizer(name: str) -> optax.GradientTransformation:
     """optax with torch.optim's definitions, at every step t: SGD is p - lr * g; optax's Adam divides
     the bias-corrected m by sqrt(v / (1 - b2^t)) + eps, as torch does (eps_root stays 0). Cached: the
     transformation is a static part of ``nnx.Optimizer``, so a new one per call would recompile the
     jitted step."""
-    check_optimizer(name)
-    hyper = OPTIMIZERS[name]
+    hyper = check_optimizer(name)
     if name == "sgd":
         return optax.sgd(hyper["lr"])
     return optax.adam(hyper["lr"], b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"])
@@ -163,12 +157,7 @@ def fit(
     after the last step; with ``trajectory`` also ``trajectory/step<k>/<name>``, every trainable
     tensor after each step."""
     check_optimizer(optimizer)
-    xs, targets = np.asarray(xs), np.asarray(targets)
-    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets) or len(xs) == 0:
-        raise ValueError(
-            f"expected xs (steps, N, C, H, W) and targets (steps, N, out_channels, H, W) with the same number "
-            f"of steps (at least 1), got shapes {xs.shape} and {targets.shape}"
-        )
+    xs, targets = check_fit_batches(xs, targets)
     with _scope(dtype, device) as input_dtype:
         model = _model(checkpoint, dtype, train=True)
         opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)

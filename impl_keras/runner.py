@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.checkpoint import Checkpoint
-from weights_convert.optim import OPTIMIZERS
+from weights_convert.optim import check_fit_batches, check_optimizer
 
 BACKENDS = ("tensorflow", "jax", "torch")
 FUNCTIONS = ("forward", "train_step", "fit")
@@ -67,7 +67,7 @@ def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=F
 
 
 def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
-    _check_optimizer(optimizer)  # an unknown name fails before any work
+    check_optimizer(optimizer)  # an unknown name fails before any work
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
         trainer = _trainer(model, optimizer)
@@ -81,13 +81,8 @@ def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimize
 def fit(checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False) -> dict:
     """``xs`` (steps, N, C, H, W), ``targets`` (steps, N, out_channels, H, W): step k trains on
     ``xs[k-1]`` against ``targets[k-1]`` with one optimizer (Adam's t runs 1, 2, ...)."""
-    _check_optimizer(optimizer)
-    xs, targets = np.asarray(xs), np.asarray(targets)
-    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets) or len(xs) == 0:
-        raise ValueError(
-            "expected xs of shape (steps, N, C, H, W) and targets of shape (steps, N, out_channels, H, W) "
-            f"with the same steps >= 1, got {xs.shape} and {targets.shape}"
-        )
+    check_optimizer(optimizer)
+    xs, targets = check_fit_batches(xs, targets)
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
         trainer = _trainer(model, optimizer)
@@ -350,11 +345,6 @@ def _gradients(model):
     raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {BACKENDS}")
 
 
-def _check_optimizer(name: str) -> None:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
-
-
 def _optimizer(name: str, dtype: str = "float32"):
     """A fresh optimizer with PyTorch's update: ``keras.optimizers.SGD`` (p -= lr * g, as torch's),
     or ``impl_keras.TorchAdam`` (Keras' own Adam adds eps before the bias correction).
@@ -366,8 +356,7 @@ def _optimizer(name: str, dtype: str = "float32"):
 
     from impl_keras.model import TorchAdam
 
-    _check_optimizer(name)
-    hyper = OPTIMIZERS[name]
+    hyper = check_optimizer(name)
     floatx = keras.config.floatx()
     keras.config.set_floatx(dtype)
     try:

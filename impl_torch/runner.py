@@ -31,7 +31,7 @@ from impl_torch.io import from_checkpoint, torch_dtype
 from impl_torch.model import AttentionUNet
 from weights_convert.checkpoint import Checkpoint
 from weights_convert.formats.torch_format import to_numpy
-from weights_convert.optim import OPTIMIZERS
+from weights_convert.optim import check_fit_batches, check_optimizer
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -62,9 +62,7 @@ def _buffers(model: AttentionUNet) -> dict:
 
 def make_optimizer(parameters, optimizer: str) -> torch.optim.Optimizer:
     """``torch.optim`` SGD or Adam with the hyperparameters of ``weights_convert.optim.OPTIMIZERS``."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    hyper = OPTIMIZERS[optimizer]
+    hyper = check_optimizer(optimizer)
     if optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=hyper["lr"])
     return torch.optim.Adam(parameters, lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
@@ -111,12 +109,7 @@ def fit(
 ) -> dict:
     """``xs`` (steps, N, C, H, W), ``targets`` (steps, N, out_channels, H, W): step k trains on
     ``xs[k-1]`` against ``targets[k-1]`` with one optimizer (Adam's t runs 1, 2, ...)."""
-    xs, targets = np.asarray(xs), np.asarray(targets)
-    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets):
-        raise ValueError(
-            f"expected xs (steps, N, C, H, W) and targets (steps, N, out_channels, H, W) with the same number "
-            f"of steps, got shapes {xs.shape} and {targets.shape}"
-        )
+    xs, targets = check_fit_batches(xs, targets)
     model, opt = _training(checkpoint, dtype, device, optimizer)
     losses, path = [], {}
     for k, (x, target) in enumerate(zip(_input(xs, dtype, device), _input(targets, dtype, device), strict=True)):

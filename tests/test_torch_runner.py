@@ -98,7 +98,9 @@ def test_fit_float32_runs():
 def test_fit_rejects_mismatched_steps():
     checkpoint = random_checkpoint(CONFIG, seed=4)
     xs, targets = fit_data()
-    with pytest.raises(ValueError, match=r"same number of steps, got shapes \(3, 2, 3, 12, 10\) and \(2, 2, 1"):
+    with pytest.raises(
+        ValueError, match=r"same number of steps \(at least 1\), got shapes \(3, 2, 3, 12, 10\) and \(2, 2, 1"
+    ):
         runner.fit(checkpoint, xs, targets[:2])
 
 

@@ -10,7 +10,28 @@ mathematics. With 1e-5 the amplification is 100, leaving the 1e-10 float64 bound
 every term of the update (moments, bias corrections, eps placement) still matters.
 """
 
+import numpy as np
+
 OPTIMIZERS = {
     "sgd": {"lr": 0.1},
     "adam": {"lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-5},
 }
+
+
+def check_optimizer(name: str) -> dict:
+    """The hyperparameters of optimizer ``name``; a ValueError naming the choices otherwise."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    return OPTIMIZERS[name]
+
+
+def check_fit_batches(xs, targets):
+    """``xs`` (steps, N, C, H, W) and ``targets`` (steps, N, out_channels, H, W) of a multi-step
+    fit as numpy arrays, with the same number of steps, at least one."""
+    xs, targets = np.asarray(xs), np.asarray(targets)
+    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets) or len(xs) == 0:
+        raise ValueError(
+            f"expected xs (steps, N, C, H, W) and targets (steps, N, out_channels, H, W) with the same number "
+            f"of steps (at least 1), got shapes {xs.shape} and {targets.shape}"
+        )
+    return xs, targets

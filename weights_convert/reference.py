@@ -30,7 +30,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from weights_convert.optim import OPTIMIZERS
+from weights_convert.optim import check_fit_batches, check_optimizer
 from weights_convert.spec import ModelConfig, infer_config, param_specs
 
 BN_EPS = 1e-5
@@ -462,10 +462,8 @@ class Optimizer:
     successive ``step`` calls continue one run."""
 
     def __init__(self, name: str):
-        if name not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
         self.name = name
-        self.hyper = dict(OPTIMIZERS[name])
+        self.hyper = dict(check_optimizer(name))
         self.t = 0
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
@@ -541,8 +539,7 @@ def fit(
     With ``trajectory``, also ``trajectory/step<k>/<name>``: every trainable tensor after step k."""
     config = _config(tensors, config)
     p = Precision(precision)
-    if len(xs) != len(targets):
-        raise ValueError(f"xs has {len(xs)} steps, targets {len(targets)}")
+    xs, targets = check_fit_batches(xs, targets)
     params = {k: p.array(tensors[k]) for k in _trainable(config)}
     state = {
         k: np.asarray(tensors[k]) if k.endswith("num_batches_tracked") else p.array(tensors[k])
