@@ -314,9 +314,7 @@ class AttentionUNet(nnx.Module):
     def block_names(self) -> list[str]:
         """The keys of ``return_intermediates``, in computation order (``jax.jit`` returns dicts with
         sorted keys, so jitted callers restore the order from here)."""
-        depth = self.config.depth
-        decoders = [name for j in range(depth) for name in (f"d{j + 1}.ag", f"d{j + 1}")]
-        return [f"e{i + 1}" for i in range(depth)] + ["b1"] + decoders + ["output"]
+        return self.config.block_names
 
     def check_input(self, x) -> None:
         cfg = self.config

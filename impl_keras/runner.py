@@ -178,15 +178,9 @@ def _call(model, x, training: bool) -> dict:
         # every operation separately, seconds per new shape, for the same arithmetic.
         (_, named), state = _jax_call(model, training)(*_jax_state(model), x)
         _assign(model.non_trainable_variables, state)
-        return {name: named[name] for name in _block_names(model.config)}  # jax.jit returns dicts sorted
+        return {name: named[name] for name in model.config.block_names}  # jax.jit returns dicts sorted
     _, named = model(x, training=training, return_intermediates=True)
     return named
-
-
-def _block_names(config) -> list[str]:
-    """The named block outputs in the order the model computes them."""
-    decoders = [name for j in range(config.depth) for name in (f"d{j + 1}.ag", f"d{j + 1}")]
-    return [f"e{i + 1}" for i in range(config.depth)] + ["b1", *decoders, "output"]
 
 
 def _jax_state(model) -> tuple[list, list]:

@@ -62,6 +62,13 @@ class ModelConfig:
         """Smallest spatial side the network accepts: each level halves it, the bridge needs 1."""
         return 2**self.depth
 
+    @property
+    def block_names(self) -> list[str]:
+        """The named block outputs every implementation returns, in computation order: ``e1``..
+        (skips), ``b1``, then ``d1.ag`` (gate map) and ``d1`` per decoder, ``output``."""
+        decoders = [name for j in range(self.depth) for name in (f"d{j + 1}.ag", f"d{j + 1}")]
+        return [f"e{i + 1}" for i in range(self.depth)] + ["b1"] + decoders + ["output"]
+
     def to_dict(self) -> dict:
         return {
             "in_channels": self.in_channels,
