@@ -48,7 +48,7 @@ def main() -> int:
         modes = "forward,train_step" if batch <= args.train_max_batch else "forward"
         for group in args.groups:
             path = args.out / f"sweep_{group}_b{batch}.json"
-            command = [sys.executable, "-m", "weights_convert.cli", "bench", "--json", "--batch", str(batch)]
+            command = [sys.executable, "-m", "weights_convert.harness.cli", "bench", "--json", "--batch", str(batch)]
             command += [*GROUPS[group], "--modes", modes, "--repeats", str(args.repeats), "--warmup", "1"]
             wait_for_quiet(args.quiet_load)
             print(f"{group} batch {batch}: {' '.join(command[3:])}", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from weights_convert.bench import format_table
+from weights_convert.harness.bench import format_table
 
 
 def best_by_framework(report: dict, mode: str = "forward") -> list[str]:

@@ -1,5 +1,5 @@
 """Between ``impl_flax.AttentionUNet`` and the canonical checkpoint: the NNX state path of every
-canonical tensor comes from ``weights_convert.flax_layout.nnx_path``; conv kernels go OIHW <-> HWIO."""
+canonical tensor comes from ``weights_convert.core.flax_layout.nnx_path``; conv kernels go OIHW <-> HWIO."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from flax import nnx
 
 import weights_convert
 from impl_flax.model import AttentionUNet, check_dtype, resolve_dtypes
-from weights_convert.checkpoint import Checkpoint, CheckpointError
-from weights_convert.flax_layout import from_nnx, to_nnx
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.flax_layout import from_nnx, to_nnx
 
 
 def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:

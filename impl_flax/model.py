@@ -3,7 +3,7 @@
 NHWC activations and HWIO kernels. The attribute tree is the torch module tree: an ``nn.Sequential``
 becomes an ``nnx.List`` holding the same layers at the same indices (parameter-free activations
 included), so ``e1.conv.conv.0.weight`` lives at the state path ``("e1", "conv", "conv", 0, "kernel")``;
-``weights_convert.flax_layout.nnx_path`` is that rule.
+``weights_convert.core.flax_layout.nnx_path`` is that rule.
 
 Precision follows Flax's own layers: ``dtype`` is the compute dtype, ``param_dtype`` the dtype of the
 parameters and BatchNorm statistics. float32 and float64 compute in their own dtype; mixed bfloat16
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from weights_convert.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig
 
 # torch's BatchNorm contract (eps 1e-5, running average weight 0.1 on the new batch) in Flax's
 # convention, where momentum is the weight kept on the old value: new = 0.9 * old + 0.1 * batch.

@@ -34,10 +34,10 @@ from flax import nnx
 
 from impl_flax.io import from_checkpoint
 from impl_flax.model import DTYPES, AttentionUNet, resolve_dtypes
-from weights_convert.checkpoint import Checkpoint
-from weights_convert.flax_layout import from_nnx
-from weights_convert.optim import check_fit_batches, check_optimizer
-from weights_convert.spec import ModelConfig, param_specs
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.flax_layout import from_nnx
+from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.core.spec import ModelConfig, param_specs
 
 
 def jax_device(device: str):

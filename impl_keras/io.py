@@ -2,7 +2,7 @@
 
 The model's variable paths are the canonical module paths (``keras_path``), so the mapping is
 one function, ``keras_variables``: no per-layer table. Conv kernels change layout (OIHW <-> HWIO)
-through ``weights_convert.layouts.LEAF_RULES``.
+through ``weights_convert.core.layouts.LEAF_RULES``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 
 import weights_convert
 from impl_keras.model import AttentionUNet
-from weights_convert.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.layouts import rule
+from weights_convert.core.spec import param_specs
 from weights_convert.formats.keras_h5_format import keras_path
-from weights_convert.layouts import rule
-from weights_convert.spec import param_specs
 
 # "mixed_bfloat16" is Keras' mixed-precision policy: float32 variables, bfloat16 computation.
 DTYPES = ("float32", "float64", "mixed_bfloat16")

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from weights_convert.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig
 
 PACKAGE = "attention_unet"
 

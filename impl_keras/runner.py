@@ -6,7 +6,7 @@ and numpy out in canonical layouts (NCHW, canonical names), under the backend of
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode) and ``step/<name>`` after one
-  optimizer step (``optimizer`` in ``weights_convert.optim.OPTIMIZERS``).
+  optimizer step (``optimizer`` in ``weights_convert.core.optim.OPTIMIZERS``).
 - ``fit(checkpoint, xs, targets, *, dtype, device, optimizer)`` -> ``len(xs)`` training steps with
   one optimizer whose state persists: ``loss/step<k>`` (step k's loss, before its update) for every
   step, then ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint
-from weights_convert.optim import check_fit_batches, check_optimizer
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.optim import check_fit_batches, check_optimizer
 
 BACKENDS = ("tensorflow", "jax", "torch")
 FUNCTIONS = ("forward", "train_step", "fit")
@@ -152,7 +152,7 @@ def _nchw(value) -> np.ndarray:
 
 def _canonical(spec, value) -> np.ndarray:
     """A parameter-shaped array in the canonical layout (conv kernels HWIO -> OIHW)."""
-    from weights_convert.layouts import rule
+    from weights_convert.core.layouts import rule
 
     return rule(spec).from_channels_last(_numpy(value))
 
@@ -229,7 +229,7 @@ class _Trainer:
         import keras
 
         from impl_keras.io import keras_variables
-        from weights_convert.spec import param_specs
+        from weights_convert.core.spec import param_specs
 
         self.model = model
         by_id = {id(v): name for name, v in keras_variables(model).items()}

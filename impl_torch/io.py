@@ -7,7 +7,7 @@ import torch
 
 import weights_convert
 from impl_torch.model import AttentionUNet
-from weights_convert.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.formats.torch_format import from_numpy, to_numpy
 
 # The precisions a model can be loaded in, by name: (parameter dtype, compute dtype). None computes in

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights_convert.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig
 
 # torch's BatchNorm defaults are the contract (eps 1e-5, momentum 0.1, unbiased running variance);
 # spelled out so the three implementations can be read side by side.

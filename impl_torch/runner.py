@@ -6,7 +6,7 @@ same three functions; inputs and results are numpy in canonical layouts (NCHW, c
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode), and ``step/<name>`` for every
-  trainable tensor after one optimizer step (``optimizer`` in ``weights_convert.optim.OPTIMIZERS``).
+  trainable tensor after one optimizer step (``optimizer`` in ``weights_convert.core.optim.OPTIMIZERS``).
 - ``fit(checkpoint, xs, targets, *, dtype, device, optimizer)`` -> ``len(xs)`` training steps with
   one optimizer whose state persists: ``loss/step<k>`` (step k's loss, before its update) for every
   step, then ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running
@@ -29,9 +29,9 @@ import torch
 
 from impl_torch.io import from_checkpoint, torch_dtype
 from impl_torch.model import AttentionUNet
-from weights_convert.checkpoint import Checkpoint
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.optim import check_fit_batches, check_optimizer
 from weights_convert.formats.torch_format import to_numpy
-from weights_convert.optim import check_fit_batches, check_optimizer
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -61,7 +61,7 @@ def _buffers(model: AttentionUNet) -> dict:
 
 
 def make_optimizer(parameters, optimizer: str) -> torch.optim.Optimizer:
-    """``torch.optim`` SGD or Adam with the hyperparameters of ``weights_convert.optim.OPTIMIZERS``."""
+    """``torch.optim`` SGD or Adam with the hyperparameters of ``weights_convert.core.optim.OPTIMIZERS``."""
     hyper = check_optimizer(optimizer)
     if optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=hyper["lr"])

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from weights_convert import bench, cli
-from weights_convert.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import bench, cli
 
 TINY = '{"channels": [4, 8, 16]}'
 ROW_KEYS = {"framework", "backend", "variant", "mode", "device", "dtype", "batch", "size", "median_ms", "gflops"}
@@ -168,7 +168,8 @@ def test_no_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
 
 def test_importing_the_command_imports_no_framework():
     code = (
-        "import sys, weights_convert, weights_convert.bench, weights_convert.cli as cli; cli.build_parser(); "
+        "import sys, weights_convert, weights_convert.harness.bench, weights_convert.harness.cli as cli; "
+        "cli.build_parser(); "
         "print([m for m in ('torch', 'jax', 'flax', 'tensorflow', 'keras') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import weights_convert
-from weights_convert.checkpoint import CheckpointError
+from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
 from weights_convert.formats import format_for
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 
@@ -24,7 +24,7 @@ SMALL = ModelConfig(2, 3, (4, 8, 16))
 def cli(*args, cwd=None):
     """Run the command in a fresh process, as users do."""
     return subprocess.run(
-        [sys.executable, "-m", "weights_convert.cli", *map(str, args)],
+        [sys.executable, "-m", "weights_convert.harness.cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -288,7 +288,7 @@ def test_framework_free_conversions_import_no_framework(tmp_path, small_safetens
     src = tmp_path / f"src{src_suffix}"
     weights_convert.convert(small_safetensors, src, force=True)
     code = (
-        "import sys, weights_convert.cli as c\n"
+        "import sys, weights_convert.harness.cli as c\n"
         f"assert c.main(['convert', {str(src)!r}, {str(tmp_path / ('dst' + dst_suffix))!r}]) == 0\n"
         f"print(sorted(m for m in {forbidden!r} if m in sys.modules))\n"
     )

@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import weights_convert
-from weights_convert.checkpoint import CheckpointError
+from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
 from weights_convert.formats import FORMATS
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
 
 SUFFIXES = [f.suffixes[0] for f in FORMATS]
 FLOAT_DTYPES = ["float32", "float64", "float16", "bfloat16"]

@@ -10,11 +10,11 @@ import impl_flax
 import weights_convert
 from impl_flax.model import BatchNorm, pad_to, upsample2x
 from tests.conftest import rel_error
-from weights_convert.checkpoint import CheckpointError
-from weights_convert.flax_layout import nnx_path
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, param_specs, parameter_count
-from weights_convert.tolerances import TOLERANCES, tolerance
+from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.flax_layout import nnx_path
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, param_specs, parameter_count
+from weights_convert.harness.tolerances import TOLERANCES, tolerance
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 # Eager JAX compiles every op for every new shape: the eager tests share one input shape.

@@ -12,10 +12,10 @@ import pytest
 import weights_convert
 from impl_torch import runner as torch_runner
 from tests.harness import assert_matches, assert_report_passes, judge, reference_and_noise
-from weights_convert import parity
-from weights_convert.compare import first_failure
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, param_specs
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.harness import parity
+from weights_convert.harness.compare import first_failure
 
 FRAMEWORKS = ["torch", "flax"]
 DTYPES = ["float64", "float32", "mixed_bfloat16"]

@@ -4,9 +4,9 @@ a framework sees no GPU."""
 
 import pytest
 
-from weights_convert import parity
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import parity
 
 pytestmark = pytest.mark.gpu
 

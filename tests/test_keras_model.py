@@ -20,11 +20,11 @@ import weights_convert
 from impl_keras import TorchAdam
 from impl_keras.io import check_dtype, keras_variables, to_checkpoint
 from impl_keras.model import BatchNorm, Upsample2x, pad_to
-from weights_convert.checkpoint import CheckpointError
-from weights_convert.optim import OPTIMIZERS
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, parameter_count
-from weights_convert.tolerances import TOLERANCES
+from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.optim import OPTIMIZERS
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, parameter_count
+from weights_convert.harness.tolerances import TOLERANCES
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 REPO = Path(__file__).resolve().parent.parent

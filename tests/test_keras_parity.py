@@ -14,10 +14,10 @@ import impl_keras
 import weights_convert
 from impl_keras.runner import BACKENDS, Call, run_batch_in_backend
 from tests.harness import assert_matches, judge, reference_and_noise
-from weights_convert import parity
-from weights_convert.compare import first_failure
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, param_specs
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.harness import parity
+from weights_convert.harness.compare import first_failure
 
 CONFIG = ModelConfig(3, 2, (4, 8, 16))  # odd input size below: floors in the pools, pads in the decoder
 DEEPER = ModelConfig(2, 1, (4, 8, 16, 32))

@@ -11,9 +11,9 @@ import pytest
 from impl_keras.runner import BACKENDS, Call, run_batch_in_backend
 from impl_torch import runner as torch_runner
 from tests.conftest import rel_error
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, param_specs
-from weights_convert.tolerances import TOLERANCES
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.harness.tolerances import TOLERANCES
 
 CONFIG = ModelConfig(3, 1, (4, 8))
 CHECKPOINT = random_checkpoint(CONFIG, seed=11, dtype="float64")

@@ -8,9 +8,9 @@ import pytest
 
 import impl_flax.runner
 import weights_convert
-from weights_convert import cli
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import cli
 
 ALL_TARGETS = {("torch", "torch"), ("flax", "flax"), ("keras", "tensorflow"), ("keras", "jax"), ("keras", "torch")}
 

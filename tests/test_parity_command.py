@@ -8,10 +8,10 @@ import pytest
 
 import impl_torch.runner
 import weights_convert
-from weights_convert import cli, parity
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
-from weights_convert.tolerances import tolerance
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import cli, parity
+from weights_convert.harness.tolerances import tolerance
 
 SMALL = ModelConfig(3, 2, (4, 8, 16))
 

@@ -1,9 +1,9 @@
 """The README's test for users' CI, run as written (on a small checkpoint)."""
 
 import weights_convert
-from weights_convert import parity
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import parity
 
 
 def test_users_ci_example(tmp_path, monkeypatch):

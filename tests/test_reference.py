@@ -6,10 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from weights_convert import reference
-from weights_convert.optim import OPTIMIZERS
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, param_specs
+from weights_convert.core.optim import OPTIMIZERS
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.harness import reference
 
 torch = pytest.importorskip("torch")
 from impl_torch.io import from_checkpoint  # noqa: E402

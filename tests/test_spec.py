@@ -2,7 +2,7 @@ import ast
 
 import pytest
 
-from weights_convert.spec import ModelConfig, infer_config, param_table, parameter_count
+from weights_convert.core.spec import ModelConfig, infer_config, param_table, parameter_count
 
 
 def test_default_table_equals_article_keys(reference_dir):

@@ -5,10 +5,10 @@ import torch
 import impl_torch
 import weights_convert
 from tests.conftest import rel_error
-from weights_convert import reference
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig, parameter_count
-from weights_convert.tolerances import TOLERANCES, tolerance
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig, parameter_count
+from weights_convert.harness import reference
+from weights_convert.harness.tolerances import TOLERANCES, tolerance
 
 
 def run(model, x, dtype=torch.float64):

@@ -1,12 +1,21 @@
 """Checkpoint conversion for the Attention U-Net: one canonical form, every format through it.
 
-Importing this package imports only numpy; a framework is imported only when a format or an
-implementation that needs it is used.
+Three layers, one folder each, each importing only the layers below it:
+
+- ``core``: the parameter specification (``spec``), the canonical ``Checkpoint``, layouts and
+  optimizer definitions. NumPy only.
+- ``formats``: one reader and writer per file format, and ``read``/``write``/``convert``. A format
+  imports its own library (h5py, msgpack, torch, orbax) when used, and never an implementation.
+- ``harness``: the NumPy reference, parity, the bench and the ``attention-unet`` command. It runs
+  the implementations (``impl_torch``, ``impl_flax``, ``impl_keras``), importing each only inside
+  the function that runs it.
+
+Importing this package imports numpy, and nothing from any framework.
 """
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
-from weights_convert.io import convert, read, write
-from weights_convert.spec import ModelConfig, param_specs, param_table, parameter_count
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.spec import ModelConfig, param_specs, param_table, parameter_count
+from weights_convert.formats.io import convert, read, write
 
 __all__ = [
     "Checkpoint",

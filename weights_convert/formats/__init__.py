@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from pathlib import Path
 
-from weights_convert.checkpoint import CheckpointError
+from weights_convert.core.checkpoint import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
-from weights_convert.flax_layout import flatten, from_nnx, nest, to_nnx
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.flax_layout import flatten, from_nnx, nest, to_nnx
 from weights_convert.formats.safetensors_format import _one_line
 
 

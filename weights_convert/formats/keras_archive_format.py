@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.spec import ModelConfig
 from weights_convert.formats.safetensors_format import _one_line
-from weights_convert.spec import ModelConfig
 
 
 def read(path) -> tuple[dict[str, np.ndarray], ModelConfig]:

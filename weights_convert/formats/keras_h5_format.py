@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.layouts import LEAF_RULES, module_path, rule
+from weights_convert.core.spec import LEAVES, ParamSpec
 from weights_convert.formats.safetensors_format import _one_line, checksum
-from weights_convert.layouts import LEAF_RULES, module_path, rule
-from weights_convert.spec import LEAVES, ParamSpec
 
 # save_weights of a compiled, trained model also writes the optimizer's slots under this group.
 OPTIMIZER_GROUP = "optimizer"

@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
-from weights_convert.spec import ModelConfig
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.spec import ModelConfig
 
 FORMAT_NAME = "attention-unet"
 FORMAT_VERSION = "1"

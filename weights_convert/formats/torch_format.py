@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.formats.safetensors_format import _one_line
 
 WRAPPER_KEYS = ("state_dict", "model")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint
-from weights_convert.spec import ModelConfig, param_specs
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.spec import ModelConfig, param_specs
 
 NUM_BATCHES_TRACKED = 100
 

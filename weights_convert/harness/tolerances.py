@@ -5,7 +5,7 @@ Used by the parity command, its Python API and the test suite alike.
 A fixed bound is a number. A noise-relative bound is ``max(floor, factor * noise)``
 (ARCHITECTURE.md section 4). ``noise`` is measured per
 row and in the same run: the relative difference between the independent NumPy reference
-computed at the precision under test (``weights_convert.reference`` with ``precision="float32"``
+computed at the precision under test (``weights_convert.harness.reference`` with ``precision="float32"``
 or ``"mixed_bfloat16"``) and the same reference in float64. An implementation passes a row when
 its own difference from the float64 reference is at most that bound: "no noisier than the
 reference computation itself, up to a constant". float64 has no noise to measure; its bound is

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.spec import ParamSpec
+from weights_convert.core.spec import ParamSpec
 
 
 def oihw_to_hwio(w: np.ndarray) -> np.ndarray:

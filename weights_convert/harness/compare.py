@@ -4,7 +4,7 @@ the first failing row names the block where two implementations start to drift.
 
 At a reduced precision each row also carries its *noise*: how far the reference computed at that
 precision is from the float64 one (``parity.measure_noise``), which sets the row's bound
-(``weights_convert.tolerances``).
+(``weights_convert.harness.tolerances``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.tolerances import tolerance as bound_for
+from weights_convert.harness.tolerances import tolerance as bound_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def compare(
     ``actual`` or of the wrong shape fails with an infinite difference. ``scale`` replaces each
     quantity's own max|ref| when the quantities are parts of one vector (the gradient).
 
-    The bound is ``tolerance`` if given, else the dtype's (``weights_convert.tolerances``); below
+    The bound is ``tolerance`` if given, else the dtype's (``weights_convert.harness.tolerances``); below
     float64 that needs ``noise``, each row's measured noise level (``parity.measure_noise``), and
     each row's bound is relative to it."""
     rows = []

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint
-from weights_convert.layouts import LEAF_RULES, module_path, rule
-from weights_convert.spec import ParamSpec, param_specs
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.layouts import LEAF_RULES, module_path, rule
+from weights_convert.core.spec import ParamSpec, param_specs
 
 Path = tuple  # of str and int: ("e1", "conv", "conv", 0, "kernel")
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from weights_convert.optim import check_fit_batches, check_optimizer
-from weights_convert.spec import ModelConfig, infer_config, param_specs
+from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.core.spec import ModelConfig, infer_config, param_specs
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: weight of the new batch statistic
@@ -458,7 +458,7 @@ def gradients(tensors: dict, x, target, *, config: ModelConfig | None = None, pr
 
 class Optimizer:
     """SGD (``p -= lr * g``) or Adam with PyTorch's definition (eps added to the bias-corrected
-    sqrt(v)), hyperparameters from ``weights_convert.optim.OPTIMIZERS``; holds the state, so that
+    sqrt(v)), hyperparameters from ``weights_convert.core.optim.OPTIMIZERS``; holds the state, so that
     successive ``step`` calls continue one run."""
 
     def __init__(self, name: str):

@@ -11,11 +11,11 @@ import json
 import os
 import sys
 
-from weights_convert.checkpoint import CheckpointError
+from weights_convert.core.checkpoint import CheckpointError
 
 
 def _config_arg(text: str):
-    from weights_convert.spec import ModelConfig
+    from weights_convert.core.spec import ModelConfig
 
     try:
         return ModelConfig.from_dict(json.loads(text))
@@ -74,7 +74,7 @@ def _choices(allowed):
 
 
 def cmd_parity(args) -> int:
-    from weights_convert import parity
+    from weights_convert.harness import parity
 
     def progress(message: str) -> None:
         if not args.json:
@@ -111,8 +111,8 @@ def cmd_parity(args) -> int:
 
 def cmd_init(args) -> int:
     import weights_convert
-    from weights_convert.random_init import random_checkpoint
-    from weights_convert.spec import ModelConfig
+    from weights_convert.core.random_init import random_checkpoint
+    from weights_convert.core.spec import ModelConfig
 
     checkpoint = random_checkpoint(args.config or ModelConfig(), seed=args.seed, dtype=args.dtype)
     weights_convert.write(checkpoint, args.dst, force=args.force)
@@ -121,8 +121,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from weights_convert import bench
-    from weights_convert.spec import ModelConfig
+    from weights_convert.core.spec import ModelConfig
+    from weights_convert.harness import bench
 
     try:
         settings = bench.Settings(
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
     p.set_defaults(func=cmd_convert)
 
-    from weights_convert.parity import (
+    from weights_convert.harness.parity import (
         DEFAULT_BATCH,
         DEFAULT_SIZE,
         DEFAULT_STEPS,

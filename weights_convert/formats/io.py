@@ -8,9 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from weights_convert.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.spec import ModelConfig
 from weights_convert.formats import format_for
-from weights_convert.spec import ModelConfig
 
 
 def read(path, *, config: ModelConfig | None = None, allow_nonfinite: bool = False) -> Checkpoint:

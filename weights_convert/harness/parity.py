@@ -1,7 +1,7 @@
 """Cross-framework parity: the same checkpoint and input through every implementation, each
 result compared with a float64 reference, block by block.
 
-The reference is an independent float64 NumPy computation (``weights_convert.reference``) that
+The reference is an independent float64 NumPy computation (``weights_convert.harness.reference``) that
 shares no code with any implementation: block outputs, and in train mode the updated running
 statistics, the gradients of the loss and one SGD and one Adam step; in fit mode the loss at every
 step of an N-step training run and the final parameters and running statistics. So every
@@ -11,17 +11,17 @@ needs no framework but the ones under test.
 At a reduced precision (float32, mixed bfloat16) the same NumPy reference is also computed at that
 precision, and its difference from the float64 reference is each row's measured rounding *noise*;
 an implementation passes a row when its own difference is at most ``max(floor, factor * noise)``
-(``weights_convert.tolerances``). The verdict is therefore a property of the computation, not of
+(``weights_convert.harness.tolerances``). The verdict is therefore a property of the computation, not of
 the CPU that runs it. float64 rows must agree to 1e-10.
 
 Every implementation is fed the canonical checkpoint through its converter (``from_checkpoint``)
 and returns results in canonical layouts, so the comparison is framework-free
-(``weights_convert.compare``). Rows come in computation order, so the first failing row names the
+(``weights_convert.harness.compare``). Rows come in computation order, so the first failing row names the
 block where an implementation starts to drift.
 
 Python API for users' CI::
 
-    from weights_convert import parity
+    from weights_convert.harness import parity
     report = parity.check("model.safetensors", frameworks=("torch", "flax"), dtype="float64")
     parity.assert_parity("model.safetensors")          # raises AssertionError naming the drift
 """
@@ -34,11 +34,11 @@ import json
 
 import numpy as np
 
-from weights_convert.checkpoint import Checkpoint
-from weights_convert.compare import Row, compare, rel_diff
-from weights_convert.random_init import random_checkpoint
-from weights_convert.spec import ModelConfig
-from weights_convert.tolerances import NOISY_PRECISIONS, tolerance
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness.compare import Row, compare, rel_diff
+from weights_convert.harness.tolerances import NOISY_PRECISIONS, tolerance
 
 FRAMEWORKS = ("torch", "flax", "keras")
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
@@ -206,7 +206,7 @@ def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:
     comparison has pixels on both sides."""
     checkpoint = random_checkpoint(ModelConfig(), seed=0)
     if x is not None:
-        from weights_convert import reference
+        from weights_convert.harness import reference
 
         logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
         median = np.median(logits, axis=(0, 2, 3)).astype(checkpoint.tensors["output.bias"].dtype)
@@ -312,7 +312,7 @@ def compute(impl: Target, checkpoint: Checkpoint, inputs: Inputs, run: Run) -> d
 def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precision: str = "float64") -> dict:
     """The same quantities from the independent NumPy reference, computed at ``precision`` (a
     train run's block outputs, statistics and every optimizer's step from one pass)."""
-    from weights_convert import reference
+    from weights_convert.harness import reference
 
     tensors, common = checkpoint.tensors, {"config": checkpoint.config, "precision": precision}
     if run.mode == "fit":

@@ -26,8 +26,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from weights_convert.optim import OPTIMIZERS
-from weights_convert.spec import ModelConfig, param_specs
+from weights_convert.core.optim import OPTIMIZERS
+from weights_convert.core.spec import ModelConfig, param_specs
 
 FRAMEWORKS = ("torch", "flax", "keras")
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
@@ -513,7 +513,8 @@ def _keras_subprocess(settings: Settings, backend: str) -> list[dict]:
         # Keep every backend off any GPU: TensorFlow and JAX would otherwise take one when present.
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, "-m", "weights_convert.bench", "keras-worker", backend, json.dumps(settings.to_dict())]
+    worker = [sys.executable, "-m", "weights_convert.harness.bench", "keras-worker"]
+    command = [*worker, backend, json.dumps(settings.to_dict())]
     progress(f"keras/{backend}: starting a subprocess (the Keras backend is fixed at import)")
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -699,9 +700,9 @@ def format_table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    # The Keras worker: ``python -m weights_convert.bench keras-worker BACKEND SETTINGS_JSON``.
+    # The Keras worker: ``python -m weights_convert.harness.bench keras-worker BACKEND SETTINGS_JSON``.
     if len(sys.argv) != 4 or sys.argv[1] != "keras-worker":
-        sys.exit("usage: python -m weights_convert.bench keras-worker BACKEND SETTINGS_JSON")
+        sys.exit("usage: python -m weights_convert.harness.bench keras-worker BACKEND SETTINGS_JSON")
     # Anything the backends print goes to stderr; stdout carries only the JSON rows.
     rows_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

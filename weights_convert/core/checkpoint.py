@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.spec import ModelConfig, infer_config, param_specs
+from weights_convert.core.spec import ModelConfig, infer_config, param_specs
 
 
 class CheckpointError(ValueError):
