@@ -13,6 +13,7 @@ import importlib
 from pathlib import Path
 
 from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.extras import require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,20 +21,22 @@ class Format:
     name: str
     suffixes: tuple[str, ...]
     module: str
-    framework: str | None  # what reading or writing it imports, beyond numpy
+    requires: tuple[str, ...]  # the modules reading or writing it imports, beyond numpy
     is_directory: bool = False
 
     def load_module(self):
+        """The format's reader and writer; ``MissingPackage`` names the extra when a module is absent."""
+        require(self.requires, f"{self.suffixes[0]}")
         return importlib.import_module(f"weights_convert.formats.{self.module}")
 
 
 FORMATS = (
-    Format("safetensors", (".safetensors",), "safetensors_format", None),
-    Format("pytorch", (".pt", ".pth"), "torch_format", "torch"),
-    Format("keras-weights", (".weights.h5",), "keras_h5_format", "keras"),
-    Format("keras", (".keras",), "keras_archive_format", "keras"),
-    Format("flax-msgpack", (".msgpack",), "flax_msgpack_format", "flax"),
-    Format("orbax", (".orbax",), "orbax_format", "flax", is_directory=True),
+    Format("safetensors", (".safetensors",), "safetensors_format", ("safetensors",)),
+    Format("pytorch", (".pt", ".pth"), "torch_format", ("torch",)),
+    Format("keras-weights", (".weights.h5",), "keras_h5_format", ("h5py",)),
+    Format("keras", (".keras",), "keras_archive_format", ("h5py",)),
+    Format("flax-msgpack", (".msgpack",), "flax_msgpack_format", ("msgpack",)),
+    Format("orbax", (".orbax",), "orbax_format", ("orbax.checkpoint", "jax"), is_directory=True),
 )
 
 

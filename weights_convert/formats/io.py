@@ -54,7 +54,7 @@ def convert(
 ) -> Checkpoint:
     """Read ``src``, optionally cast floating tensors to ``dtype``, write ``dst``; returns what was written."""
     dst = Path(dst)
-    format_for(dst)  # an unknown destination extension fails before any reading
+    format_for(dst).load_module()  # an unknown extension or a missing package fails before any reading
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists (pass --force to overwrite)")
     checkpoint = read(src, config=config, allow_nonfinite=allow_nonfinite)

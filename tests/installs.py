@@ -1,0 +1,40 @@
+"""Running the command as a user with only some packages installed (see ``hidden/sitecustomize.py``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HIDDEN = Path(__file__).parent / "hidden"
+REPO = Path(__file__).parent.parent
+
+# What each install leaves out of this test environment, which has every package.
+FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax", "orbax", "keras", "tensorflow")
+WITHOUT = {
+    "base": FRAMEWORKS,
+    "torch": tuple(p for p in FRAMEWORKS if p != "torch"),
+    "flax": ("torch", "keras", "tensorflow"),
+    "keras-jax": ("torch", "tensorflow", "flax", "optax", "orbax"),
+}
+
+
+def environment(hide, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HIDDEN), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["ATTENTION_UNET_HIDE"] = ",".join(hide)
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}, **extra)
+    return env
+
+
+def run_as(install: str, *args, timeout: float = 600, **extra_env) -> subprocess.CompletedProcess:
+    """``attention-unet ARGS`` in a subprocess that sees only what ``install`` would have installed."""
+    return subprocess.run(
+        [sys.executable, "-m", "weights_convert.harness.cli", *map(str, args)],
+        env=environment(WITHOUT[install], **extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
