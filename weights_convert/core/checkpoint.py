@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.core.spec import ModelConfig, infer_config, param_specs
+from weights_convert.core.spec import LISTED_NAMES, ModelConfig, capped, infer_config, param_specs
 
 
 class CheckpointError(ValueError):
@@ -41,15 +41,45 @@ class Checkpoint:
 
     @property
     def float_dtype(self) -> np.dtype:
-        """The dtype of the floating tensors (they share one)."""
+        """The dtype of the first floating tensor (of all of them, unless ``float_dtypes`` has several)."""
         return next(v.dtype for v in self.tensors.values() if v.dtype.kind not in "iub")
 
-    def astype(self, dtype) -> Checkpoint:
-        """Floating tensors cast to ``dtype``; integer counters kept as they are."""
+    @property
+    def float_dtypes(self) -> dict[str, list[str]]:
+        """Name of each floating dtype -> the tensors holding it, in ``state_dict`` order. A checkpoint
+        read from a foreign file may mix them (say float16 weights and float32 statistics)."""
+        names: dict[str, list[str]] = {}
+        for name, value in self.tensors.items():
+            if value.dtype.kind not in "iub":
+                names.setdefault(str(value.dtype), []).append(name)
+        return names
+
+    def astype(self, dtype, *, allow_overflow: bool = False) -> Checkpoint:
+        """Floating tensors cast to ``dtype``; integer counters kept as they are.
+
+        A finite value that the cast would turn into inf (above 65504 for float16, for instance) is
+        refused with one CheckpointError naming the first such tensor and its largest magnitude,
+        unless ``allow_overflow``. NaN and inf already in the checkpoint stay what they are.
+        """
         dtype = as_float_dtype(dtype)
-        cast = {
-            k: (v if v.dtype.kind in "iub" or v.dtype == dtype else v.astype(dtype)) for k, v in self.tensors.items()
-        }
+        cast, overflowed = {}, []
+        for name, value in self.tensors.items():
+            if value.dtype.kind in "iub" or value.dtype == dtype:
+                cast[name] = value
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is judged below, in one line
+                cast[name] = value.astype(dtype)
+            if not allow_overflow and (np.isinf(cast[name]) & np.isfinite(value)).any():
+                overflowed.append(name)
+        if overflowed:
+            first = self.tensors[overflowed[0]]
+            largest = float(np.max(np.abs(first[np.isfinite(first)].astype(np.float64))))
+            others = len(overflowed) - 1
+            more = f" (and {others} more tensor{'s' * (others > 1)})" if others else ""
+            raise CheckpointError(
+                f"casting to {dtype} overflows to inf: {overflowed[0]} has max |value| {largest:.6g}, above "
+                f"{float(ml_finfo(dtype).max):.6g} (the largest {dtype}){more}; pass --allow-overflow to write inf"
+            )
         return Checkpoint(self.config, cast)
 
     def parameter_count(self) -> int:
@@ -59,6 +89,13 @@ class Checkpoint:
 
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def ml_finfo(dtype):
+    """``finfo`` of any floating dtype, bfloat16 included."""
+    import ml_dtypes
+
+    return ml_dtypes.finfo(dtype)
 
 
 def as_float_dtype(dtype) -> np.dtype:
@@ -80,16 +117,16 @@ def check_tensors(
     allow_nonfinite: bool = False,
     source: str = "checkpoint",
 ) -> None:
-    """Raise one CheckpointError listing every missing, unexpected, misshapen, mistyped or
-    non-finite tensor at once, sorted."""
+    """Raise one CheckpointError naming every missing, unexpected, misshapen, mistyped or non-finite
+    tensor at once, sorted; each list shows its first ``LISTED_NAMES`` and counts the rest."""
     specs = {p.name: p for p in param_specs(config)}
     problems = []
     missing = sorted(set(specs) - set(tensors))
-    unexpected = sorted(set(tensors) - set(specs))
+    unexpected = sorted(set(tensors) - set(specs), key=str)
     if missing:
-        problems.append(f"missing tensors {missing}")
+        problems.append(f"missing tensors {capped(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
+        problems.append(f"unexpected tensors {capped(unexpected)}")
     wrong_shape, wrong_dtype, nonfinite = [], [], []
     for name in sorted(set(specs) & set(tensors)):
         value, spec = tensors[name], specs[name]
@@ -106,10 +143,16 @@ def check_tensors(
         elif is_float and not allow_nonfinite and not np.isfinite(np.asarray(value, dtype=np.float64)).all():
             nonfinite.append(name)
     if wrong_shape:
-        problems.append(f"wrong shapes for config {config.to_dict()}: " + "; ".join(wrong_shape))
+        problems.append(f"wrong shapes for config {config.to_dict()}: " + _joined(wrong_shape))
     if wrong_dtype:
-        problems.append("wrong dtypes: " + "; ".join(wrong_dtype))
+        problems.append("wrong dtypes: " + _joined(wrong_dtype))
     if nonfinite:
-        problems.append(f"non-finite values (NaN or inf) in {nonfinite} (pass --allow-nonfinite to accept)")
+        problems.append(f"non-finite values (NaN or inf) in {capped(nonfinite)} (pass --allow-nonfinite to accept)")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def _joined(items: list[str]) -> str:
+    """``a; b; c`` for the first ``LISTED_NAMES`` items, then ``and N more``."""
+    shown = "; ".join(items[:LISTED_NAMES])
+    return shown if len(items) <= LISTED_NAMES else f"{shown}; and {len(items) - LISTED_NAMES} more"

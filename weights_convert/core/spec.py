@@ -8,6 +8,7 @@ canonical shapes are PyTorch layouts (conv kernels OIHW).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 # Sub-module index of each layer inside the article's ``nn.Sequential`` conv block:
@@ -20,6 +21,28 @@ LEAVES = {
     "conv1": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
 }
+
+# The largest config any checkpoint may claim, in trainable parameters: 1e9 (4 GB in float32).
+# The widest config a user plausibly trains, channels (256, 512, 1024, 2048, 4096), has 524 million
+# (64 times the default's 8.1 million); the limit is twice that. A config beyond it is refused before
+# anything is allocated or built for it, so a few bytes of config cannot claim gigabytes.
+MAX_PARAMETERS = 1_000_000_000
+
+# The deepest config any checkpoint may claim: each level halves the input, so depth 16 already needs
+# inputs of at least 65536 pixels a side. It bounds the parameter table (about 40 tensors a level)
+# for configs whose channels are tiny but countless.
+MAX_DEPTH = 16
+
+# How many names a list-valued error shows before "and N more".
+LISTED_NAMES = 10
+
+
+def capped(items, limit: int = LISTED_NAMES) -> str:
+    """``repr`` of the first ``limit`` items of a list, then ``and N more``: a long list stays one short line."""
+    items = list(items)
+    if len(items) <= limit:
+        return repr(items)
+    return f"{items[:limit]!r} and {len(items) - limit} more"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +64,14 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         channels = self.channels
         if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):
-            raise ValueError(f"channels must be a sequence of positive integers, got {channels!r}")
+            raise ValueError(f"channels must be a sequence of positive integers, got {type(channels).__name__}")
+        if not hasattr(channels, "__len__"):  # an iterator: never more than one entry past the limit
+            channels = tuple(itertools.islice(channels, MAX_DEPTH + 2))
+        if len(channels) > MAX_DEPTH + 1:
+            raise ValueError(
+                f"channels has {len(channels)} entries, more than {MAX_DEPTH + 1} (depth {MAX_DEPTH}, inputs of at "
+                f"least {2**MAX_DEPTH} pixels a side): {capped(channels)}"
+            )
         channels = tuple(channels)
         if len(channels) < 2:
             raise ValueError(
@@ -49,8 +79,14 @@ class ModelConfig:
             )
         bad = [c for c in channels if not _is_positive_int(c)]
         if bad:
-            raise ValueError(f"channels must be positive integers, got {channels!r} (bad: {bad!r})")
+            raise ValueError(f"channels must be positive integers, got {channels!r} (bad: {capped(bad)})")
         object.__setattr__(self, "channels", tuple(int(c) for c in channels))
+        count = parameter_count(self)
+        if count > MAX_PARAMETERS:
+            raise ValueError(
+                f"config {self.to_dict()} has {count:.3g} parameters, more than the {MAX_PARAMETERS:.0e} any "
+                f"checkpoint may claim (spec.MAX_PARAMETERS)"
+            )
 
     @property
     def depth(self) -> int:
