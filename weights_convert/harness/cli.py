@@ -52,7 +52,13 @@ def cmd_convert(args) -> int:
     import weights_convert
 
     checkpoint = weights_convert.convert(
-        args.src, args.dst, dtype=args.dtype, force=args.force, allow_nonfinite=args.allow_nonfinite, config=args.config
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        force=args.force,
+        allow_nonfinite=args.allow_nonfinite,
+        allow_overflow=args.allow_overflow,
+        config=args.config,
     )
     print(
         f"wrote {args.dst}: {len(checkpoint.tensors)} tensors, {checkpoint.float_dtype}, "
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), help="cast floating tensors")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values instead of refusing them")
+    p.add_argument("--allow-overflow", action="store_true", help="let --dtype turn values too large for it into inf")
     p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
     p.set_defaults(func=cmd_convert)
 
