@@ -1,17 +1,26 @@
 """Flax ``.msgpack``: ``flax.serialization`` bytes of the NNX state of ``impl_flax.AttentionUNet`` as
-a pure dict (``nnx.to_pure_dict``: nested string keys, Flax names, HWIO kernels). The format holds
-no config: reading infers it from the tensor shapes. A Flax user restores a file into a model with::
+a pure dict (``nnx.to_pure_dict``: nested string keys, Flax names, HWIO kernels), read and written
+with the ``msgpack`` package alone. The format holds no config: reading infers it from the tensor
+shapes. A Flax user restores a file into a model with::
 
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, flax.serialization.msgpack_restore(data))
     nnx.update(model, state)
 
-(or ``flax.serialization.from_bytes(nnx.to_pure_dict(state), data)`` for the pure dict). Reading
-needs only flax's msgpack decoder: msgpack holds data, never code, and nothing imports the model.
+(or ``flax.serialization.from_bytes(nnx.to_pure_dict(state), data)`` for the pure dict).
+
+The encoding is ``flax.serialization``'s, byte for byte: the tree packed with ``strict_types``, each
+array an ``ExtType(1, packb((shape, dtype name, C-order bytes)))`` (``bfloat16`` by that name), a
+NumPy scalar ``ExtType(3, ...)`` the same way, and an array over ``MAX_CHUNK_SIZE`` bytes split into
+a ``{"__msgpack_chunked_array__": True, "shape": {...}, "chunks": {...}}`` dict of flat pieces.
+Reading accepts numeric dtypes only and checks that each buffer holds exactly the bytes its shape
+declares before making an array: msgpack holds data, never code, and memory stays within a small
+multiple of the file's size.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +29,105 @@ from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import flatten, from_nnx, nest, to_nnx
 from weights_convert.formats.safetensors_format import _one_line
 
+# flax.serialization's extension type codes.
+EXT_NDARRAY = 1
+EXT_COMPLEX = 2
+EXT_NPSCALAR = 3
+# flax.serialization splits an array above this many bytes (msgpack's limit is 2**31 - 1 per object).
+MAX_CHUNK_SIZE = 2**30
+CHUNKED = "__msgpack_chunked_array__"
+# Dtype kinds an array may have: booleans, integers, floats, complex (plus bfloat16 by name).
+NUMERIC_KINDS = "biufc"
+MAX_NDIM = 32
+
 
 def read(path) -> tuple[dict[str, np.ndarray], None]:
-    from flax import serialization
+    import msgpack
 
     try:
         data = Path(path).read_bytes()
-        state = serialization.msgpack_restore(data)
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({_one_line(error)})") from None
+    try:
+        state = unchunk(msgpack.unpackb(data, ext_hook=_ext_unpack, raw=False, strict_map_key=False))
     except Exception as error:  # msgpack raises ValueError, ExtraData, FormatError, ... on bad bytes
         raise CheckpointError(f"{path}: not a readable Flax msgpack file ({_one_line(error)[:200]})") from None
     return from_state_dict(state, path), None
+
+
+def _ext_unpack(code: int, data: bytes):
+    if code == EXT_NDARRAY:
+        return ndarray_from_bytes(data)
+    if code == EXT_NPSCALAR:
+        return ndarray_from_bytes(data)[()]
+    if code == EXT_COMPLEX:
+        import msgpack
+
+        real, imag = msgpack.unpackb(data)
+        return complex(real, imag)
+    raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def ndarray_from_bytes(data: bytes) -> np.ndarray:
+    """``(shape, dtype name, buffer)`` -> a writable array, once the buffer is checked to hold
+    exactly the bytes the shape and dtype declare."""
+    import msgpack
+
+    fields = msgpack.unpackb(data, raw=True)
+    if not isinstance(fields, list) or len(fields) != 3:
+        raise ValueError("an array entry is not (shape, dtype, bytes)")
+    shape, name, buffer = fields
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ValueError(f"an array entry has the shape {shape!r}")
+    if not isinstance(name, bytes) or not isinstance(buffer, bytes):
+        raise ValueError("an array entry's dtype or data is not bytes")
+    dtype = _dtype(name.decode("ascii", "replace"))
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != len(buffer):
+        raise ValueError(f"an array entry of shape {tuple(shape)} and dtype {dtype} holds {len(buffer)} bytes")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape).copy()
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in NUMERIC_KINDS or dtype.name != name:
+        raise ValueError(f"an array entry has the dtype {name[:40]!r}, not a numeric one")
+    return dtype
+
+
+def unchunk(tree):
+    """flax.serialization's chunked arrays (dicts marked ``CHUNKED``) back into arrays."""
+    if not isinstance(tree, dict):
+        return tree
+    if CHUNKED in tree:
+        return _unchunk_array(tree)
+    return {key: unchunk(value) for key, value in tree.items()}
+
+
+def _unchunk_array(entry: dict) -> np.ndarray:
+    shape, chunks = entry.get("shape"), entry.get("chunks")
+    if not isinstance(shape, dict) or not isinstance(chunks, dict):
+        raise ValueError("a chunked array without its shape or chunks")
+    shape = [shape.get(str(i)) for i in range(len(shape))]
+    pieces = [chunks.get(str(i)) for i in range(len(chunks))]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > MAX_NDIM:
+        raise ValueError(f"a chunked array has the shape {shape!r}")
+    if not pieces or not all(isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype == pieces[0].dtype for p in pieces):
+        raise ValueError("a chunked array's chunks are not flat arrays of one dtype")
+    if sum(p.size for p in pieces) != math.prod(shape):
+        raise ValueError(f"a chunked array's chunks do not fill its shape {tuple(shape)}")
+    return np.concatenate(pieces).reshape(shape)
 
 
 def from_state_dict(state, path) -> dict[str, np.ndarray]:
@@ -46,8 +142,49 @@ def from_state_dict(state, path) -> dict[str, np.ndarray]:
 
 
 def write(checkpoint: Checkpoint, path) -> None:
-    from flax import serialization
-
     state = nest({p: np.require(v, requirements="C") for p, v in to_nnx(checkpoint).items()})
     with open(path, "xb") as f:
-        f.write(serialization.msgpack_serialize(state))
+        f.write(serialize(state))
+
+
+def serialize(tree) -> bytes:
+    """``flax.serialization.msgpack_serialize(tree)`` for nested dicts of NumPy arrays."""
+    import msgpack
+
+    return msgpack.packb(chunk(tree), default=_ext_pack, strict_types=True)
+
+
+def chunk(tree):
+    """Arrays over ``MAX_CHUNK_SIZE`` bytes as flax.serialization's chunked dicts."""
+    if isinstance(tree, dict):
+        return {key: chunk(value) for key, value in tree.items()}
+    if isinstance(tree, np.ndarray) and tree.size * tree.dtype.itemsize > MAX_CHUNK_SIZE:
+        size = max(1, int(MAX_CHUNK_SIZE / tree.dtype.itemsize))
+        flat = tree.reshape(-1)
+        pieces = [flat[i : i + size] for i in range(0, flat.size, size)]
+        return {
+            CHUNKED: True,
+            "shape": {str(i): d for i, d in enumerate(tree.shape)},
+            "chunks": {str(i): piece for i, piece in enumerate(pieces)},
+        }
+    return tree
+
+
+def _ext_pack(value):
+    import msgpack
+
+    if isinstance(value, np.ndarray):
+        return msgpack.ExtType(EXT_NDARRAY, ndarray_to_bytes(value))
+    if isinstance(value, np.generic):
+        return msgpack.ExtType(EXT_NPSCALAR, ndarray_to_bytes(np.asarray(value)))
+    if isinstance(value, complex):
+        return msgpack.ExtType(EXT_COMPLEX, msgpack.packb((value.real, value.imag)))
+    raise TypeError(f"cannot serialize a {type(value).__name__} in a Flax msgpack file")
+
+
+def ndarray_to_bytes(value: np.ndarray) -> bytes:
+    import msgpack
+
+    if value.dtype.hasobject or value.dtype.isalignedstruct:
+        raise ValueError("object and structured dtypes cannot be serialized")
+    return msgpack.packb((value.shape, value.dtype.name, value.tobytes("C")), use_bin_type=True)

@@ -1,43 +1,212 @@
-"""Keras 3 ``.keras`` archive of ``impl_keras.AttentionUNet``: ``config.json`` holds the model's
-hyperparameters (so the config travels with the weights) and ``model.weights.h5`` the variables.
+"""Keras 3 ``.keras`` archive of ``impl_keras.AttentionUNet``, read and written with zipfile, json
+and h5py alone: ``config.json`` holds the model's class and hyperparameters (so the config travels
+with the weights), ``metadata.json`` the Keras version, ``model.weights.h5`` the variables in the
+layout of ``keras_h5_format``. Written as ``model.save`` writes it (stored, uncompressed members),
+so the file loads with ``keras.saving.load_model(path)`` (safe mode included) once ``impl_keras``
+is imported.
 
-Read with ``keras.saving.load_model(safe_mode=True, compile=False)`` only: a ``Lambda`` layer or a
-class that is not registered is refused, never executed. Written with ``model.save``, so the file
-loads with a plain ``keras.saving.load_model(path)`` once ``impl_keras`` is imported.
+Reading builds nothing and runs nothing: ``config.json`` is parsed as JSON and must name
+``impl_keras.AttentionUNet``; any other class (a ``Lambda`` layer, an unregistered class, another
+model) is refused by name. The weights member is read into memory (never extracted to disk), with
+its CRC-32 checked, after its declared size is checked against the claimed config; every dataset's
+declared shape is then checked against that config's parameter table before any data is read, so
+a config that contradicts the weights costs nothing. Member names that would escape a directory
+are refused.
 """
 
 from __future__ import annotations
 
+import datetime
+import io
+import json
+import zipfile
+
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.formats.keras_h5_format import MAX_EXPANSION, MODEL_NAME, read_weights, write_weights
 from weights_convert.formats.safetensors_format import _one_line
+
+CONFIG_MEMBER = "config.json"
+METADATA_MEMBER = "metadata.json"
+WEIGHTS_MEMBER = "model.weights.h5"
+# How impl_keras registers the model (``keras.saving.register_keras_serializable(package=...)``).
+MODULE = "impl_keras.model"
+CLASS_NAME = "AttentionUNet"
+REGISTERED_NAME = f"attention_unet>{CLASS_NAME}"
+# The Keras release whose archive layout this is, written when Keras itself is not installed.
+KERAS_VERSION = "3.0.0"
+# A JSON member larger than this is not a config of this model (one is about 500 bytes).
+MAX_JSON_BYTES = 1 << 20
+# Room in the weights member beyond four float64 copies of the parameters (the weights and an
+# optimizer's slots): HDF5 headers and groups, about 1 KiB per dataset.
+WEIGHTS_OVERHEAD_BYTES = 1 << 20
+WEIGHTS_OVERHEAD_PER_TENSOR = 4096
+# Each level of the model is some 38 datasets and 30 groups, tens of KiB of HDF5 headers: a config
+# claiming more levels than its weights member has KiB is refused before its parameter table is built.
+MIN_BYTES_PER_LEVEL = 1024
 
 
 def read(path) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    import zipfile
+    import h5py
 
     if not zipfile.is_zipfile(str(path)):
         raise CheckpointError(f"{path}: not a Keras .keras archive (not a zip file)")
-    import keras
-
-    from impl_keras.io import to_checkpoint
-    from impl_keras.model import AttentionUNet
-
     try:
-        model = keras.saving.load_model(str(path), safe_mode=True, compile=False)
-    except Exception as error:  # Keras raises ValueError, TypeError, KeyError, OSError ... by cause
-        # Keras' advice to pass safe_mode=False is dropped: the converter never does.
-        reason = _one_line(error).split(" If you trust the source")[0][:300]
-        raise CheckpointError(f"{path}: refused or unreadable Keras archive ({reason})") from None
-    if not isinstance(model, AttentionUNet):
-        raise CheckpointError(f"{path}: holds a {type(model).__name__}, not an impl_keras.AttentionUNet")
-    checkpoint = to_checkpoint(model)
-    return checkpoint.tensors, checkpoint.config
+        with zipfile.ZipFile(str(path)) as archive:
+            members = _members(archive, path)
+            config = _model_config(_json_member(archive, members, CONFIG_MEMBER, path), path)
+            weights = _weights_member(archive, members, config, path)
+        with h5py.File(io.BytesIO(weights), "r") as f:
+            tensors = read_weights(f, f"{path}: {WEIGHTS_MEMBER}", config)
+    except CheckpointError:
+        raise
+    except Exception as error:  # zipfile and h5py raise BadZipFile, OSError, KeyError, ... on damage
+        raise CheckpointError(f"{path}: not a readable Keras .keras archive ({_one_line(error)[:200]})") from None
+    return tensors, config
+
+
+def _members(archive: zipfile.ZipFile, path) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by name; a name that would escape a directory, or one that occurs
+    twice, is refused."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in archive.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+            raise CheckpointError(f"{path}: refused: the member name {name!r} points outside the archive")
+        if name in members:
+            raise CheckpointError(f"{path}: refused: the member {name!r} occurs twice")
+        members[name] = info
+    return members
+
+
+def _json_member(archive: zipfile.ZipFile, members: dict, name: str, path):
+    info = members.get(name)
+    if info is None:
+        raise CheckpointError(f"{path}: not a Keras .keras archive (no {name})")
+    if info.file_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {name} declares {info.file_size} bytes; a model config is far smaller")
+    try:
+        return json.loads(archive.read(info))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: {name} is not JSON ({_one_line(error)[:200]})") from None
+
+
+def _model_config(document, path) -> ModelConfig:
+    """The ``ModelConfig`` in ``config.json``, which must describe an ``impl_keras.AttentionUNet``."""
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}: {CONFIG_MEMBER} holds a {type(document).__name__}, not a model config")
+    if document.get("registered_name") != REGISTERED_NAME or document.get("class_name") != CLASS_NAME:
+        top, *inner = _class_names(document) or ["no class"]
+        naming = f" (naming {', '.join(inner[:10])}{f' and {len(inner) - 10} more' if len(inner) > 10 else ''})"
+        raise CheckpointError(f"{path}: holds a {top}{naming if inner else ''}, not an impl_keras.AttentionUNet")
+    config = document.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {CONFIG_MEMBER} has no config object")
+    try:
+        return ModelConfig.from_dict({k: config[k] for k in ("in_channels", "out_channels", "channels") if k in config})
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: bad config in {CONFIG_MEMBER}: {_one_line(error)[:200]}") from None
+
+
+def _class_names(node, found=None) -> list[str]:
+    """Every class a Keras config names (its registered name where it has one), in order, once."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        name = node.get("registered_name") or node.get("class_name")
+        if isinstance(name, str) and "class_name" in node and name not in found:
+            found.append(name)
+        for value in node.values():
+            _class_names(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _class_names(value, found)
+    return found
+
+
+def _weights_member(archive: zipfile.ZipFile, members: dict, config: ModelConfig, path) -> bytes:
+    """The weights member's bytes (CRC-32 checked), refused first if it declares more than the
+    claimed config can need or more than its compressed bytes can hold."""
+    info = members.get(WEIGHTS_MEMBER)
+    if info is None:
+        raise CheckpointError(f"{path}: not a Keras .keras archive of this model (no {WEIGHTS_MEMBER})")
+    if config.depth * MIN_BYTES_PER_LEVEL > info.file_size:
+        raise CheckpointError(
+            f"{path}: the config claims {config.depth} levels, more than the {info.file_size} bytes of "
+            f"{WEIGHTS_MEMBER} can hold"
+        )
+    specs = param_specs(config)
+    elements = sum(int(np.prod(spec.shape, dtype=object)) for spec in specs)
+    budget = 4 * 8 * elements + WEIGHTS_OVERHEAD_BYTES + WEIGHTS_OVERHEAD_PER_TENSOR * len(specs)
+    compressed_limit = (
+        info.compress_size if info.compress_type == zipfile.ZIP_STORED else MAX_EXPANSION * info.compress_size
+    )
+    if info.file_size > budget or info.file_size > compressed_limit:
+        raise CheckpointError(
+            f"{path}: {WEIGHTS_MEMBER} declares {info.file_size} bytes, more than the config "
+            f"{config.to_dict()} needs ({budget}) or its {info.compress_size} stored bytes can hold"
+        )
+    return archive.read(info)
 
 
 def write(checkpoint: Checkpoint, path) -> None:
-    from impl_keras.io import build_model
+    import h5py
 
-    build_model(checkpoint).save(str(path))
+    weights = io.BytesIO()
+    with h5py.File(weights, "w") as f:
+        write_weights(f, checkpoint)
+    with zipfile.ZipFile(str(path), "x") as archive:  # "x": never over an existing file
+        archive.writestr(METADATA_MEMBER, json.dumps(metadata()))
+        archive.writestr(CONFIG_MEMBER, json.dumps(model_config(checkpoint)))
+        archive.writestr(WEIGHTS_MEMBER, weights.getvalue())
+
+
+def metadata() -> dict:
+    """``metadata.json`` as ``model.save`` writes it: the Keras version and the time of saving."""
+    return {"keras_version": _keras_version(), "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
+
+
+def _keras_version() -> str:
+    from importlib import metadata as package_metadata
+
+    try:
+        return package_metadata.version("keras")
+    except package_metadata.PackageNotFoundError:
+        return KERAS_VERSION
+
+
+def model_config(checkpoint: Checkpoint) -> dict:
+    """``config.json`` as ``model.save`` writes it for ``impl_keras.AttentionUNet``. The dtype
+    policy is the tensors' float dtype; with mixed dtypes, the narrowest that holds every one
+    exactly (Keras casts each tensor to it on loading; the weights keep their own dtypes)."""
+    config = checkpoint.config
+    return {
+        "module": MODULE,
+        "class_name": CLASS_NAME,
+        "config": {
+            "name": MODEL_NAME,
+            "trainable": True,
+            "dtype": {
+                "module": "keras",
+                "class_name": "DTypePolicy",
+                "config": {"name": policy_dtype(checkpoint)},
+                "registered_name": None,
+            },
+            **config.to_dict(),
+        },
+        "registered_name": REGISTERED_NAME,
+        "build_config": {"input_shape": [None, None, None, config.in_channels]},
+        "compile_config": {},
+    }
+
+
+def policy_dtype(checkpoint: Checkpoint) -> str:
+    """The one float dtype of the tensors, or for mixed ones the narrowest holding each exactly:
+    the widest present, float32 when the widest are float16 and bfloat16 together."""
+    names = {v.dtype.name for v in checkpoint.tensors.values() if v.dtype.kind == "f" or v.dtype.name == "bfloat16"}
+    if len(names) == 1:
+        return names.pop()
+    widest = max(np.dtype(name).itemsize if name != "bfloat16" else 2 for name in names)
+    return "float32" if widest == 2 else f"float{8 * widest}"
