@@ -66,7 +66,7 @@ def write(checkpoint: Checkpoint, path, *, force: bool = False) -> None:
     path = Path(path)
     fmt = format_for(path)
     if path.exists() and not force:
-        raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
+        raise CheckpointError(f"{path}: already exists (pass force=True to overwrite)")
     Checkpoint.from_tensors(checkpoint.tensors, checkpoint.config, allow_nonfinite=True, source="checkpoint to write")
     module = fmt.load_module()
     dtypes = checkpoint.float_dtypes
@@ -97,7 +97,7 @@ def convert(
     dst = Path(dst)
     format_for(dst).load_module()  # an unknown extension or a missing package fails before any reading
     if dst.exists() and not force:
-        raise CheckpointError(f"{dst}: already exists (pass --force to overwrite)")
+        raise CheckpointError(f"{dst}: already exists (pass force=True to overwrite)")
     checkpoint = read(src, config=config, allow_nonfinite=allow_nonfinite)
     if dtype is not None:
         checkpoint = checkpoint.astype(dtype, allow_overflow=allow_overflow)
@@ -181,7 +181,7 @@ _UNSUPPORTED = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errn
 
 def _place_exclusively(tmp: Path, path: Path, is_directory: bool) -> None:
     """Move the finished ``tmp`` to ``path``, failing with one line if ``path`` exists by now."""
-    appeared = CheckpointError(f"{path}: appeared while converting; kept as it is (pass --force to overwrite)")
+    appeared = CheckpointError(f"{path}: appeared while converting; kept as it is (pass force=True to overwrite)")
     try:
         if is_directory:
             _rename_no_replace(tmp, path)

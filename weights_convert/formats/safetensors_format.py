@@ -1,30 +1,98 @@
 """Canonical ``.safetensors``: canonical names, PyTorch layouts, config, format version and a
 SHA-256 of the tensor data in ``__metadata__``. Reading never executes code (the format is a JSON
-header plus raw bytes), and the checksum turns silent corruption of tensor bytes into a refusal."""
+header plus raw bytes), and the checksum turns silent corruption of tensor bytes into a refusal.
+
+Reading checks the header first: its size, the config in its metadata and every tensor's name and
+shape against the parameter table of that config, before any tensor is loaded. Each tensor keeps
+its own dtype, so a checkpoint mixing floating dtypes is written and read back exactly."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 
 import numpy as np
 
-from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError, check_tensors
+from weights_convert.core.spec import ModelConfig, infer_config
 
 FORMAT_NAME = "attention-unet"
 FORMAT_VERSION = "1"
+KEEPS_MIXED_DTYPES = True
+
+# The safetensors library's own limit on the JSON header; one of this model is a few tens of KB.
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names -> numpy, for checking the header's shapes and dtype kinds before loading
+HEADER_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32"}
 
 
 def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which reading a bfloat16 file needs)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    header = _header(path)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: not a readable safetensors file (__metadata__ is not a map of strings)")
+    config = _config(path, metadata)
+    _check_header_against_table(path, header, config)
     try:
         tensors = load_file(str(path))
-        metadata = _metadata(path)
     except (SafetensorError, OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
+    if metadata and "sha256" in metadata and metadata["sha256"] != checksum(tensors):
+        raise CheckpointError(f"{path}: corrupt: the tensor data does not match the checksum in its metadata")
+    return tensors, config
+
+
+def _header(path) -> dict:
+    """The JSON header, read alone: 8 bytes of length, then that many bytes of JSON."""
+    try:
+        with open(path, "rb") as f:
+            size_bytes = f.read(8)
+            if len(size_bytes) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (size,) = struct.unpack("<Q", size_bytes)
+            f.seek(0, 2)
+            file_size = f.tell()
+            if size > MAX_HEADER_BYTES or size > file_size - 8:
+                raise ValueError(f"header length {size} exceeds the file or the {MAX_HEADER_BYTES}-byte limit")
+            f.seek(8)
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+    return header
+
+
+def _check_header_against_table(path, header: dict, config: ModelConfig | None) -> None:
+    """Every tensor's name and shape against the parameter table, with nothing loaded: placeholders
+    of the declared shape and dtype that take no memory stand in for the tensors."""
+    placeholders = {}
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise CheckpointError(f"{path}: not a readable safetensors file (tensor {name!r} has no valid shape)")
+        dtype = HEADER_DTYPES.get(info.get("dtype"), "float32")  # BF16 and others: judged after the load
+        try:
+            placeholders[name] = np.broadcast_to(np.zeros((), dtype), tuple(shape))
+        except ValueError as error:  # a shape too large to index
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(shape)} ({_one_line(error)})") from None
+    if config is None:
+        try:
+            config = infer_config({k: v.shape for k, v in placeholders.items()})
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {_one_line(error)}") from None
+    check_tensors(placeholders, config, allow_nonfinite=True, source=str(path))
+
+
+def _config(path, metadata: dict | None) -> ModelConfig | None:
     config = None
     if metadata and "config" in metadata:
         version = metadata.get("format_version")
@@ -36,9 +104,7 @@ def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
             config = ModelConfig.from_dict(json.loads(metadata["config"]))
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: bad config in metadata: {_one_line(error)}") from None
-    if metadata and "sha256" in metadata and metadata["sha256"] != checksum(tensors):
-        raise CheckpointError(f"{path}: corrupt: the tensor data does not match the checksum in its metadata")
-    return tensors, config
+    return config
 
 
 def checksum(tensors: dict[str, np.ndarray]) -> str:
@@ -49,13 +115,6 @@ def checksum(tensors: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}|{value.dtype}|{value.shape}|".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
-
-
-def _metadata(path) -> dict | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return f.metadata()
 
 
 def write(checkpoint: Checkpoint, path) -> None:

@@ -48,9 +48,11 @@ def to_numpy(tensor) -> np.ndarray:
 def from_numpy(array: np.ndarray):
     import torch
 
+    # Writable as well as contiguous: torch warns on a read-only array (a memory-mapped file's).
+    array = np.require(array, requirements=("C", "W"))
     if str(array.dtype) == "bfloat16":
-        return torch.from_numpy(np.require(array, requirements="C").view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.require(array, requirements="C"))
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def check_zip_integrity(path) -> None:
