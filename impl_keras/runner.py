@@ -23,33 +23,33 @@ are fed as float32, the loss is computed in float32 and bfloat16 results come ba
 eager ``.backward()``. The optimizers are ``keras.optimizers.SGD`` and ``impl_keras.TorchAdam``
 (Keras' Adam with torch's update at every step).
 
-The backend is fixed when Keras is imported, so ``run_in_backend`` / ``run_batch_in_backend`` run
-these functions under any backend: in this process when it already has that backend, otherwise in
-one ``KERAS_BACKEND=<backend> python -m impl_keras.runner`` subprocess per batch (checkpoints as
-safetensors and arrays as npz through a temporary directory). JAX runs with ``jax_enable_x64`` there,
-which float64 needs.
+The backend is fixed when Keras is imported, so ``run_in_backend`` / ``run_batch_in_backend``
+(``weights_convert.harness.keras_worker``, re-exported here) run these functions under any backend:
+in this process when it already has that backend, otherwise in one ``KERAS_BACKEND=<backend>
+python -m impl_keras.runner JOB_DIR`` subprocess per batch, whose entry point (``main``) is here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.harness.keras_worker import (  # noqa: F401  (the calls' API, re-exported)
+    BACKENDS,
+    FUNCTIONS,
+    Call,
+    current_backend,
+    read_job,
+    run_batch_in_backend,
+    run_in_backend,
+)
 
-BACKENDS = ("tensorflow", "jax", "torch")
-FUNCTIONS = ("forward", "train_step", "fit")
 STATE_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,112 +401,16 @@ def _disable_tf32(backend: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Any backend: in this process when it has that backend, else in one subprocess per batch.
+# The worker side of ``weights_convert.harness.keras_worker``: the calls of one job directory,
+# under this process's backend.
 
 
-@dataclasses.dataclass
-class Call:
-    """One runner call: ``function`` (one of ``FUNCTIONS``) with its arguments; for "fit", ``x`` and
-    ``target`` are the stacked ``xs`` and ``targets``."""
-
-    function: str
-    checkpoint: Checkpoint | str | os.PathLike
-    x: np.ndarray
-    target: np.ndarray | None = None
-    kwargs: dict = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.function not in FUNCTIONS:
-            raise ValueError(f"function must be one of {FUNCTIONS}, got {self.function!r}")
-        takes_target = self.function != "forward"
-        if takes_target != (self.target is not None):
-            raise ValueError(f"{self.function} takes {'a' if takes_target else 'no'} target")
-
-
-def run_in_backend(backend: str, function: str, checkpoint, x, target=None, **kwargs) -> dict:
-    """``forward`` / ``train_step`` / ``fit`` (by name) under Keras backend ``backend``; see the module doc."""
-    return run_batch_in_backend(backend, [Call(function, checkpoint, x, target, kwargs)])[0]
-
-
-def run_batch_in_backend(backend: str, calls: list[Call]) -> list[dict]:
-    """Every call under ``backend``, with at most one subprocess for the whole batch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if _runs_here(backend, calls):
-        return [_run(call) for call in calls]
-    with tempfile.TemporaryDirectory(prefix="keras-runner-") as tmp:
-        tmp = Path(tmp)
-        _write_job(tmp, calls)
-        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        if backend == "jax":
-            env["JAX_ENABLE_X64"] = "1"
-        process = subprocess.run(
-            [sys.executable, "-m", "impl_keras.runner", str(tmp)], env=env, capture_output=True, text=True
-        )
-        if process.returncode != 0:
-            tail = process.stderr.strip()[-3000:]
-            raise RuntimeError(f"the Keras runner under {backend} failed (exit {process.returncode}):\n{tail}")
-        return [_load_npz(tmp / f"result_{i}.npz") for i in range(len(calls))]
-
-
-def current_backend() -> str:
-    """The backend of this process: Keras' own if imported, else the one importing it would pick."""
-    if "keras" in sys.modules:
-        import keras
-
-        return keras.backend.backend()
-    if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"]
-    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
-    try:
-        return json.loads((home / "keras.json").read_text()).get("backend", "tensorflow")
-    except (OSError, ValueError, AttributeError):
-        return "tensorflow"
-
-
-def _runs_here(backend: str, calls: list[Call]) -> bool:
-    if backend != current_backend():
-        return False
-    if backend == "jax" and any(call.kwargs.get("dtype") == "float64" for call in calls):
-        import jax  # x64 must be on before any array exists; a subprocess gets it from the start
-
-        return bool(jax.config.jax_enable_x64)
-    return True
-
-
-def _run(call: Call) -> dict:
+def run_call(call: Call) -> dict:
+    """One ``Call`` under this process's backend."""
     function = {"forward": forward, "train_step": train_step, "fit": fit}[call.function]
     if call.target is None:
         return function(call.checkpoint, call.x, **call.kwargs)
     return function(call.checkpoint, call.x, call.target, **call.kwargs)
-
-
-def _write_job(tmp: Path, calls: list[Call]) -> None:
-    import weights_convert
-
-    checkpoint_files: dict[int, str] = {}
-    job = []
-    for i, call in enumerate(calls):
-        if isinstance(call.checkpoint, Checkpoint):
-            key = id(call.checkpoint)
-            if key not in checkpoint_files:
-                checkpoint_files[key] = str(tmp / f"checkpoint_{len(checkpoint_files)}.safetensors")
-                weights_convert.write(call.checkpoint, checkpoint_files[key])
-            checkpoint = {"safetensors": checkpoint_files[key]}
-        else:
-            checkpoint = {"path": str(Path(call.checkpoint).resolve())}
-        arrays = {"x": np.asarray(call.x)}
-        if call.target is not None:
-            arrays["target"] = np.asarray(call.target)
-        np.savez(tmp / f"input_{i}.npz", **arrays)
-        job.append({"function": call.function, "checkpoint": checkpoint, "kwargs": call.kwargs})
-    (tmp / "job.json").write_text(json.dumps(job))
-
-
-def _load_npz(path: Path) -> dict:
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,21 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m impl_keras.runner JOB_DIR", file=sys.stderr)
         return 2
-    import weights_convert
-
     tmp = Path(argv[0])
-    checkpoints: dict[str, Checkpoint] = {}
-    for i, entry in enumerate(json.loads((tmp / "job.json").read_text())):
-        source = entry["checkpoint"]
-        if "safetensors" in source:
-            if source["safetensors"] not in checkpoints:
-                checkpoints[source["safetensors"]] = weights_convert.read(source["safetensors"])
-            checkpoint = checkpoints[source["safetensors"]]
-        else:
-            checkpoint = source["path"]
-        arrays = _load_npz(tmp / f"input_{i}.npz")
-        call = Call(entry["function"], checkpoint, arrays["x"], arrays.get("target"), entry["kwargs"])
-        np.savez(tmp / f"result_{i}.npz", **_run(call))
+    for i, call in enumerate(read_job(tmp)):
+        np.savez(tmp / f"result_{i}.npz", **run_call(call))
     return 0
 
 

@@ -9,6 +9,7 @@ anything is read or written.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 # importable module -> (the package's name in messages, the extra that installs it)
 PACKAGES = {
@@ -39,6 +40,8 @@ FRAMEWORK_PACKAGES = {
 
 # what each Keras backend imports besides Keras
 KERAS_BACKEND_PACKAGES = {"tensorflow": ("tensorflow",), "jax": ("jax",), "torch": ("torch",)}
+# the extra that adds each Keras backend to ``[keras]``
+KERAS_BACKEND_EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
 class MissingPackage(ImportError):
@@ -71,3 +74,66 @@ def require(modules, what: str) -> None:
     absent = missing(modules)
     if absent:
         raise MissingPackage(f"{what} needs {install_hint(absent[0])}")
+
+
+def framework_missing(framework: str) -> str | None:
+    """Why ``framework`` (a ``FRAMEWORK_PACKAGES`` key) cannot run here, e.g.
+    ``JAX is not installed (pip install 'attention-unet[flax]')``; None when it can."""
+    absent = missing(FRAMEWORK_PACKAGES[framework])
+    return _not_installed(absent[0]) if absent else None
+
+
+def keras_backend_missing(backend: str) -> str | None:
+    """Why the Keras backend ``backend`` cannot run here (its package is missing; Keras itself is
+    ``framework_missing("keras")``), naming the extra that adds it to Keras, e.g.
+    ``JAX is not installed (pip install 'attention-unet[jax]')``; None when it can."""
+    absent = missing(KERAS_BACKEND_PACKAGES[backend])
+    return _not_installed(absent[0], KERAS_BACKEND_EXTRAS[backend]) if absent else None
+
+
+def require_keras_backend(backend: str, what: str) -> None:
+    """Raise ``MissingPackage`` when the Keras backend ``backend`` is not installed, e.g.
+    ``--keras-backends jax needs JAX: pip install 'attention-unet[jax]'``."""
+    absent = missing(KERAS_BACKEND_PACKAGES[backend])
+    if absent:
+        name = PACKAGES.get(absent[0], (absent[0], None))[0]
+        raise MissingPackage(f"{what} needs {name}: pip install 'attention-unet[{KERAS_BACKEND_EXTRAS[backend]}]'")
+
+
+def _not_installed(module: str, extra: str | None = None) -> str:
+    name, default_extra = PACKAGES.get(module, (module, None))
+    extra = extra or default_extra
+    package = f"attention-unet[{extra}]" if extra else "attention-unet"
+    return f"{name} is not installed (pip install '{package}')"
+
+
+def configured_keras_backend() -> str | None:
+    """The Keras backend this process names: ``KERAS_BACKEND``, else the ``backend`` of
+    ``$KERAS_HOME/keras.json`` (default ``~/.keras``); None when neither names one."""
+    import json
+    from pathlib import Path
+
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        backend = json.loads((home / "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backend if isinstance(backend, str) and backend else None
+
+
+def default_keras_backend() -> str:
+    """The backend importing Keras gets in this process: ``KERAS_BACKEND`` when set; else the
+    one ``keras.json`` names (Keras writes "tensorflow" there on its first import) when it is
+    installed; else the first installed of tensorflow, jax, torch ("tensorflow", Keras' own
+    default, when none is)."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    named = configured_keras_backend()
+    if named in KERAS_BACKEND_PACKAGES and not missing(KERAS_BACKEND_PACKAGES[named]):
+        return named
+    for backend in ("tensorflow", "jax", "torch"):
+        if not missing(KERAS_BACKEND_PACKAGES[backend]):
+            return backend
+    return "tensorflow"

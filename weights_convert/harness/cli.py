@@ -1,7 +1,8 @@
-"""The ``attention-unet`` command: ``inspect``, ``convert``, ``init``, ``parity`` and ``bench``.
+"""The ``attention-unet`` command: ``inspect``, ``convert``, ``export``, ``init``, ``parity`` and ``bench``.
 
-Exit status: 0 on success, 1 when a checkpoint is refused or a check fails, 2 on bad usage.
-Errors are one line on stderr.
+Exit status: 0 on success, 1 when a checkpoint is refused, a package a file needs is missing or
+a check fails, 2 on bad usage (a missing package for a ``--frameworks`` / ``--keras-backends`` /
+``--report`` choice included). Errors are one line on stderr, and nothing is written.
 """
 
 from __future__ import annotations
@@ -10,8 +11,45 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.extras import PACKAGES, MissingPackage, install_hint
+
+# Start-up logging of TensorFlow, gRPC and XLA (oneDNN notices, CUDA and TPU probing) that would
+# land on the command's stderr; set before any framework is imported, unless the user set them.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR"}
+QUIET_LOGGERS = ("jax._src.xla_bridge", "absl")
+
+
+def _quiet_frameworks() -> None:
+    import logging
+
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _count(name: str, minimum: int):
+    """An argparse type: an integer of at least ``minimum``, refused naming ``name``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < minimum:
+            kind = "non-negative" if minimum == 0 else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {value}")
+        return value
+
+    return parse
+
+
+def _config_json(config) -> str:
+    """The config as the JSON that ``--config`` takes."""
+    return json.dumps(config.to_dict())
 
 
 def _config_arg(text: str):
@@ -34,7 +72,7 @@ def cmd_inspect(args) -> int:
     info = {
         "file": str(args.file),
         "format": format_for(args.file).name,
-        "config": checkpoint.config.to_dict(),
+        "config": checkpoint.config.to_dict(),  # printed as JSON: what --config takes
         "parameters": checkpoint.parameter_count(),
         "tensors": len(checkpoint.tensors),
         "dtypes": dtypes,
@@ -44,7 +82,7 @@ def cmd_inspect(args) -> int:
     else:
         width = max(map(len, info))
         for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, dict) else value}")
     return 0
 
 
@@ -62,10 +100,24 @@ def cmd_convert(args) -> int:
     )
     print(
         f"wrote {args.dst}: {len(checkpoint.tensors)} tensors, {checkpoint.float_dtype}, "
-        f"config {checkpoint.config.to_dict()}",
+        f"config {_config_json(checkpoint.config)}",
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_export(args) -> int:
+    from weights_convert.harness import export
+
+    verdict = export.export(
+        args.src, args.dst, dtype=args.dtype, force=args.force, check=not args.no_check, config=args.config
+    )
+    fmt = export.format_for(args.dst)
+    if verdict is None:
+        print(f"wrote {args.dst}: {fmt.layout} {args.dtype}, not checked (--no-check)", file=sys.stderr)
+        return 0
+    print(verdict.line())
+    return 0 if verdict.passed else 1
 
 
 def _choices(allowed):
@@ -79,6 +131,22 @@ def _choices(allowed):
     return parse
 
 
+def _usage_error(command: str, message: str) -> int:
+    print(f"attention-unet {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _selection(command: str, frameworks, keras_backends):
+    """The installed frameworks and Keras backends to run (``parity.select``), each one left out
+    said on stderr; a usage error (exit 2) when a named one is not installed."""
+    from weights_convert.harness import parity
+
+    selection = parity.select(frameworks, keras_backends)
+    for line in selection.skipped:
+        print(f"{command}: {line}", file=sys.stderr, flush=True)
+    return selection
+
+
 def cmd_parity(args) -> int:
     from weights_convert.harness import parity
 
@@ -86,11 +154,25 @@ def cmd_parity(args) -> int:
         if not args.json:
             print(f"parity: {message}", file=sys.stderr, flush=True)
 
+    if args.report:
+        # Checked before the run: a report that cannot be written fails now, not after it.
+        try:
+            from weights_convert.core.extras import require
+
+            require(("matplotlib",), "--report")
+        except MissingPackage as error:
+            return _usage_error("parity", str(error))
+        if Path(args.report).exists() and not args.force:
+            return _usage_error("parity", f"--report {args.report}: already exists (pass --force to overwrite)")
+    try:
+        selection = _selection("parity", args.frameworks, args.keras_backends)
+    except (parity.ParityError, MissingPackage) as error:
+        return _usage_error("parity", str(error))
     try:
         report = parity.check(
             args.checkpoint,
-            frameworks=args.frameworks,
-            keras_backends=args.keras_backends,
+            frameworks=selection.frameworks,
+            keras_backends=selection.keras_backends,
             dtype=args.dtype,
             device=args.device,
             mode=args.mode,
@@ -103,10 +185,9 @@ def cmd_parity(args) -> int:
             progress=progress,
         )
     except parity.ParityError as error:
-        print(f"attention-unet parity: error: {error}", file=sys.stderr)
-        return 2
+        return _usage_error("parity", str(error))
     if args.json:
-        print(json.dumps(report.to_json()))
+        print(json.dumps({**report.to_json(), "skipped": list(selection.skipped)}))
     else:
         print(parity.format_table(report, verbose=args.verbose))
     if args.report:
@@ -122,14 +203,19 @@ def cmd_init(args) -> int:
 
     checkpoint = random_checkpoint(args.config or ModelConfig(), seed=args.seed, dtype=args.dtype)
     weights_convert.write(checkpoint, args.dst, force=args.force)
-    print(f"wrote {args.dst}: config {checkpoint.config.to_dict()}, seed {args.seed}", file=sys.stderr)
+    print(f"wrote {args.dst}: config {_config_json(checkpoint.config)}, seed {args.seed}", file=sys.stderr)
     return 0
 
 
 def cmd_bench(args) -> int:
     from weights_convert.core.spec import ModelConfig
     from weights_convert.harness import bench
+    from weights_convert.harness.parity import ParityError
 
+    try:
+        selection = _selection("bench", args.frameworks, args.keras_backends)
+    except (ParityError, MissingPackage) as error:
+        return _usage_error("bench", str(error))
     try:
         settings = bench.Settings(
             config=args.config or ModelConfig(),
@@ -142,9 +228,7 @@ def cmd_bench(args) -> int:
             modes=tuple(args.modes),
             variants=tuple(args.variants) if args.variants else None,
         )
-        report = bench.run(
-            settings, tuple(args.frameworks), tuple(args.keras_backends or ()) or None, sgemm_n=args.sgemm_n
-        )
+        report = bench.run(settings, selection.frameworks, selection.keras_backends, sgemm_n=args.sgemm_n)
     except ValueError as error:
         print(f"attention-unet bench: error: {error}", file=sys.stderr)
         return 2
@@ -153,7 +237,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attention-unet", description=__doc__.splitlines()[0])
+    description = __doc__.splitlines()[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="attention-unet", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="describe a checkpoint: format, config, parameter count, dtypes")
@@ -170,6 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-overflow", action="store_true", help="let --dtype turn values too large for it into inf")
     p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint for deployment (.onnx, .pt2, .torchscript, .savedmodel, .jaxexport) and check it",
+        description="The format comes from DST's name. Exit 0 when the exported file matches the float64 "
+        "reference, 1 when it does not (nothing is then written) or the export is refused.",
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the exported model's dtype")
+    p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.add_argument("--no-check", action="store_true", help="skip running the export against the reference")
+    p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
+    p.set_defaults(func=cmd_export)
 
     from weights_convert.harness.parity import (
         DEFAULT_BATCH,
@@ -188,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit 0 when every strict row passes, 1 when any fails, 2 on bad usage.",
     )
     p.add_argument("checkpoint", nargs="?", help="any supported checkpoint (default: seeded random default model)")
-    p.add_argument("--frameworks", type=_choices(FRAMEWORKS), default=FRAMEWORKS, help="comma-separated")
-    p.add_argument("--keras-backends", type=_choices(KERAS_BACKENDS), default=KERAS_BACKENDS, help="comma-separated")
+    p.add_argument("--frameworks", type=_choices(FRAMEWORKS), help="comma-separated (default: every installed one)")
+    p.add_argument(
+        "--keras-backends",
+        type=_choices(KERAS_BACKENDS),
+        help="comma-separated (default: KERAS_BACKEND if set, else every installed one)",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -205,25 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval: block outputs; train: also running statistics, gradients and one step of each optimizer; "
         "fit: --steps training steps (losses, final parameters and statistics)",
     )
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps in fit mode")
+    p.add_argument("--steps", type=_count("--steps", 1), default=DEFAULT_STEPS, help="training steps in fit mode")
     p.add_argument(
         "--optimizer", choices=OPTIMIZER_NAMES, help="fit: the optimizer (default adam); train: only this one"
     )
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=DEFAULT_SIZE)
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--seed", type=int, default=0, help="seed of the input (and training target)")
+    p.add_argument("--batch", type=_count("--batch", 1), default=DEFAULT_BATCH, help="images per batch")
+    p.add_argument("--seed", type=_count("--seed", 0), default=0, help="seed of the input (and training target)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--verbose", action="store_true", help="one table row per tensor in train mode")
     p.add_argument(
         "--report",
         metavar="DIR",
-        help="write parity.png (fit: loss curves and parameter drift) and the per-row table to DIR",
+        help="write parity.png (fit: loss curves and parameter drift) and the per-row table to DIR "
+        "(needs matplotlib: pip install 'attention-unet[report]')",
     )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --report DIR")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
     p.add_argument("dst")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count("--seed", 0), default=0)
     p.add_argument("--config", type=_config_arg, help="JSON, e.g. '{\"channels\": [8, 16, 32]}'")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
@@ -233,11 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
         return [name.strip() for name in text.split(",") if name.strip()]
 
     p = sub.add_parser("bench", help="time eval forward and training steps in every framework against sgemm")
-    p.add_argument("--frameworks", type=names, default=["torch", "flax", "keras"], help="comma-separated")
-    p.add_argument("--keras-backends", type=names, help="comma-separated (default: every installed one)")
+    p.add_argument("--frameworks", type=_choices(FRAMEWORKS), help="comma-separated (default: every installed one)")
+    p.add_argument(
+        "--keras-backends",
+        type=_choices(KERAS_BACKENDS),
+        help="comma-separated (default: KERAS_BACKEND if set, else every installed one)",
+    )
     p.add_argument("--variants", type=names, help="only these, e.g. 'eager,nnx.jit' (default: all)")
     p.add_argument("--modes", type=names, default=["forward", "train_step"], help="comma-separated")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=_count("--batch", 1), default=1, help="images per batch")
     p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -250,18 +359,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _for_the_command(message: str) -> str:
+    """A library message in the command's terms: ``force=True`` is ``--force`` here."""
+    return message.replace("pass force=True", "pass --force")
+
+
 def main(argv: list[str] | None = None) -> int:
-    # TensorFlow logs oneDNN and CUDA probing at start-up; the command's output is its table.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _quiet_frameworks()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as error:
-        print(f"attention-unet {args.command}: error: {error}", file=sys.stderr)
+    except (CheckpointError, MissingPackage) as error:
+        print(f"attention-unet {args.command}: error: {_for_the_command(str(error))}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as error:  # an optional package imported without a check first
+        module = next((m for m in PACKAGES if error.name and error.name.split(".")[0] == m.split(".")[0]), None)
+        needs = install_hint(module) if module else f"{error.name}: pip install {error.name}"
+        print(f"attention-unet {args.command}: error: this needs {needs}", file=sys.stderr)
         return 1
     except Exception as error:  # a last line of defence: hostile input never ends in a traceback
-        message = " ".join(str(error).split())[:300]
+        message = _for_the_command(" ".join(str(error).split())[:300])
         print(f"attention-unet {args.command}: error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
 

@@ -138,6 +138,8 @@ class Report:
     input: np.ndarray
     mode: str = "eval"
     drift: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # fit: max |param - ref| per step
+    seed: int = 0
+    dtype: str = "float32"
 
     @property
     def passed(self) -> bool:
@@ -172,6 +174,71 @@ def _json_row(r: Result) -> dict:
     if r.informational:
         row["informational"] = True
     return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The frameworks and Keras backends a run uses, and one line for each one left out."""
+
+    frameworks: tuple[str, ...]
+    keras_backends: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
+def select(frameworks=None, keras_backends=None) -> Selection:
+    """The frameworks and Keras backends to run. ``None`` means every installed one (Keras
+    backends: ``KERAS_BACKEND`` when it is set, else tensorflow, jax, torch), each one left out
+    named in ``skipped`` with the reason, e.g. ``skipped flax: JAX is not installed (pip install
+    'attention-unet[flax]')``. A framework or backend that is named but not installed raises
+    ``MissingPackage`` naming what to install; no framework installed at all is a ``ParityError``.
+    Unknown names are left to ``check``'s own validation."""
+    import os
+
+    from weights_convert.core import extras
+
+    named = os.environ.get("KERAS_BACKEND")
+    if keras_backends is None:
+        if named and named not in KERAS_BACKENDS:
+            raise ParityError(f"KERAS_BACKEND={named} is not a backend parity checks: {', '.join(KERAS_BACKENDS)}")
+        candidates = (named,) if named else KERAS_BACKENDS
+        reasons = {backend: extras.keras_backend_missing(backend) for backend in candidates}
+        backends = tuple(backend for backend, reason in reasons.items() if reason is None)
+        backend_skips = [f"skipped keras/{backend}: {reason}" for backend, reason in reasons.items() if reason]
+    else:
+        backends = tuple(keras_backends)
+        backend_skips = []
+    skipped: list[str] = []
+    if frameworks is None:
+        chosen = []
+        for framework in FRAMEWORKS:
+            reason = extras.framework_missing(framework)
+            if reason is None and framework == "keras" and not backends:
+                reason = "no Keras backend is installed: " + "; ".join(line.split(": ", 1)[1] for line in backend_skips)
+            if reason is None:
+                chosen.append(framework)
+            else:
+                skipped.append(f"skipped {framework}: {reason}")
+        if not chosen:
+            raise ParityError(
+                "no framework is installed: pip install 'attention-unet[torch]' (or [flax] or [keras,jax])"
+            )
+        frameworks = tuple(chosen)
+    else:
+        frameworks = tuple(frameworks)
+        for framework in frameworks:
+            if framework in extras.FRAMEWORK_PACKAGES:
+                extras.require(extras.FRAMEWORK_PACKAGES[framework], f"--frameworks {framework}")
+    if "keras" in frameworks:
+        skipped += backend_skips
+        if keras_backends is not None:
+            for backend in backends:
+                if backend in extras.KERAS_BACKEND_PACKAGES:
+                    extras.require_keras_backend(backend, f"--keras-backends {backend}")
+        elif not backends:
+            extras.require_keras_backend(
+                named or "jax", "--frameworks keras" + (f" under KERAS_BACKEND={named}" if named else "")
+            )
+    return Selection(frameworks, backends, tuple(skipped))
 
 
 def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: int = 0, steps: int | None = None):
@@ -226,12 +293,11 @@ def targets_for(frameworks, keras_backends, device: str, dtype: str) -> list[Tar
 
 
 def _runner(framework: str):
+    """The runner of torch or flax (Keras runs through ``weights_convert.harness.keras_worker``)."""
     if framework == "torch":
         from impl_torch import runner
-    elif framework == "flax":
-        from impl_flax import runner
     else:
-        from impl_keras import runner
+        from impl_flax import runner
     return runner
 
 
@@ -290,7 +356,7 @@ def run_calls(impl: Target, checkpoint: Checkpoint, calls) -> list[dict]:
     one process of the requested backend (a subprocess unless it is this one's)."""
     common = {"device": impl.device, "dtype": impl.dtype}
     if impl.framework == "keras":
-        from impl_keras.runner import Call, run_batch_in_backend
+        from weights_convert.harness.keras_worker import Call, run_batch_in_backend
 
         batch = [Call(function, checkpoint, x, target, {**kwargs, **common}) for function, x, target, kwargs in calls]
         return run_batch_in_backend(impl.backend, batch)
@@ -431,8 +497,8 @@ def mask_row(output, reference: np.ndarray, bound: float, dtype: str) -> Row:
 def check(
     checkpoint=None,
     *,
-    frameworks=FRAMEWORKS,
-    keras_backends=KERAS_BACKENDS,
+    frameworks=None,
+    keras_backends=None,
     dtype: str = "float32",
     device: str = "cpu",
     mode: str = "eval",
@@ -452,7 +518,12 @@ def check(
     ``optimizer``, default Adam). Below float64 each row's bound is relative to the noise of the
     same reference computed at ``dtype`` (``measure_noise``). With ``trajectory`` a fit
     also records every implementation's largest parameter difference after each step
-    (``Report.drift``, for the plot)."""
+    (``Report.drift``, for the plot).
+
+    ``frameworks`` and ``keras_backends`` default to the installed ones (``select``); one that is
+    named but not installed raises ``MissingPackage`` naming what to install."""
+    selection = select(frameworks, keras_backends)
+    frameworks, keras_backends = selection.frameworks, selection.keras_backends
     frameworks, keras_backends, optimizers = _validate(
         frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer
     )
@@ -496,7 +567,8 @@ def check(
         if target.precision == "strict":
             outputs[target.label] = _curve(actual, run) if mode == "fit" else np.asarray(actual.get("output"))
     shown = _curve(reference, run) if mode == "fit" else reference["output"]
-    return Report(results, config, outputs, shown, inputs.x[0] if mode == "fit" else inputs.x, mode, drift)
+    shown_input = inputs.x[0] if mode == "fit" else inputs.x
+    return Report(results, config, outputs, shown, shown_input, mode, drift, seed=seed, dtype=dtype)
 
 
 def _split_trajectory(results: dict) -> tuple[dict, dict]:
@@ -537,10 +609,10 @@ def assert_parity(checkpoint=None, **kwargs) -> Report:
 def _validate(frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer):
     frameworks = tuple(frameworks)
     keras_backends = tuple(keras_backends)
-    for name, values, allowed in (
-        ("frameworks", frameworks, FRAMEWORKS),
-        ("keras backends", keras_backends, KERAS_BACKENDS),
-    ):
+    checked = [("frameworks", frameworks, FRAMEWORKS)]
+    if "keras" in frameworks:
+        checked.append(("keras backends", keras_backends, KERAS_BACKENDS))
+    for name, values, allowed in checked:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ParityError(f"unknown {name} {bad or list(values)}; choose from {', '.join(allowed)}")
@@ -625,9 +697,24 @@ def format_table(report: Report, verbose: bool = False) -> str:
     out = [
         "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *lines]
     ]
+    return "\n".join([*out, summary_line(report)])
+
+
+def summary_line(report: Report) -> str:
+    """The verdict and the run in one line: PASS (or FAIL and where each implementation first
+    drifts), the number of rows, the worst gating row as a fraction of its bound, the model
+    config, input size, batch, seed, dtype and mode."""
     drift = report.first_drift()
-    summary = "PASS" if report.passed else "FAIL: " + "; ".join(f"{k}: first drift at {v}" for k, v in drift.items())
-    return "\n".join([*out, summary])
+    verdict = "PASS" if report.passed else "FAIL: " + "; ".join(f"{k}: first drift at {v}" for k, v in drift.items())
+    gating = [r for r in report.results if not r.informational and r.tolerance > 0]
+    rows = f"{len(report.results)} rows"
+    if gating:
+        worst = max(gating, key=lambda r: r.rel_diff / r.tolerance)
+        rows += f", worst {worst.rel_diff / worst.tolerance:.2g} of its bound ({_label(worst)} {worst.quantity})"
+    batch, _, height, width = np.shape(report.input)
+    config = json.dumps(report.config.to_dict())
+    run = f"size {height}x{width}, batch {batch}, seed {report.seed}, {report.dtype}, {report.mode}"
+    return f"{verdict} | {rows} | config {config} | {run}"
 
 
 FOLDED = ("state", "grad", "step/sgd", "step/adam", "param")
