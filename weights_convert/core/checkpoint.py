@@ -140,7 +140,7 @@ def check_tensors(
             wrong_dtype.append(f"{name} {np.asarray(value).dtype} (expected floating)")
         elif spec.dtype_kind == "int" and kind not in "iu":
             wrong_dtype.append(f"{name} {np.asarray(value).dtype} (expected integer)")
-        elif is_float and not allow_nonfinite and not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+        elif is_float and not allow_nonfinite and not np.isfinite(np.asarray(value)).all():
             nonfinite.append(name)
     if wrong_shape:
         problems.append(f"wrong shapes for config {config.to_dict()}: " + _joined(wrong_shape))
