@@ -82,6 +82,13 @@ def build_shape(channels: int, data_format: str) -> tuple:
     return (None, channels, None, None) if data_format == "channels_first" else (None, None, None, channels)
 
 
+def with_channels(shape, channels: int, data_format: str) -> tuple:
+    """``shape`` with its channel dimension set to ``channels`` (for ``compute_output_shape``)."""
+    shape = list(shape)
+    shape[channel_axis(data_format)] = channels
+    return tuple(shape)
+
+
 @serializable
 class BatchNorm(layers.Layer):
     """BatchNorm over the channel (last) axis with PyTorch's numerics and state.
@@ -218,6 +225,9 @@ class ConvBlock(layers.Layer):
     def call(self, x, training=None):
         return self.conv(x, training=training)
 
+    def compute_output_shape(self, input_shape):
+        return with_channels(input_shape, self.c_out, self.data_format)
+
     def get_config(self):
         return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out, "data_format": self.data_format}
 
@@ -240,6 +250,13 @@ class EncoderBlock(layers.Layer):
     def call(self, x, training=None):
         skip = self.conv(x, training=training)
         return skip, self.pool(skip)
+
+    def compute_output_shape(self, input_shape):
+        skip = with_channels(input_shape, self.c_out, self.data_format)
+        pooled = list(skip)
+        for axis in spatial_axes(self.data_format):
+            pooled[axis] = None if skip[axis] is None else skip[axis] // 2
+        return skip, tuple(pooled)
 
     def get_config(self):
         return {**super().get_config(), "c_in": self.c_in, "c_out": self.c_out, "data_format": self.data_format}
@@ -274,6 +291,10 @@ class AttentionGate(layers.Layer):
     def call(self, g, s, training=None):
         attention = self.out(self.relu(self.Wg(g, training=training) + self.Ws(s, training=training)))
         return attention * s, attention
+
+    def compute_output_shape(self, g_shape, s_shape):
+        gated = with_channels(s_shape, self.c_s, self.data_format)
+        return gated, gated
 
     def get_config(self):
         return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s, "data_format": self.data_format}
@@ -366,6 +387,11 @@ class DecoderBlock(layers.Layer):
         gated, attention = self.ag(x, skip, training=training)
         x = ops.concatenate([x, gated], axis=channel_axis(self.data_format))
         return self.c1(x, training=training), attention
+
+    def compute_output_shape(self, x_shape, skip_shape):
+        """The conv block's output and the attention map, both at the skip's size."""
+        out = with_channels(skip_shape, self.c_s, self.data_format)
+        return out, out
 
     def get_config(self):
         return {**super().get_config(), "c_g": self.c_g, "c_s": self.c_s, "data_format": self.data_format}
