@@ -1,0 +1,68 @@
+"""Deployment export of the Flax model, and its runtime: a serialized ``jax.export.Exported``
+(``.jaxexport``), mirroring ``impl_torch/export.py``.
+
+The file takes NHWC input and returns NHWC logits (eval mode: BatchNorm uses its running
+statistics), with a symbolic batch, height and width (``jax.export`` shape polymorphism): any
+batch >= 1 and any H, W >= the model's ``min_size`` (2**depth), odd sizes included; the
+constraint is checked when the function is called. Loads with ``jax.export.deserialize`` and
+runs with ``.call`` on any JAX platform it was exported for (CPU). A float64 file needs JAX's
+64-bit mode to run (``run`` switches it on for the call).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from impl_flax.io import from_checkpoint
+from impl_flax.model import AttentionUNet
+from weights_convert.core.checkpoint import Checkpoint
+
+SUFFIXES = (".jaxexport",)
+
+
+def exported(model: AttentionUNet) -> jax.export.Exported:
+    """``jax.export`` of the eval model's logits with a symbolic batch, height and width."""
+    config = model.config
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def logits(x):
+        return nnx.merge(graphdef, state)(x)
+
+    batch, height, width = jax.export.symbolic_shape(
+        "batch, height, width", constraints=(f"height >= {config.min_size}", f"width >= {config.min_size}")
+    )
+    spec = jax.ShapeDtypeStruct((batch, height, width, config.in_channels), model.dtype)
+    return jax.export.export(jax.jit(logits))(spec)
+
+
+def export_jax(model: AttentionUNet, path) -> None:
+    Path(path).write_bytes(exported(model).serialize())
+
+
+EXPORTERS = {".jaxexport": export_jax}
+
+
+def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
+    """Write ``checkpoint``'s model at ``dtype`` (float32 or float64) in the format named by ``path``'s suffix."""
+    suffix = Path(path).suffix
+    if suffix not in EXPORTERS:
+        raise ValueError(f"{path}: not a JAX export (expected one of {', '.join(SUFFIXES)})")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"export dtype must be float32 or float64, got {dtype!r}")
+    with jax.enable_x64(dtype == "float64"):
+        EXPORTERS[suffix](from_checkpoint(checkpoint, dtype), path)
+
+
+def run(path, x: np.ndarray) -> np.ndarray:
+    """The logits (NHWC) of the exported file ``path`` on ``x`` (NHWC, in the file's dtype), with
+    ``jax.export.deserialize``."""
+    function = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+    float64 = any(aval.dtype == jnp.float64 for aval in function.in_avals)
+    with jax.enable_x64(float64):
+        return np.asarray(function.call(x))

@@ -1,0 +1,103 @@
+"""Deployment export of the Keras model, and its runtime: a TensorFlow SavedModel directory
+(``*.savedmodel``), mirroring ``impl_torch/export.py``.
+
+Written by ``model.export(..., format="tf_saved_model")`` on Keras' TensorFlow backend. The
+SavedModel takes NHWC input ``x`` and returns NHWC logits (eval mode: BatchNorm uses its
+running statistics) through its ``serve`` endpoint and ``serving_default`` signature, with a
+dynamic batch, height and width (``None`` in the signature): any batch >= 1 and any H, W >= the
+model's ``min_size`` (2**depth), odd sizes included. Loads with ``tf.saved_model.load``; running
+it needs TensorFlow only, not Keras.
+
+Keras' backend is fixed when it is imported, so a process on another backend exports through one
+``KERAS_BACKEND=tensorflow python -m impl_keras.export CHECKPOINT DST --dtype D`` subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from weights_convert.core.checkpoint import Checkpoint
+
+SUFFIXES = (".savedmodel",)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def export_savedmodel(model, path) -> None:
+    """``model.export`` as a SavedModel with a dynamic batch, height and width (TensorFlow backend)."""
+    import keras
+
+    spec = keras.InputSpec(shape=(None, None, None, model.config.in_channels), dtype=model.dtype_policy.compute_dtype)
+    model.export(str(path), format="tf_saved_model", input_signature=[spec], verbose=False)
+
+
+EXPORTERS = {".savedmodel": export_savedmodel}
+
+
+def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
+    """Write ``checkpoint``'s model at ``dtype`` (float32 or float64) in the format named by
+    ``path``'s suffix: in this process under the TensorFlow backend, else in a subprocess that has it."""
+    from impl_keras.runner import current_backend
+
+    suffix = Path(path).suffix
+    if suffix not in EXPORTERS:
+        raise ValueError(f"{path}: not a Keras export (expected one of {', '.join(SUFFIXES)})")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"export dtype must be float32 or float64, got {dtype!r}")
+    if current_backend() == "tensorflow":
+        from impl_keras.io import from_checkpoint
+
+        EXPORTERS[suffix](from_checkpoint(checkpoint, dtype), path)
+        return
+    _export_in_subprocess(checkpoint, path, dtype)
+
+
+def _export_in_subprocess(checkpoint: Checkpoint, path, dtype: str) -> None:
+    from weights_convert.formats.io import write
+
+    with tempfile.TemporaryDirectory(prefix="keras-export-") as tmp:
+        source = Path(tmp) / "checkpoint.safetensors"
+        write(checkpoint, source)
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "impl_keras.export", str(source), str(path), "--dtype", dtype]
+        process = subprocess.run(command, env=env, capture_output=True, text=True)
+    if process.returncode != 0:
+        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the SavedModel export under TensorFlow failed (exit {process.returncode}): {last}")
+
+
+def run(path, x: np.ndarray) -> np.ndarray:
+    """The logits (NHWC) of the SavedModel ``path`` on ``x`` (NHWC, in the model's dtype), with
+    ``tf.saved_model.load``."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    return loaded.serve(tf.constant(x)).numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="export a checkpoint as a SavedModel (TensorFlow backend)")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    args = parser.parse_args(argv)
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        print(f"error: Keras' backend is {keras.backend.backend()}; run with KERAS_BACKEND=tensorflow", file=sys.stderr)
+        return 2
+    from weights_convert.formats.io import read
+
+    export(read(args.src), args.dst, args.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

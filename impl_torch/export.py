@@ -1,0 +1,162 @@
+"""Deployment exports of the PyTorch model, and the runtimes that run them: ONNX (onnxruntime),
+``torch.export`` (``.pt2``) and TorchScript (``.torchscript``).
+
+Every file takes NCHW input and returns NCHW logits (eval mode: BatchNorm uses its running
+statistics), with a dynamic batch, height and width: any batch >= 1 and any H, W >= the model's
+``min_size`` (2**depth), odd sizes included. ``impl_flax/export.py`` and ``impl_keras/export.py``
+mirror this file for ``jax.export`` and TensorFlow SavedModel.
+
+- ``.onnx``: the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) from the same
+  ``torch.export`` program as ``.pt2``, opset ``ONNX_OPSET``; input ``x``, output ``logits``.
+  float32 only: onnxruntime's CPU provider has no float64 convolution.
+- ``.pt2``: ``torch.export.save`` of ``torch.export.export`` with symbolic batch, height and width
+  (sizes of 1 included: exported with ``backed_size_oblivious``, so a batch of 1 or a 1x1
+  bottleneck are not specialised away).
+- ``.torchscript``: ``torch.jit.script`` of ``ScriptedLogits``, the model's eval forward written
+  for TorchScript over the model's own blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from impl_torch.io import from_checkpoint
+from impl_torch.model import AttentionUNet
+from weights_convert.core.checkpoint import Checkpoint
+
+SUFFIXES = (".onnx", ".pt2", ".torchscript")
+ONNX_OPSET = 20
+INPUT_NAME = "x"
+OUTPUT_NAME = "logits"
+
+
+class ScriptedLogits(nn.Module):
+    """``AttentionUNet``'s eval forward (logits only) in a form ``torch.jit.script`` compiles: the
+    encoders and decoders in ``nn.ModuleList``s (the model holds them as ``e1``, ``d1``, ...
+    attributes, named for the canonical checkpoint), and the input check with its message
+    prebuilt. Shares the model's blocks, so it computes what ``model(x)`` computes."""
+
+    def __init__(self, model: AttentionUNet):
+        super().__init__()
+        config = model.config
+        self.encoders = nn.ModuleList(model.encoders)
+        self.b1 = model.b1
+        self.decoders = nn.ModuleList(model.decoders)
+        self.head = model.output
+        self.in_channels = config.in_channels
+        self.min_size = config.min_size
+        self.expected = f"expected input of shape (N, {config.in_channels}, H, W) with H, W >= {config.min_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[2], x.shape[3]) < self.min_size:
+            raise ValueError(self.expected + ", got " + str(x.shape))
+        skips: list[torch.Tensor] = []
+        for encoder in self.encoders:
+            skip, x = encoder(x)
+            skips.append(skip)
+        x = self.b1(x)
+        depth = len(skips)
+        for j, decoder in enumerate(self.decoders):
+            x, _ = decoder(x, skips[depth - 1 - j])
+        return self.head(x)
+
+
+def example_input(model: AttentionUNet) -> torch.Tensor:
+    """The input traced at export: batch 2 at odd sizes above ``min_size`` (a size of 1 or 2**depth
+    would let a tracer specialise); the exported graph is symbolic in all three."""
+    m = model.config.min_size
+    dtype = model.output.weight.dtype
+    return torch.zeros(2, model.config.in_channels, 2 * m + 3, 2 * m + 1, dtype=dtype)
+
+
+def exported_program(model: AttentionUNet) -> torch.export.ExportedProgram:
+    """``torch.export`` of the eval model with a dynamic batch (>= 1) and H, W (>= ``min_size``)."""
+    import torch.fx.experimental._config as fx_config
+
+    dim = torch.export.Dim
+    min_size = model.config.min_size
+    dynamic = {"x": {0: dim("batch", min=1), 2: dim("height", min=min_size), 3: dim("width", min=min_size)}}
+    # Without it, torch.export specialises every size the trace sees as 1 or compares with 1.
+    with fx_config.patch(backed_size_oblivious=True), _quiet():
+        return torch.export.export(model.eval(), (example_input(model),), dynamic_shapes=dynamic)
+
+
+def export_pt2(model: AttentionUNet, path) -> None:
+    torch.export.save(exported_program(model), str(path))
+
+
+def export_onnx(model: AttentionUNet, path) -> None:
+    if model.output.weight.dtype != torch.float32:
+        dtype = model.output.weight.dtype
+        raise ValueError(f"ONNX export is float32 only (onnxruntime has no float64 convolution on CPU), got {dtype}")
+    with _quiet():
+        program = torch.onnx.export(
+            exported_program(model),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(path))
+
+
+def export_torchscript(model: AttentionUNet, path) -> None:
+    scripted = torch.jit.script(ScriptedLogits(model.eval()))
+    torch.jit.save(scripted, str(path))
+
+
+EXPORTERS = {".onnx": export_onnx, ".pt2": export_pt2, ".torchscript": export_torchscript}
+
+
+def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
+    """Write ``checkpoint``'s model at ``dtype`` (float32 or float64) in the format named by ``path``'s suffix."""
+    suffix = Path(path).suffix
+    if suffix not in EXPORTERS:
+        raise ValueError(f"{path}: not a PyTorch export (expected one of {', '.join(SUFFIXES)})")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"export dtype must be float32 or float64, got {dtype!r}")
+    model = from_checkpoint(checkpoint, dtype).eval()
+    with torch.no_grad():
+        EXPORTERS[suffix](model, path)
+
+
+def run(path, x: np.ndarray) -> np.ndarray:
+    """The logits (NCHW) of the exported file ``path`` on ``x`` (NCHW, in the file's dtype), in the
+    file's own runtime: onnxruntime, ``torch.export.load`` or ``torch.jit.load``."""
+    suffix = Path(path).suffix
+    if suffix == ".onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+    if suffix == ".pt2":
+        module = torch.export.load(str(path)).module()
+    elif suffix == ".torchscript":
+        module = torch.jit.load(str(path))
+    else:
+        raise ValueError(f"{path}: not a PyTorch export (expected one of {', '.join(SUFFIXES)})")
+    with torch.no_grad():
+        return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters log and warn about optional packages (torchvision) and deprecations that say
+    nothing about the export; errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
