@@ -7,19 +7,37 @@ Flax user restores it with Orbax's own call::
 
 Reading restores to numpy from the checkpoint's own metadata, without the model and without JAX
 arrays (which would round float64 to float32 when JAX's x64 mode is off). No config is stored:
-reading infers it from the shapes.
+reading infers it from the shapes. Each array keeps its dtype, mixed or not.
+
+Before anything is restored, reading refuses a directory holding a symbolic link (so nothing
+outside it is read) and checks every array's name, shape and dtype kind in the checkpoint's metadata
+against the parameter table, so an array declaring far more elements than the model has is refused
+before it is materialized. Orbax stores no checksum of the array data: a changed byte inside a
+compressed chunk can decode to different values without an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.flax_layout import nest, to_nnx
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError, check_tensors
+from weights_convert.core.flax_layout import FLAX_LEAVES, flatten, nest, to_nnx
+from weights_convert.core.spec import capped, infer_config
 from weights_convert.formats.flax_msgpack_format import from_state_dict
 from weights_convert.formats.safetensors_format import _one_line
+
+KEEPS_MIXED_DTYPES = True
+
+# Orbax and absl log warnings (a missing _CHECKPOINT_METADATA, unreadable metadata) that a refusal
+# already says in its one line; asyncio logs the tasks a failed restore leaves behind.
+QUIET_LOGGERS = ("absl", "asyncio", "orbax")
 
 
 def read(path) -> tuple[dict[str, np.ndarray], None]:
@@ -29,19 +47,104 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
     path = Path(path).absolute()
     if not (path / "_METADATA").is_file():
         raise CheckpointError(f"{path}: not an Orbax checkpoint (no _METADATA file in the directory)")
-    _read_every_chunk(path)
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(path).item_metadata
-            if metadata is None:
-                raise CheckpointError(f"{path}: not an Orbax checkpoint (no tree metadata in the directory)")
-            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
-            state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    except CheckpointError:
-        raise
-    except Exception as error:  # bad metadata, undecodable chunks, ...: Orbax and TensorStore raise many kinds
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:200]})") from None
+    _refuse_links(path)
+    with _quiet():
+        _read_every_chunk(path)
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                metadata = checkpointer.metadata(path).item_metadata
+                if metadata is None:
+                    raise CheckpointError(f"{path}: not an Orbax checkpoint (no tree metadata in the directory)")
+                _check_metadata_against_table(path, metadata.tree)
+                as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
+                state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        except CheckpointError:
+            raise
+        except Exception as error:  # bad metadata, undecodable chunks, ...: Orbax and TensorStore raise many kinds
+            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:300]})") from None
     return from_state_dict(state, path), None
+
+
+def _refuse_links(path: Path) -> None:
+    """Refuse a checkpoint directory holding symbolic links: everything read must lie inside it."""
+    links = sorted(
+        os.path.relpath(os.path.join(folder, name), path)
+        for folder, directories, files in os.walk(path)
+        for name in directories + files
+        if os.path.islink(os.path.join(folder, name))
+    )
+    if links:
+        raise CheckpointError(
+            f"{path}: refused: symbolic links in an Orbax checkpoint could read outside it: {capped(links)}"
+        )
+
+
+def _check_metadata_against_table(path: Path, tree) -> None:
+    """Every array's canonical name and shape against the parameter table, from the metadata alone:
+    zero-stride placeholders of the declared shape and dtype stand in for the arrays."""
+    placeholders = {}
+    for nnx_path, leaf in flatten(tree).items():
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if shape is None or dtype is None:
+            raise CheckpointError(f"{path}: entry {'/'.join(map(str, nnx_path))} is not an array")
+        try:
+            value = np.broadcast_to(np.zeros((), np.dtype(dtype)), tuple(shape))
+        except (TypeError, ValueError) as error:  # an unknown dtype or a shape too large to index
+            name = "/".join(map(str, nnx_path))
+            raise CheckpointError(f"{path}: array {name} of shape {tuple(shape)} ({_one_line(error)})") from None
+        *module, leaf_name = (str(p) for p in nnx_path)
+        if leaf_name in FLAX_LEAVES:
+            canonical, from_channels_last = FLAX_LEAVES[leaf_name]
+            if value.ndim == 4:
+                value = from_channels_last(value)  # a view: still no memory
+            placeholders[".".join([*module, canonical])] = value
+        else:
+            placeholders[".".join([*module, leaf_name])] = value
+    try:
+        config = infer_config({k: v.shape for k, v in placeholders.items()})
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {_one_line(error)}") from None
+    check_tensors(placeholders, config, allow_nonfinite=True, source=str(path))
+
+
+def _is_closed_loop(error) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+def _drop_closed_loop_reports() -> None:
+    """Drop the "Event loop is closed" reports, and only those, from ``sys.unraisablehook`` and
+    ``threading.excepthook``, once per process. When one array of a restore fails, Orbax closes its
+    event loop while TensorStore still completes the others, and each completion reports that the
+    loop is gone, possibly after the failed read has returned; every other report passes unchanged."""
+    if getattr(sys.unraisablehook, "drops_closed_loop_reports", False):
+        return
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+
+    def unraisable(report):
+        if not _is_closed_loop(report.exc_value):
+            unraisable_hook(report)
+
+    def thread(report):
+        if not _is_closed_loop(report.exc_value):
+            thread_hook(report)
+
+    unraisable.drops_closed_loop_reports = True
+    sys.unraisablehook, threading.excepthook = unraisable, thread
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Orbax's, absl's and asyncio's logging off for one read; closed-loop reports dropped."""
+    _drop_closed_loop_reports()
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _read_every_chunk(path: Path) -> None:
@@ -60,7 +163,7 @@ def _read_every_chunk(path: Path) -> None:
         for key in store.list().result():
             store.read(key).result()
     except Exception as error:
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:300]})") from None
 
 
 def write(checkpoint: Checkpoint, path) -> None:
