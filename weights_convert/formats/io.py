@@ -71,7 +71,10 @@ def write(checkpoint: Checkpoint, path, *, force: bool = False) -> None:
     module = fmt.load_module()
     dtypes = checkpoint.float_dtypes
     if len(dtypes) > 1 and not getattr(module, "KEEPS_MIXED_DTYPES", False):
-        mix = ", ".join(f"{dtype} ({len(names)} tensors, first {names[0]})" for dtype, names in dtypes.items())
+        mix = ", ".join(
+            f"{dtype} ({len(names)} tensor{'s' * (len(names) > 1)}, first {names[0]})"
+            for dtype, names in dtypes.items()
+        )
         raise CheckpointError(
             f"{path}: a {fmt.name} file holds one floating dtype, but the checkpoint mixes {mix}; "
             f"pass --dtype to choose one"

@@ -8,7 +8,6 @@ pickle is refused without being unpickled. Each tensor keeps its dtype, mixed or
 from __future__ import annotations
 
 import pickle
-import re
 import warnings
 import zipfile
 
@@ -106,11 +105,17 @@ def check_zip_integrity(path) -> None:
 
 
 def unpickler_reason(error: BaseException) -> str:
-    """What torch's restricted unpickler refused, in full ("Unsupported global: GLOBAL os.system was
-    not an allowed global by default"), without torch's advice on loading the file unsafely."""
+    """What torch's restricted unpickler refused, in full ("Unsupported global: GLOBAL getattr was not
+    an allowed global by default", "Trying to load unsupported GLOBAL posix.system whose module posix
+    is blocked"), without torch's advice on loading the file unsafely."""
     text = " ".join(str(error).split())
-    found = re.search(r"WeightsUnpickler error: (.+?)(?:\. Please use|\. Check the documentation|$)", text)
-    return first_sentences(found.group(1) if found else text)
+    for marker in ("WeightsUnpickler error:", "from a trusted source."):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    for advice in (" Please use", " Check the documentation"):
+        text = text.split(advice)[0]
+    return first_sentences(text.strip())
 
 
 def first_sentences(text: str, limit: int = 300) -> str:
