@@ -218,13 +218,36 @@ def _interpolation_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
     return k / (2 * n - 1), (n - 1 - k) / (2 * n - 1)  # weight on row k - 1 (even), on row k + 1 (odd)
 
 
+def _traced_interpolation_weights(n, dtype) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The weights of ``_interpolation_weights`` and their complements for a symbolic ``n`` (under
+    ``jax.export`` with shape polymorphism), computed from the traced size.
+
+    Each weight is one division of two exact integers, k / (2n - 1), (2n - 1 - k) / (2n - 1),
+    (n - 1 - k) / (2n - 1) and (n + k) / (2n - 1), in at least float32, then cast to ``dtype``.
+    XLA's float32 division is not always correctly rounded, so a weight may differ from the
+    concrete path's by one ulp of float32: an exported graph's rounding, not its function."""
+    wide = jnp.promote_types(dtype, jnp.float32)
+    k = jnp.arange(n).astype(wide)
+    size = jnp.asarray(n, wide)
+    denominator = 2 * size - 1
+    quotients = (k, denominator - k, size - 1 - k, size + k)
+    return tuple((numerator / denominator).astype(dtype) for numerator in quotients)
+
+
+def _is_concrete(size) -> bool:
+    """Whether a dimension is a known integer (not a symbolic size of ``jax.export``)."""
+    return isinstance(size, (int, np.integer))
+
+
 def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
     n = x.shape[axis]
-    prev_weight, next_weight = _interpolation_weights(n)
-    w_prev, keep_even, w_next, keep_odd = (
-        jnp.asarray(w.reshape([n if a == axis else 1 for a in range(x.ndim)]), x.dtype)
-        for w in (prev_weight, 1 - prev_weight, next_weight, 1 - next_weight)  # in float64, then cast
-    )
+    if _is_concrete(n):
+        prev_weight, next_weight = _interpolation_weights(n)
+        weights = (prev_weight, 1 - prev_weight, next_weight, 1 - next_weight)  # in float64, then cast
+        weights = tuple(jnp.asarray(w, x.dtype) for w in weights)
+    else:
+        weights = _traced_interpolation_weights(n, x.dtype)
+    w_prev, keep_even, w_next, keep_odd = (w.reshape([n if a == axis else 1 for a in range(x.ndim)]) for w in weights)
     rows = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
     # Rows k - 1 and k + 1, repeating the edge row where its weight is 0 (k = 0, k = n - 1).
     prev = jnp.concatenate([rows(0, 1), rows(0, n - 1)], axis=axis)
@@ -244,11 +267,15 @@ def upsample2x(x: jax.Array) -> jax.Array:
 
 
 def pad_to(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+
+    With symbolic sizes (``jax.export``) the pad widths are symbolic too, and it is always a pad."""
     dh, dw = height - x.shape[1], width - x.shape[2]
-    if dh == 0 and dw == 0:
+    if _is_concrete(dh) and _is_concrete(dw) and dh == 0 and dw == 0:
         return x
-    return jnp.pad(x, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)))
+    no_pad = (0, 0, 0)
+    widths = (no_pad, (dh // 2, dh - dh // 2, 0), (dw // 2, dw - dw // 2, 0), no_pad)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), widths)
 
 
 class DecoderBlock(nnx.Module):
@@ -322,7 +349,9 @@ class AttentionUNet(nnx.Module):
         shape = tuple(np.shape(x))
         if len(shape) != 4:
             raise ValueError(f"expected input of shape {expected}, got a {len(shape)}-D array of shape {shape}")
-        if shape[3] != cfg.in_channels or min(shape[1:3]) < cfg.min_size:
+        # Symbolic sizes (``jax.export`` with shape polymorphism) are not checked here.
+        too_small = any(_is_concrete(d) and d < cfg.min_size for d in shape[1:3])
+        if (_is_concrete(shape[3]) and shape[3] != cfg.in_channels) or too_small:
             raise ValueError(f"expected input of shape {expected}, got {shape}")
 
     def __call__(self, x: jax.Array, return_intermediates: bool = False):

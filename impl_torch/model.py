@@ -97,15 +97,19 @@ class AttentionGate(nn.Module):
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
-    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1)."""
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1).
+
+    The scale factor is a float for ``torch.jit.script``; with corners aligned the sample positions
+    depend only on the input and output sizes, so it computes exactly what an integer factor does."""
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
 
 
 def pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+
+    Always a pad, even by zero: a branch on the sizes would be frozen into an exported graph at the
+    sizes it was traced with (``torch.export``, the ONNX exporter), and a zero pad is an exact copy."""
     dh, dw = height - x.shape[-2], width - x.shape[-1]
-    if dh == 0 and dw == 0:
-        return x
     return F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
 
 

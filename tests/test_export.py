@@ -1,0 +1,154 @@
+"""Deployment exports (ONNX, torch.export, TorchScript, SavedModel, jax.export) run in their own
+runtimes and compared with the float64 NumPy reference at an odd size and two batch sizes, as
+``attention-unet export`` checks them; perturbed exports fail; refusals are one line.
+
+Each format is exported once per module (exporters take seconds); the SavedModel is exported in
+this process when its Keras backend is TensorFlow, else in one subprocess that has it.
+"""
+
+import numpy as np
+import pytest
+
+from tests.installs import run_as
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.formats.io import write
+from weights_convert.harness import cli, export
+from weights_convert.harness.tolerances import tolerance
+
+CONFIG = ModelConfig(3, 2, (4, 8, 16))  # depth 2: min size 4; checked at 2x37x53 and 1x7x5
+CHECKPOINT = random_checkpoint(CONFIG, seed=3)
+SUFFIXES = (".onnx", ".pt2", ".torchscript", ".savedmodel", ".jaxexport")
+FLOAT64_SUFFIXES = (".torchscript", ".jaxexport")  # the fast exporters; .pt2 and .savedmodel keep float64 too
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export_source") / "tiny.safetensors"
+    write(CHECKPOINT, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory) -> dict:
+    """(suffix, dtype) -> (path, verdict), each exported and checked once."""
+    directory = tmp_path_factory.mktemp("exports")
+    results = {}
+    cases = [(suffix, "float32") for suffix in SUFFIXES] + [(suffix, "float64") for suffix in FLOAT64_SUFFIXES]
+    for suffix, dtype in cases:
+        path = directory / f"model_{dtype}{suffix}"
+        results[suffix, dtype] = (path, export.export(source, path, dtype=dtype))
+    return results
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_float32_export_matches_reference_at_odd_size_and_two_batches(exported, suffix):
+    path, verdict = exported[suffix, "float32"]
+    assert path.exists() and verdict.passed, verdict.line()
+    assert [case.shape for case in verdict.cases] == [(2, 3, 37, 53), (1, 3, 7, 5)]
+    for case in verdict.cases:
+        # the bound is the float32 table's, relative to the noise the reference itself shows
+        assert case.output.tolerance == tolerance("float32", case.output.noise)
+        assert case.output.rel_diff <= case.output.tolerance and case.mask.passed
+
+
+@pytest.mark.parametrize("suffix", FLOAT64_SUFFIXES)
+def test_float64_export_matches_reference_to_1e_10(exported, suffix):
+    path, verdict = exported[suffix, "float64"]
+    assert verdict.passed, verdict.line()
+    assert all(case.output.tolerance == tolerance("float64") for case in verdict.cases)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_layout_and_dynamic_sizes(exported, suffix):
+    """Each file runs in its layout (NCHW or NHWC) at a batch of 3 and a size not checked."""
+    path, _ = exported[suffix, "float32"]
+    fmt = export.format_for(path)
+    x = np.random.default_rng(0).random((3, 3, 9, 6)).astype(np.float32)
+    logits = export.run(path, x)  # NCHW in and out; transposed for NHWC files
+    assert logits.shape == (3, 2, 9, 6)
+    layout_input = x if fmt.layout == "NCHW" else np.transpose(x, (0, 2, 3, 1))
+    raw = fmt.module().run(path, np.ascontiguousarray(layout_input))
+    assert raw.shape == ((3, 2, 9, 6) if fmt.layout == "NCHW" else (3, 9, 6, 2))
+
+
+@pytest.mark.parametrize("suffix", (".torchscript", ".jaxexport", ".pt2"))
+def test_runtime_refuses_input_below_min_size(exported, suffix):
+    path, _ = exported[suffix, "float32"]
+    with pytest.raises(Exception):  # noqa: B017 - each runtime raises its own error type
+        export.run(path, np.zeros((1, 3, 3, 8), np.float32))
+
+
+def test_perturbed_onnx_weight_fails_the_check(exported, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    path, _ = exported[".onnx", "float32"]
+    model = onnx.load(str(path))
+    initializer = next(t for t in model.graph.initializer if t.name == "output.weight")  # the 1x1 head
+    weights = numpy_helper.to_array(initializer) * np.float32(1 + 1e-3)
+    initializer.CopyFrom(numpy_helper.from_array(weights, initializer.name))
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(model, str(perturbed))
+    verdict = export.check_file(perturbed, CHECKPOINT)
+    assert not verdict.passed and "FAILED" in verdict.line()
+
+
+def test_export_of_other_weights_fails_the_check(exported):
+    """A correct file checked against a checkpoint one weight away: the check sees it."""
+    path, _ = exported[".torchscript", "float64"]
+    other = CHECKPOINT.astype("float64")
+    other.tensors["d1.ag.Ws.0.weight"] = other.tensors["d1.ag.Ws.0.weight"] * (1 + 1e-6)
+    assert not export.check_file(path, other, dtype="float64").passed
+
+
+def test_cli_failed_check_writes_nothing(source, tmp_path, monkeypatch, capsys):
+    """An export whose file computes something else (one weight changed) is refused: exit 1, the
+    FAILED verdict on stdout, no file."""
+    import impl_flax.export
+
+    real_export = impl_flax.export.export
+
+    def export_other_weights(checkpoint, path, dtype):
+        other = checkpoint.astype("float32")
+        other.tensors["output.bias"] = other.tensors["output.bias"] + 0.01
+        real_export(other, path, dtype)
+
+    monkeypatch.setattr(impl_flax.export, "export", export_other_weights)
+    dst = tmp_path / "model.jaxexport"
+    assert cli.main(["export", str(source), str(dst)]) == 1
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("export check FAILED") and "\n" not in out
+    assert not dst.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_and_prints_one_line_verdict(source, tmp_path, capsys):
+    dst = tmp_path / "model.torchscript"
+    assert cli.main(["export", str(source), str(dst)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("export check passed") and "\n" not in out and dst.is_file()
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("model.xyz", [], "unknown export format '.xyz'"),
+        ("model.onnx", ["--dtype", "float64"], ".onnx export supports float32 only"),
+        ("existing.jaxexport", [], "already exists (pass --force to overwrite)"),
+    ],
+)
+def test_cli_refusals_are_one_line_and_write_nothing(source, tmp_path, capsys, name, args, message):
+    (tmp_path / "existing.jaxexport").write_bytes(b"keep me")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["export", str(source), str(tmp_path / name), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "existing.jaxexport").read_bytes() == b"keep me"
+
+
+def test_missing_package_names_the_extra(source, tmp_path):
+    result = run_as("flax", "export", source, tmp_path / "model.onnx")
+    assert result.returncode == 1
+    assert ".onnx export needs PyTorch: pip install 'attention-unet[torch]'" in result.stderr
+    assert not (tmp_path / "model.onnx").exists()
