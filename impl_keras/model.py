@@ -474,7 +474,8 @@ class AttentionUNet(keras.Model):
         expected = f"(N, H, W, {cfg.in_channels}) with H, W >= {cfg.min_size}"
         if len(shape) != 4:
             raise ValueError(f"expected input of shape {expected}, got a {len(shape)}-D tensor of shape {shape}")
-        shape = tuple(None if d is None else int(d) for d in shape)
+        # Symbolic sizes (a traced or exported model's) are not checked: only known integers are.
+        shape = tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in shape)
         too_small = any(d is not None and d < cfg.min_size for d in shape[1:3])
         if shape[3] not in (None, cfg.in_channels) or too_small:
             raise ValueError(f"expected input of shape {expected}, got {shape}")
