@@ -9,10 +9,11 @@ shapes. A Flax user restores a file into a model with::
 
 (or ``flax.serialization.from_bytes(nnx.to_pure_dict(state), data)`` for the pure dict).
 
-The encoding is ``flax.serialization``'s, byte for byte: the tree packed with ``strict_types``, each
-array an ``ExtType(1, packb((shape, dtype name, C-order bytes)))`` (``bfloat16`` by that name), a
-NumPy scalar ``ExtType(3, ...)`` the same way, and an array over ``MAX_CHUNK_SIZE`` bytes split into
-a ``{"__msgpack_chunked_array__": True, "shape": {...}, "chunks": {...}}`` dict of flat pieces.
+The encoding is ``flax.serialization.msgpack_serialize``'s, byte for byte: the tree, keys sorted,
+packed with ``strict_types``; each array an ``ExtType(1, packb((shape, dtype name, C-order
+bytes)))`` (``bfloat16`` by that name), a NumPy scalar ``ExtType(3, ...)`` the same way, and an
+array over ``MAX_CHUNK_SIZE`` bytes split into a ``{"__msgpack_chunked_array__": True, "shape":
+{...}, "chunks": {...}}`` dict of flat pieces.
 Reading accepts numeric dtypes only and checks that each buffer holds exactly the bytes its shape
 declares before making an array: msgpack holds data, never code, and memory stays within a small
 multiple of the file's size.
@@ -29,6 +30,8 @@ from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import flatten, from_nnx, nest, to_nnx
 from weights_convert.formats.safetensors_format import _one_line
 
+# Each array carries its own dtype: a checkpoint mixing float dtypes is written exactly.
+KEEPS_MIXED_DTYPES = True
 # flax.serialization's extension type codes.
 EXT_NDARRAY = 1
 EXT_COMPLEX = 2
@@ -155,9 +158,10 @@ def serialize(tree) -> bytes:
 
 
 def chunk(tree):
-    """Arrays over ``MAX_CHUNK_SIZE`` bytes as flax.serialization's chunked dicts."""
+    """The tree as ``msgpack_serialize`` packs it: dict keys sorted (its ``jax.tree_util`` copy
+    sorts them) and arrays over ``MAX_CHUNK_SIZE`` bytes as chunked dicts."""
     if isinstance(tree, dict):
-        return {key: chunk(value) for key, value in tree.items()}
+        return {key: chunk(tree[key]) for key in sorted(tree)}
     if isinstance(tree, np.ndarray) and tree.size * tree.dtype.itemsize > MAX_CHUNK_SIZE:
         size = max(1, int(MAX_CHUNK_SIZE / tree.dtype.itemsize))
         flat = tree.reshape(-1)

@@ -33,6 +33,8 @@ from weights_convert.core.spec import LEAVES, ModelConfig, ParamSpec, infer_conf
 from weights_convert.formats.safetensors_format import _one_line, checksum
 
 CHECKSUM_ATTR = "attention_unet_sha256"
+# Each dataset has its own dtype: a checkpoint mixing float dtypes is written exactly.
+KEEPS_MIXED_DTYPES = True
 # save_weights of a compiled, trained model also writes the optimizer's slots under this group.
 OPTIMIZER_GROUP = "optimizer"
 # The model's own ``vars`` group carries its name: Keras' default name for the class.
@@ -200,9 +202,10 @@ def inventory(f, source: str) -> dict[str, object]:
     external or soft link, a dataset with external raw storage, a virtual dataset."""
     import h5py
 
+    links: list = []
+    f.visititems_links(lambda name, link: links.append((name, link)))  # collected, then judged
     datasets = {}
-
-    def visit(name: str, link) -> None:
+    for name, link in links:
         if isinstance(link, h5py.ExternalLink):
             raise CheckpointError(
                 f"{source}: refused: {name!r} is an external link to {link.filename}:{link.path} (outside the file)"
@@ -211,6 +214,7 @@ def inventory(f, source: str) -> dict[str, object]:
             raise CheckpointError(f"{source}: refused: {name!r} is a soft link to {link.path!r}")
         if not isinstance(link, h5py.HardLink):
             raise CheckpointError(f"{source}: refused: {name!r} is a {type(link).__name__}, not a plain object")
+    for name, _ in links:
         item = f[name]
         if isinstance(item, h5py.Dataset):
             if item.external:
@@ -223,8 +227,6 @@ def inventory(f, source: str) -> dict[str, object]:
             datasets[name] = item
         elif not isinstance(item, h5py.Group):
             raise CheckpointError(f"{source}: refused: {name!r} is a {type(item).__name__}, not a group or dataset")
-
-    f.visititems_links(visit)
     return datasets
 
 
