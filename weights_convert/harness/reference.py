@@ -520,6 +520,28 @@ def train_steps(
     return results
 
 
+def _sharded_loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision: str, shards: int):
+    """(loss, gradients, running statistics) of one step on ``shards`` consecutive equal parts of
+    the batch, each with its own BatchNorm statistics: the mean loss and gradient over the parts,
+    part 0's statistics. One part is the whole batch."""
+    x, target = np.asarray(x), np.asarray(target)
+    if shards < 1 or len(x) % shards:
+        raise ValueError(f"batch {len(x)} does not split into {shards} equal shards")
+    size = len(x) // shards
+    parts = [
+        _loss_and_gradients(
+            tensors, x[r * size : (r + 1) * size], target[r * size : (r + 1) * size], config, precision
+        )[:3]
+        for r in range(shards)
+    ]
+    if shards == 1:
+        return parts[0]
+    dtype = Precision(precision).dtype
+    loss = np.asarray(sum(part[0] for part in parts) / shards, dtype)
+    grads = {name: np.asarray(sum(part[1][name] for part in parts) / shards, dtype) for name in parts[0][1]}
+    return loss, grads, parts[0][2]
+
+
 def fit(
     tensors: dict,
     xs,
@@ -529,10 +551,17 @@ def fit(
     config: ModelConfig | None = None,
     precision: str = "float64",
     trajectory: bool = False,
+    shards: int = 1,
 ) -> dict:
     """``len(xs)`` training steps with one ``optimizer`` whose state persists: step k runs the
     train-mode forward on ``xs[k-1]`` (updating the running statistics), and one optimizer step on
     the gradient of mean((output - targets[k-1])**2).
+
+    With ``shards`` > 1, data-parallel training with per-device BatchNorm statistics (torch DDP's
+    default, ``batchnorm="local"`` in ``weights_convert.core.data_parallel``): each step's batch is
+    split into ``shards`` consecutive equal parts, each part has its own train-mode forward and
+    backward, the gradient is the mean of the parts' gradients (as DDP averages them), the loss the
+    mean of their losses, and the running statistics are part 0's.
 
     Returns ``loss/step<k>`` (before step k's update) for every step, then ``param/<name>`` for
     every trainable tensor and ``state/<name>`` for every running statistic after the last step.
@@ -549,7 +578,9 @@ def fit(
     opt = Optimizer(optimizer)
     results: dict[str, np.ndarray] = {}
     for k in range(len(xs)):
-        loss, grads, new_state, _ = _loss_and_gradients({**params, **state}, xs[k], targets[k], config, precision)
+        loss, grads, new_state = _sharded_loss_and_gradients(
+            {**params, **state}, xs[k], targets[k], config, precision, shards
+        )
         results[f"loss/step{k + 1}"] = np.asarray(loss)
         params = opt.step(params, grads)
         state.update(new_state)

@@ -1,0 +1,200 @@
+"""Data-parallel training in Flax NNX: the batch sharded over a one-axis ``jax.sharding.Mesh`` of D
+devices, parameters and optimizer state replicated, one ``nnx.jit`` step, with the BatchNorm modes of
+``weights_convert.core.data_parallel``.
+
+- ``train(checkpoint, data, *, steps, dtype, device, optimizer, data_parallel, batchnorm, on_step)``
+  trains on ``data.batch(k)`` (the global NCHW batch of step k; device r holds its consecutive 1/D)
+  and returns ``fit``'s results. ``on_step(step, loss, snapshot)`` runs after every step (in
+  process 0), ``snapshot()`` giving the model as a canonical ``Checkpoint``.
+- ``fit(checkpoint, xs, targets, *, ..., data_parallel, batchnorm, trajectory)``: ``impl_flax.runner.fit``
+  on D devices, same results.
+
+BatchNorm:
+
+- ``"sync"``: ``impl_flax.runner.train_step_fn`` itself, fed the sharded batch. Under ``nnx.jit``
+  the model is one program over the global batch, and XLA partitions the BatchNorm means over the
+  sharded batch axis into per-device sums and an all-reduce: the statistics are the global
+  batch's, running statistics included (the same on every device).
+- ``"local"``: the forward and backward under ``jax.shard_map``, each device normalizing with its own
+  shard's statistics; the loss and the gradients are averaged with ``jax.lax.pmean``, as DDP does,
+  and the running statistics kept are device 0's (a ``psum`` to which the others add zeros), as DDP broadcasts
+  process 0's.
+
+Devices: the first D of ``jax.devices(device)``. JAX fixes the number of CPU host devices when it
+initializes (``XLA_FLAGS=--xla_force_host_platform_device_count=D``): ``fit`` runs in this process
+when JAX sees D devices, otherwise on the CPU in one ``python -m impl_flax.distributed`` subprocess
+started with that flag. Several hosts: call ``jax.distributed.initialize()`` first in every process
+(one per host, or per GPU); ``jax.devices()`` is then every host's devices, each process feeds its
+own consecutive part of the global batch (``jax.make_array_from_process_local_data``) and reads its
+local copy of the replicated results.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from impl_flax.io import to_checkpoint
+from impl_flax.runner import _canonical, _model, _numpy, _scope, loss_fn, make_optimizer, train_step_fn
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard
+from weights_convert.core.optim import check_optimizer
+
+AXIS = "data"
+
+
+def fit(
+    checkpoint: Checkpoint,
+    xs,
+    targets,
+    *,
+    dtype="float32",
+    device="cpu",
+    optimizer="sgd",
+    data_parallel=2,
+    batchnorm="sync",
+    trajectory=False,
+) -> dict:
+    """``impl_flax.runner.fit`` on ``data_parallel`` devices: step k trains on ``xs[k-1]``, sharded."""
+    data = ArrayBatches(xs, targets)
+    settings = {"dtype": dtype, "device": device, "optimizer": optimizer, "data_parallel": data_parallel}
+    settings |= {"batchnorm": batchnorm, "trajectory": trajectory}
+    if len(_devices(device)) >= data_parallel:
+        return train(checkpoint, data, steps=data.steps, **settings)
+    if device != "cpu":
+        raise ValueError(f"data parallel {data_parallel} needs as many {device} devices; JAX sees {_devices(device)}")
+    from weights_convert.formats import jobs
+
+    with tempfile.TemporaryDirectory(prefix="flax-dp-") as tmp:
+        jobs.write_job(tmp, [("fit", checkpoint, {"xs": data.xs, "targets": data.targets}, settings)])
+        env = {"XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
+        return jobs.run_job("impl_flax.distributed", tmp, env, f"Flax on {data_parallel} host devices")[0]
+
+
+def train(
+    checkpoint: Checkpoint,
+    data,
+    *,
+    steps: int,
+    dtype="float32",
+    device="cpu",
+    optimizer="sgd",
+    data_parallel=1,
+    batchnorm="sync",
+    trajectory=False,
+    on_step=None,
+) -> dict:
+    """``steps`` data-parallel training steps on ``data`` in this process (see the module docstring)."""
+    check_optimizer(optimizer)
+    check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
+    devices = _devices(device)
+    if len(devices) < data_parallel:
+        raise ValueError(
+            f"data parallel {data_parallel} needs as many {device} devices; JAX sees {len(devices)} "
+            f"(on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={data_parallel} before JAX starts)"
+        )
+    mesh = Mesh(np.array(devices[:data_parallel]), (AXIS,))
+    batch_sharding, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+    with _scope(dtype, device) as input_dtype:
+        model = _model(checkpoint, dtype, train=True)
+        nnx.update(model, jax.device_put(nnx.state(model), replicated))
+        opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
+        nnx.update(opt, jax.device_put(nnx.state(opt), replicated))
+        step_fn = train_step_fn if data_parallel == 1 or batchnorm == "sync" else _local_step(mesh)
+        losses, path = [], {}
+        for k in range(1, steps + 1):
+            # NHWC in the feed dtype; this process's consecutive part of the global batch.
+            x, target = (
+                jax.make_array_from_process_local_data(
+                    batch_sharding,
+                    shard(np.asarray(a, input_dtype).transpose(0, 2, 3, 1), jax.process_index(), jax.process_count()),
+                )
+                for a in data.batch(k - 1)
+            )
+            loss = step_fn(model, opt, x, target)
+            loss = loss[0] if isinstance(loss, tuple) else loss  # the runner's step returns (loss, grads)
+            losses.append(loss)
+            if trajectory:
+                path.update(_canonical(_local(nnx.state(model, nnx.Param)), f"trajectory/step{k}", model.config))
+            if on_step is not None and jax.process_index() == 0:
+                on_step(k, float(_local(loss)), lambda: _snapshot(model))
+        results = {f"loss/step{k}": _numpy(_local(loss)) for k, loss in enumerate(losses, start=1)}
+        results.update(_canonical(_local(nnx.state(model, nnx.Param)), "param", model.config))
+        results.update(_canonical(_local(nnx.state(model, nnx.BatchStat)), "state", model.config))
+    return results | path
+
+
+def _devices(device: str) -> list:
+    try:
+        return jax.devices(device)
+    except RuntimeError:  # no such platform
+        return []
+
+
+def _local(tree):
+    """This process's copy of replicated arrays (the arrays themselves on one host)."""
+    return jax.tree.map(lambda a: a if a.is_fully_addressable else a.addressable_data(0), tree)
+
+
+def _snapshot(model) -> Checkpoint:
+    local = nnx.clone(model)
+    nnx.update(local, _local(nnx.state(model)))
+    return to_checkpoint(local)
+
+
+def _local_step(mesh: Mesh):
+    """One training step with per-device BatchNorm statistics over ``mesh``'s devices, in place:
+    returns the loss (the mean of the devices' losses)."""
+
+    @nnx.jit
+    def step(model, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array) -> jax.Array:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def per_device(params, rest, x, target):
+            def loss_and_statistics(params, rest):
+                local = nnx.merge(graphdef, params, rest, copy=True)
+                return loss_fn(local, x, target), nnx.state(local, nnx.BatchStat)
+
+            # Each device's own gradient: the replicated parameters as a per-device value (else the
+            # transpose of their broadcast would already sum the gradients over the devices).
+            params = jax.lax.pcast(params, AXIS, to="varying")
+            (loss, statistics), grads = jax.value_and_grad(loss_and_statistics, has_aux=True)(params, rest)
+            # Device 0's statistics on every device: a sum to which the others contribute zeros.
+            first = jax.lax.axis_index(AXIS) == 0
+            device0 = jax.tree.map(lambda v: jax.lax.psum(jnp.where(first, v, jnp.zeros_like(v)), AXIS), statistics)
+            return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS), device0
+
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=P())
+        loss, grads, statistics = sharded(params, rest, x, target)
+        nnx.update(model, statistics)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: run ``<dir>/job.json`` (``fit`` calls) and write ``<dir>/result_<i>.npz``."""
+    from pathlib import Path
+
+    from weights_convert.formats import jobs
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m impl_flax.distributed JOB_DIR", file=sys.stderr)
+        return 2
+    for i, (_, checkpoint, arrays, kwargs) in enumerate(jobs.read_job(argv[0])):
+        data = ArrayBatches(arrays["xs"], arrays["targets"])
+        np.savez(Path(argv[0]) / f"result_{i}.npz", **train(checkpoint, data, steps=data.steps, **kwargs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
