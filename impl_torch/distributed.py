@@ -201,6 +201,8 @@ def _run(rank: int, world: int, local_rank: int, job: Job, init_method: str | No
     if init_method is not None:
         if gpu:
             torch.cuda.set_device(local_rank)
+            # Strict float32, as the runner's parity rows run (ARCHITECTURE.md section 4): no TF32.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         else:  # processes share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("nccl" if gpu else "gloo", init_method=init_method, rank=rank, world_size=world)

@@ -37,6 +37,7 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import data_parallel as dp
 from weights_convert.harness.compare import Row, compare, rel_diff
 from weights_convert.harness.tolerances import NOISY_PRECISIONS, tolerance
 
@@ -99,6 +100,8 @@ class Run:
     optimizers: tuple[str, ...] = OPTIMIZER_NAMES
     steps: int = DEFAULT_STEPS
     trajectory: bool = False  # fit: also the parameters after every step (``trajectory/step<k>/<name>``)
+    data_parallel: int = 1  # fit: devices (``weights_convert.harness.data_parallel``)
+    batchnorm: str = "sync"  # fit on several devices: "sync" or "local" BatchNorm statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +332,7 @@ def calls_for(run: Run, inputs: Inputs) -> list[tuple[str, np.ndarray, np.ndarra
     """The runner calls of one run: (function name, x, target or None, keyword arguments)."""
     if run.mode == "fit":
         kwargs = {"optimizer": run.optimizers[0], **({"trajectory": True} if run.trajectory else {})}
+        kwargs |= dp.fit_kwargs(run.data_parallel, run.batchnorm)
         return [("fit", inputs.x, inputs.target, kwargs)]
     calls = [("forward", inputs.x, None, {"train": run.mode == "train"})]
     if run.mode == "train":
@@ -355,6 +359,8 @@ def run_calls(impl: Target, checkpoint: Checkpoint, calls) -> list[dict]:
     """Run ``calls`` (see ``calls_for``) with the implementation ``impl``. Keras runs them all in
     one process of the requested backend (a subprocess unless it is this one's)."""
     common = {"device": impl.device, "dtype": impl.dtype}
+    if any(dp.is_data_parallel(kwargs) for *_, kwargs in calls):
+        return [dp.fit(impl.framework, checkpoint, x, t, **kwargs, **common) for _, x, t, kwargs in calls]
     if impl.framework == "keras":
         from weights_convert.harness.keras_worker import Call, run_batch_in_backend
 
@@ -383,7 +389,7 @@ def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precisio
     tensors, common = checkpoint.tensors, {"config": checkpoint.config, "precision": precision}
     if run.mode == "fit":
         ((_, x, target, kwargs),) = calls_for(run, inputs)
-        return reference.fit(tensors, x, target, **kwargs, **common)
+        return reference.fit(tensors, x, target, **dp.reference_kwargs(kwargs), **common)
     if run.mode == "train" and run.optimizers:
         return reference.train_steps(
             tensors, inputs.x, inputs.target, optimizers=run.optimizers, forward=True, **common
@@ -509,6 +515,8 @@ def check(
     optimizer: str | tuple[str, ...] | None = None,
     trajectory: bool = False,
     progress=None,
+    data_parallel: int = 1,
+    batchnorm: str = "sync",
 ) -> Report:
     """Run ``checkpoint`` (a path, a Checkpoint, or None for seeded default weights) through each
     framework and compare every quantity with the independent float64 NumPy reference: block
@@ -518,7 +526,9 @@ def check(
     ``optimizer``, default Adam). Below float64 each row's bound is relative to the noise of the
     same reference computed at ``dtype`` (``measure_noise``). With ``trajectory`` a fit
     also records every implementation's largest parameter difference after each step
-    (``Report.drift``, for the plot).
+    (``Report.drift``, for the plot). A fit on ``data_parallel`` devices trains each framework
+    data-parallel with ``batchnorm`` statistics, against the reference of that mode
+    (``weights_convert.harness.data_parallel``).
 
     ``frameworks`` and ``keras_backends`` default to the installed ones (``select``); one that is
     named but not installed raises ``MissingPackage`` naming what to install."""
@@ -534,7 +544,11 @@ def check(
     config = checkpoint.config if checkpoint is not None else ModelConfig()
     if min(size) < config.min_size:
         raise ParityError(f"--size {size[0]} {size[1]} is too small for depth {config.depth}: min {config.min_size}")
-    run = Run(mode, optimizers, steps, trajectory and mode == "fit")
+    try:
+        keras_backends = dp.checked(frameworks, keras_backends, mode, batch, data_parallel, batchnorm)
+    except ValueError as error:
+        raise ParityError(str(error)) from None
+    run = Run(mode, optimizers, steps, trajectory and mode == "fit", data_parallel, batchnorm)
     inputs = Inputs(*make_inputs(config, batch, size, seed, steps if mode == "fit" else None))
     if checkpoint is None:
         checkpoint = default_checkpoint(inputs.x[0] if mode == "fit" else inputs.x)
