@@ -46,7 +46,7 @@ def keras_variables(model: AttentionUNet) -> dict:
 
 def build_model(checkpoint: Checkpoint, dtype=None) -> AttentionUNet:
     """A model holding ``checkpoint``'s tensors, in ``dtype`` (default: the checkpoint's own float
-    dtype, any of float16/bfloat16/float32/float64, as the format writers need)."""
+    dtype, any of float16/bfloat16/float32/float64)."""
     config = checkpoint.config
     dtype = str(checkpoint.float_dtype) if dtype is None else dtype
     # Every value is overwritten below, so skip the random kernel initializer (costly under JAX).

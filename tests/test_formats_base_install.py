@@ -101,7 +101,7 @@ def test_keras_files_match_what_keras_writes_and_load_both_ways(tmp_path):
     impl_keras = pytest.importorskip("impl_keras")
     from impl_keras.io import to_checkpoint
 
-    config = ModelConfig(2, 1, (4, 8, 16))
+    config = TINY
     checkpoint = random_checkpoint(config, seed=11)
     model = impl_keras.from_checkpoint(checkpoint)
     model.save_weights(tmp_path / "theirs.weights.h5")
