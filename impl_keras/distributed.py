@@ -21,11 +21,12 @@ BatchNorm:
   loss and gradients are averaged with ``jax.lax.pmean`` (as DDP does) and the running statistics
   kept are device 0's (as DDP broadcasts process 0's). The update is the runner's optimizer step.
 
-Backends: JAX only. On TensorFlow and PyTorch ``train`` refuses in one line: those backends'
-engines (``tf.distribute`` strategies, torch DDP) drive their own training loops, not Keras' model
-code with this project's step. ``fit`` runs in this process when it is a JAX-backend process that
-sees D devices (and has x64 on for float64), otherwise in one ``KERAS_BACKEND=jax python -m
-impl_keras.distributed`` subprocess with D CPU host devices (``--xla_force_host_platform_device_count``).
+Backends: data parallelism on JAX only. On TensorFlow and PyTorch ``train`` with D > 1 refuses in
+one line (``tf.distribute`` strategies and torch DDP drive their own training loops, not Keras'
+model code with this project's step); D = 1 trains there with ``impl_keras.runner``'s step.
+``fit`` runs in this process when it is a JAX-backend process that sees D devices (and has x64 on
+for float64), otherwise in one ``KERAS_BACKEND=jax python -m impl_keras.distributed`` subprocess
+with D CPU host devices (``--xla_force_host_platform_device_count``).
 Several hosts: ``keras.distribution.initialize()`` (``jax.distributed.initialize``) in every process
 first; each process feeds its consecutive part of the global batch.
 """
@@ -111,15 +112,19 @@ def train(
     on_step=None,
 ) -> dict:
     """``steps`` data-parallel training steps on ``data`` in this process (see the module docstring)."""
-    import jax
     import keras
 
     from impl_keras.io import from_checkpoint, to_checkpoint
     from impl_keras.runner import _disable_tf32, _nhwc, _numpy, _state, _Trainer
 
-    check_backend()
     check_optimizer(optimizer)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
+    if keras.backend.backend() != "jax":
+        if data_parallel > 1:
+            check_backend()
+        return _train_one_device(checkpoint, data, steps, dtype, device, optimizer, trajectory, on_step)
+    import jax
+
     devices = keras.distribution.list_devices(device)
     if len(devices) < data_parallel:
         raise ValueError(
@@ -149,6 +154,30 @@ def train(
             if trajectory:
                 path.update({f"trajectory/step{k}/{n}": v for n, v in trainer.parameters().items()})
             if on_step is not None and jax.process_index() == 0:
+                on_step(k, float(_numpy(loss)), lambda: to_checkpoint(model))
+        results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
+        results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
+        results.update({f"state/{name}": value for name, value in _state(model).items()})
+    return results | path
+
+
+def _train_one_device(checkpoint, data, steps, dtype, device, optimizer, trajectory, on_step) -> dict:
+    """One device under any backend: ``impl_keras.runner.fit``'s training step, with ``on_step``."""
+    from impl_keras.io import to_checkpoint
+    from impl_keras.runner import _device_scope, _model, _nhwc, _numpy, _state, _trainer
+
+    with _device_scope(device):
+        model = _model(checkpoint, dtype, device)
+        trainer = _trainer(model, optimizer)
+        trainer.reset()
+        losses, path = [], {}
+        for k in range(1, steps + 1):
+            x, target = (_nhwc(a, dtype) for a in data.batch(k - 1))
+            loss, _ = trainer.step(x, target)
+            losses.append(loss)
+            if trajectory:
+                path.update({f"trajectory/step{k}/{n}": v for n, v in trainer.parameters().items()})
+            if on_step is not None:
                 on_step(k, float(_numpy(loss)), lambda: to_checkpoint(model))
         results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
         results.update({f"param/{name}": value for name, value in trainer.parameters().items()})

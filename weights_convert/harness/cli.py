@@ -1,4 +1,4 @@
-"""The ``attention-unet`` command: ``inspect``, ``convert``, ``export``, ``init``, ``parity`` and ``bench``.
+"""The ``attention-unet`` command: ``inspect``, ``convert``, ``export``, ``init``, ``parity``, ``bench`` and ``train``.
 
 Exit status: 0 on success, 1 when a checkpoint is refused, a package a file needs is missing or
 a check fails, 2 on bad usage (a missing package for a ``--frameworks`` / ``--keras-backends`` /
@@ -183,6 +183,8 @@ def cmd_parity(args) -> int:
             optimizer=args.optimizer,
             trajectory=bool(args.report),
             progress=progress,
+            data_parallel=args.data_parallel,
+            batchnorm=args.batchnorm,
         )
     except parity.ParityError as error:
         return _usage_error("parity", str(error))
@@ -324,7 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs matplotlib: pip install 'attention-unet[report]')",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --report DIR")
+    p.add_argument(
+        "--data-parallel",
+        type=_count("--data-parallel", 1),
+        default=1,
+        metavar="D",
+        help="fit: train on D devices in every framework (CPU: D gloo processes, D JAX host devices)",
+    )
+    p.add_argument(
+        "--batchnorm",
+        choices=("sync", "local"),
+        default="sync",
+        help="with --data-parallel: global-batch statistics (must equal one device on the whole batch) or "
+        "per-device ones (must equal the reference computed shard by shard, gradients averaged)",
+    )
     p.set_defaults(func=cmd_parity)
+
+    from weights_convert.harness.train import add_parser as add_train_parser
+
+    add_train_parser(sub)
 
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
     p.add_argument("dst")
