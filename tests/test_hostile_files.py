@@ -123,22 +123,23 @@ def test_overflowing_cast_is_refused_unless_allowed(tmp_path):
         huge.astype("bfloat16")
 
 
-def test_mixed_float_dtypes_are_kept_exactly_or_refused(tmp_path):
+def test_mixed_float_dtypes_are_kept_exactly_or_refused(tmp_path, monkeypatch):
     mixed = random_checkpoint(TINY).astype("float64")
     mixed.tensors["d1.ag.Wg.0.weight"] = mixed.tensors["d1.ag.Wg.0.weight"].astype(np.float16)
     assert list(mixed.float_dtypes) == ["float64", "float16"]
-    for suffix in (".safetensors", ".pt", ".orbax"):
+    for suffix in (".safetensors", ".pt", ".orbax", ".weights.h5", ".keras", ".msgpack"):  # every writer keeps them
         path = tmp_path / f"mixed{suffix}"
         weights_convert.write(mixed, path)
         back = weights_convert.read(path)
         for name, value in mixed.tensors.items():
             assert back.tensors[name].dtype == value.dtype and back.tensors[name].tobytes() == value.tobytes(), name
-    for suffix in (".weights.h5", ".keras", ".msgpack"):  # one float dtype per file there
-        with pytest.raises(
-            CheckpointError, match=r"mixes float64 \(51 tensors, .*\), float16 \(1 tensor, first d1.ag.Wg.0.weight\)"
-        ):
-            weights_convert.write(mixed, tmp_path / f"mixed{suffix}")
-    assert not any(p.name.startswith(("mixed.weights", "mixed.keras", "mixed.msgpack")) for p in tmp_path.iterdir())
+    # A format that holds one floating dtype (its module does not declare KEEPS_MIXED_DTYPES) refuses.
+    monkeypatch.delattr(format_for("x.pt").load_module(), "KEEPS_MIXED_DTYPES")
+    with pytest.raises(
+        CheckpointError, match=r"mixes float64 \(51 tensors, .*\), float16 \(1 tensor, first d1.ag.Wg.0.weight\)"
+    ):
+        weights_convert.write(mixed, tmp_path / "one-dtype.pt")
+    assert not any(p.name.startswith((".one-dtype", "one-dtype")) for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("channels", [[1] * 200_000, [10**9, 4]])
@@ -261,7 +262,7 @@ def test_refusals_are_one_line_whatever_the_framework_prints(tmp_path, tiny_orba
         "raw.pt": "refused: a raw pickle, not a file torch.save writes",
         "keys.pt": "keys that are not strings (a state_dict's are names): [7]",
         "global.pt": "(Trying to load unsupported GLOBAL posix.system whose module posix is blocked.)",
-        "cut.pt": "corrupt zip container",
+        "cut.pt": "not a readable PyTorch checkpoint (neither a zip archive nor a torch.save file)",
         "damaged.orbax": "not an Orbax checkpoint",
     }
     cases = [
