@@ -43,7 +43,7 @@ def run_cli(capsys, *args):
         (["parity", "{tiny}", "--seed", "-1"], "--seed must be non-negative, got -1"),
         (["init", "{tmp}/x.safetensors", "--seed", "-1"], "--seed must be non-negative, got -1"),
         (["parity", "{tiny}", "--batch", "0"], "--batch must be at least 1, got 0"),
-        (["bench", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (["bench", "--batch", "0"], "batch must be a positive integer"),
         (["parity", "{tiny}", "--mode", "fit", "--steps", "0"], "--steps must be at least 1, got 0"),
     ],
 )

@@ -358,22 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
         return [name.strip() for name in text.split(",") if name.strip()]
 
     p = sub.add_parser("bench", help="time eval forward and training steps in every framework against sgemm")
-    p.add_argument("--frameworks", type=_choices(FRAMEWORKS), help="comma-separated (default: every installed one)")
+    p.add_argument("--frameworks", type=names, help="comma-separated (default: every installed one)")
     p.add_argument(
-        "--keras-backends",
-        type=_choices(KERAS_BACKENDS),
-        help="comma-separated (default: KERAS_BACKEND if set, else every installed one)",
+        "--keras-backends", type=names, help="comma-separated (default: KERAS_BACKEND if set, else every installed one)"
     )
     p.add_argument("--variants", type=names, help="only these, e.g. 'eager,nnx.jit' (default: all)")
     p.add_argument("--modes", type=names, default=["forward", "train_step"], help="comma-separated")
-    p.add_argument("--batch", type=_count("--batch", 1), default=1, help="images per batch")
+    p.add_argument("--batch", type=int, default=1, help="images per batch")
     p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "mixed_bfloat16"),
+        default="float32",
+        help="float32: strict float32 rows, and TF32 rows on GPU; mixed_bfloat16: bfloat16 compute, float32 parameters",
+    )
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation happens here)")
     p.add_argument("--config", type=_config_arg, help="JSON, e.g. '{\"channels\": [8, 16, 32]}'")
-    p.add_argument("--sgemm-n", type=int, help="side of the float32 matmul ceiling (default 4096 CPU, 8192 GPU)")
+    p.add_argument("--sgemm-n", type=int, help="side of the matmul ceilings (default 4096 CPU, 8192 GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
     return parser
