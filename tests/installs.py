@@ -18,6 +18,7 @@ WITHOUT = {
     "flax": ("torch", "keras", "tensorflow"),
     "keras-jax": ("torch", "tensorflow", "flax", "optax", "orbax"),
     "no-tensorflow": ("tensorflow",),
+    "all": (),
 }
 
 

@@ -55,6 +55,23 @@ def test_keras_on_jax_without_tensorflow_passes_with_no_backend_set(checkpoint):
     assert "skipped keras/torch: PyTorch is not installed" in result.stderr
 
 
+def test_tensorflow_start_up_logging_stays_off_the_command_s_stderr(checkpoint):
+    result = run_as(
+        "all",
+        "parity",
+        checkpoint,
+        "--frameworks",
+        "keras",
+        "--keras-backends",
+        "tensorflow",
+        *SMALL,
+        TF_CPP_MIN_LOG_LEVEL=None,
+    )
+    assert result.returncode == 0, result.stderr
+    assert table_rows(result.stdout) == {("keras", "tensorflow")}
+    assert all(line.startswith("parity: ") for line in result.stderr.splitlines()), result.stderr
+
+
 def test_import_impl_keras_without_tensorflow_picks_jax():
     script = "import impl_keras, keras, os; print(keras.backend.backend(), os.environ['KERAS_BACKEND'])"
     result = python_as("no-tensorflow", script)

@@ -2,10 +2,11 @@
 
 Keras fixes its backend when it is first imported, so the parity harness runs the Keras runner
 (``impl_keras.runner``: ``forward``, ``train_step``, ``fit``) in a process of the requested
-backend: in this one when Keras already runs there (or importing it would pick that backend),
-otherwise in one ``KERAS_BACKEND=<backend> python -m impl_keras.runner JOB_DIR`` subprocess per
-batch of calls. Nothing here imports Keras or ``impl_keras`` unless the calls run in this process,
-so a parity run never imports Keras under a backend that is not installed.
+backend: in this one when Keras already runs there under that backend, otherwise in one
+``KERAS_BACKEND=<backend> python -m impl_keras.runner JOB_DIR`` subprocess per batch of calls.
+Nothing here imports Keras or ``impl_keras`` in a process that has not imported Keras itself, so
+a parity run never imports Keras under a backend that is not installed, and its backends'
+start-up logging stays in the subprocesses' captured stderr.
 
 The job directory holds ``job.json`` (one entry per call: function, checkpoint, keyword
 arguments), each distinct checkpoint as ``checkpoint_<k>.safetensors`` and each call's arrays as
@@ -116,7 +117,9 @@ def current_backend() -> str:
 
 
 def _runs_here(backend: str, calls: list[Call]) -> bool:
-    if backend != current_backend():
+    """Only where Keras already runs under ``backend``: a process that has not imported Keras
+    (the command's) keeps it, and the start-up logging of its backend, in the subprocess."""
+    if "keras" not in sys.modules or backend != current_backend():
         return False
     if backend == "jax" and any(call.kwargs.get("dtype") == "float64" for call in calls):
         import jax  # x64 must be on before any array exists; a subprocess gets it from the start
