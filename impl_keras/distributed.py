@@ -33,6 +33,7 @@ first; each process feeds its consecutive part of the global batch.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -114,8 +115,8 @@ def train(
     """``steps`` data-parallel training steps on ``data`` in this process (see the module docstring)."""
     import keras
 
-    from impl_keras.io import from_checkpoint, to_checkpoint
-    from impl_keras.runner import _disable_tf32, _nhwc, _numpy, _state, _Trainer
+    from impl_keras.io import assign_checkpoint, check_dtype, to_checkpoint
+    from impl_keras.runner import _disable_tf32, _nhwc, _numpy, _state, _trainer
 
     check_optimizer(optimizer)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
@@ -133,12 +134,12 @@ def train(
         )
     if device == "gpu":
         _disable_tf32("jax")
-    mesh = keras.distribution.DeviceMesh((data_parallel,), [AXIS], devices[:data_parallel])
-    distribution = keras.distribution.DataParallel(device_mesh=mesh)
+    model, distribution = _distributed_model(checkpoint.config, check_dtype(dtype), device, data_parallel)
     with distribution.scope():
-        model = from_checkpoint(checkpoint, dtype)
-        trainer = _Trainer(model, optimizer)
-        local = _local_gradients(model, jax.devices(device)[:data_parallel])
+        assign_checkpoint(model, checkpoint)
+        trainer = _trainer(model, optimizer)
+        trainer.reset()
+        local = _local_gradients(model, device, data_parallel)
         losses, path = [], {}
         for k in range(1, steps + 1):
             x, target = (
@@ -194,9 +195,30 @@ def _sharded(distribution, tensor):
     return jax.make_array_from_process_local_data(layout.backend_layout, np.asarray(tensor), global_shape)
 
 
-def _local_gradients(model, devices):
-    """``(x, target) -> (loss, gradients)`` with per-device BatchNorm statistics over ``devices``:
-    the mean loss and gradients, device 0's running statistics assigned to the model."""
+@functools.lru_cache(maxsize=4)
+def _distributed_model(config, dtype: str, device: str, data_parallel: int):
+    """(model, its ``DataParallel`` distribution) over the first ``data_parallel`` devices, variables
+    laid out by the distribution. One per (config, dtype, device, D), reused and overwritten as
+    ``impl_keras.runner`` reuses its models, so later runs skip building and compiling again."""
+    import keras
+
+    from impl_keras.model import AttentionUNet
+
+    devices = keras.distribution.list_devices(device)[:data_parallel]
+    mesh = keras.distribution.DeviceMesh((data_parallel,), [AXIS], devices)
+    distribution = keras.distribution.DataParallel(device_mesh=mesh)
+    with distribution.scope():
+        model = AttentionUNet(
+            config.in_channels, config.out_channels, config.channels, dtype=dtype, kernel_initializer="zeros"
+        )
+    return model, distribution
+
+
+@functools.lru_cache(maxsize=8)
+def _local_gradients(model, device: str, data_parallel: int):
+    """``(x, target) -> (loss, gradients)`` with per-device BatchNorm statistics over the first
+    ``data_parallel`` devices: the mean loss and gradients, device 0's running statistics assigned
+    to the model. One per model, compiled once."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh
@@ -218,7 +240,7 @@ def _local_gradients(model, devices):
         state = [jax.lax.psum(jnp.where(first, v, jnp.zeros_like(v)), AXIS) for v in state]
         return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS), state
 
-    mesh = Mesh(np.array(devices), (AXIS,))
+    mesh = Mesh(np.array(jax.devices(device)[:data_parallel]), (AXIS,))
     compiled = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=P()))
 
     def gradients(x, target):

@@ -45,11 +45,13 @@ SESSION = textwrap.dedent(
     # float32 under the noise-relative bound (torch only: the JAX programs would compile again).
     report = parity.check(checkpoint, frameworks=("torch",), dtype="float32", batchnorm="local", **common)
     out["float32/local"] = report.to_json()
-    # train: torch on 2 processes, resumed by Flax and then Keras on 2 devices each.
+    # train: torch on 2 processes, resumed by Flax and then Keras on 2 devices each; in float64 at the
+    # parity run's shapes, so that Flax's jitted step compiled above is reused.
     previous = checkpoint
     for framework, batchnorm in (("torch", "local"), ("flax", "sync"), ("keras", "local")):
         args = ["train", previous, "--framework", framework, "--data-parallel", "2", "--batchnorm", batchnorm,
                 "--steps", "2", "--every", "1", "--batch", "4", "--size", "16", "16", "--optimizer", "sgd",
+                "--dtype", "float64",
                 "--out", str(work / framework)]
         code = cli.main(args)
         written = sorted(p.name for p in (work / framework).iterdir())
