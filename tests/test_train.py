@@ -41,6 +41,40 @@ def test_read_png_matches_pillow(tmp_path, mode, channels, dtype, top):
     assert np.array_equal(read_png(path), values.reshape(23, 37, channels) / top)
 
 
+def _encode_with_filters(values: np.ndarray) -> bytes:
+    """An 8-bit RGB PNG whose rows use the five filters in turn (PNG spec section 9), byte by byte."""
+    import struct
+    import zlib
+
+    h, w, bpp = values.shape
+    rows, previous = [], [0] * (w * bpp)
+    for y in range(h):
+        line, kind, out = [int(v) for v in values[y].reshape(-1)], y % 5, []
+        for i, byte in enumerate(line):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = previous[i], previous[i - bpp] if i >= bpp else 0
+            p = a + b - c
+            paeth = (
+                a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else (b if abs(p - b) <= abs(p - c) else c)
+            )
+            out.append((byte - (0, a, b, (a + b) // 2, paeth)[kind]) % 256)
+        rows.append(bytes([kind, *out]))
+        previous = line
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
+
+
+def test_read_png_every_filter(tmp_path):
+    values = np.round(_pattern(11, 7, 3, seed=3) * 255).astype(np.uint8)
+    (tmp_path / "filters.png").write_bytes(_encode_with_filters(values))
+    np.testing.assert_array_equal(read_png(tmp_path / "filters.png"), values / 255)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "filters.png")), values)
+
+
 def test_write_png_round_trip(tmp_path):
     image = np.round(_pattern(9, 14, 3) * 255) / 255
     write_png(tmp_path / "rgb.png", image)
