@@ -169,14 +169,22 @@ def test_train_refusals(tmp_path, start, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
+    new = str(tmp_path / "new")
     cases = [
-        (["--out", str(out)], "exists and is not an empty directory"),
-        (["--out", str(tmp_path / "new"), "--batch", "3", "--data-parallel", "2"], "does not split into"),
-        (["--out", str(tmp_path / "new"), "--format", "nope"], "--format nope"),
-        (["--out", str(tmp_path / "new"), "--steps", "0"], "--steps must be at least 1"),
+        ([str(start), "--out", str(out)], "exists and is not an empty directory"),
+        ([str(start), "--out", new, "--batch", "3", "--data-parallel", "2"], "does not split into"),
+        ([str(start), "--out", new, "--format", "nope"], "--format nope"),
+        ([str(start), "--out", new, "--steps", "0"], "--steps must be at least 1"),
+        (["--out", new, "--config", "{bad"], "bad --config"),
+        ([str(start), "--out", new, "--config", '{"channels": [4, 8]}'], "a CHECKPOINT brings its own config"),
     ]
-    for extra, message in cases:
-        code = cli.main(["train", str(start), "--steps", "1", *extra] if "--steps" not in extra else ["train", *extra])
+    for args, message in cases:
+        code = cli.main(["train", *args])
         err = capsys.readouterr().err
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and not (tmp_path / "new").exists()
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    code = cli.main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no images/<name>.png with a masks/<name>.png" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()

@@ -19,6 +19,7 @@ The training loops are the implementations' own (``impl_<framework>.distributed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import struct
 import sys
@@ -340,12 +341,19 @@ def cmd_train(args) -> int:
         return _usage(f"--format {args.format}: {error}")
     if args.config and args.checkpoint:
         return _usage("--config describes random initial weights; a CHECKPOINT brings its own config")
-    config = ModelConfig.from_dict(__import__("json").loads(args.config)) if args.config else ModelConfig()
+    try:
+        config = ModelConfig.from_dict(json.loads(args.config)) if args.config else ModelConfig()
+    except (ValueError, TypeError) as error:
+        return _usage(f"bad --config {args.config!r}: {error}")
     checkpoint = weights_convert.read(args.checkpoint) if args.checkpoint else random_checkpoint(config, seed=args.seed)
     checkpoint = checkpoint.astype("float32" if args.dtype == "mixed_bfloat16" else args.dtype)
     config = checkpoint.config
     if args.data:
-        data = PngFolder(args.data, config, args.batch, args.seed)
+        try:
+            data = PngFolder(args.data, config, args.batch, args.seed)
+        except (OSError, ValueError) as error:  # a refused data folder: one line, exit 1, nothing written
+            print(f"attention-unet train: error: {error}", file=sys.stderr)
+            return 1
     else:
         if min(args.size) < config.min_size:
             return _usage(f"--size {args.size[0]} {args.size[1]} is below the model's minimum {config.min_size}")
