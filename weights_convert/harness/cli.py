@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from weights_convert.core.checkpoint import CheckpointError
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attention-unet {args.command}: error: this needs {needs}", file=sys.stderr)
         return 1
     except Exception as error:  # a last line of defence: hostile input never ends in a traceback
-        message = _for_the_command(" ".join(str(error).split())[:300])
+        message = _for_the_command(textwrap.shorten(str(error) or "-", 300, placeholder=" [...]"))
         print(f"attention-unet {args.command}: error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
 
