@@ -3,5 +3,6 @@ float32, float64 or mixed bfloat16 (float32 parameters, bfloat16 compute: ``dtyp
 
 from impl_flax.io import from_checkpoint, load, save, to_checkpoint
 from impl_flax.model import AttentionUNet
+from impl_flax.training import load_training, save_training
 
-__all__ = ["AttentionUNet", "from_checkpoint", "load", "save", "to_checkpoint"]
+__all__ = ["AttentionUNet", "from_checkpoint", "load", "load_training", "save", "save_training", "to_checkpoint"]

@@ -20,5 +20,15 @@ if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
 
 from impl_keras.io import from_checkpoint, load, save, to_checkpoint  # noqa: E402
 from impl_keras.model import AttentionUNet, TorchAdam  # noqa: E402
+from impl_keras.training import load_training, save_training  # noqa: E402
 
-__all__ = ["AttentionUNet", "TorchAdam", "from_checkpoint", "load", "save", "to_checkpoint"]
+__all__ = [
+    "AttentionUNet",
+    "TorchAdam",
+    "from_checkpoint",
+    "load",
+    "load_training",
+    "save",
+    "save_training",
+    "to_checkpoint",
+]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from weights_convert.core.spec import LISTED_NAMES, ModelConfig, capped, infer_config, param_specs
+
+if TYPE_CHECKING:
+    from weights_convert.core.optimizer_state import OptimizerState
 
 
 class CheckpointError(ValueError):
@@ -15,10 +19,13 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class Checkpoint:
-    """Config and canonical tensors (name -> numpy array, OIHW conv kernels, state_dict order)."""
+    """Config and canonical tensors (name -> numpy array, OIHW conv kernels, state_dict order); a
+    training checkpoint also has ``optimizer``, the canonical optimizer state
+    (``weights_convert.core.optimizer_state``)."""
 
     config: ModelConfig
     tensors: dict[str, np.ndarray]
+    optimizer: OptimizerState | None = None
 
     @classmethod
     def from_tensors(
@@ -28,8 +35,10 @@ class Checkpoint:
         *,
         allow_nonfinite: bool = False,
         source: str = "checkpoint",
+        optimizer: OptimizerState | None = None,
     ) -> Checkpoint:
-        """Validate ``tensors`` against ``config`` (inferred from shapes when None) and order them."""
+        """Validate ``tensors`` against ``config`` (inferred from shapes when None) and order them;
+        ``optimizer``, when given, is validated against the same config."""
         if config is None:
             try:
                 config = infer_config({k: tuple(np.shape(v)) for k, v in tensors.items()})
@@ -37,7 +46,14 @@ class Checkpoint:
                 raise CheckpointError(f"{source}: {error}") from None
         check_tensors(tensors, config, allow_nonfinite=allow_nonfinite, source=source)
         ordered = {p.name: np.asarray(tensors[p.name]) for p in param_specs(config)}
-        return cls(config, ordered)
+        if optimizer is not None:
+            optimizer.check(config, allow_nonfinite=allow_nonfinite, source=source)
+            optimizer = optimizer.ordered(config)
+        return cls(config, ordered, optimizer)
+
+    def weights_only(self) -> Checkpoint:
+        """The same model tensors without the optimizer state."""
+        return Checkpoint(self.config, self.tensors)
 
     @property
     def float_dtype(self) -> np.dtype:
@@ -80,7 +96,17 @@ class Checkpoint:
                 f"casting to {dtype} overflows to inf: {overflowed[0]} has max |value| {largest:.6g}, above "
                 f"{float(ml_finfo(dtype).max):.6g} (the largest {dtype}){more}; pass --allow-overflow to write inf"
             )
-        return Checkpoint(self.config, cast)
+        optimizer = self.optimizer
+        if optimizer is not None:
+            slots = optimizer.astype(dtype)
+            for name, value in slots.tensors().items():
+                with np.errstate(over="ignore", invalid="ignore"):
+                    if not allow_overflow and (np.isinf(value) & np.isfinite(optimizer.tensors()[name])).any():
+                        raise CheckpointError(
+                            f"casting to {dtype} overflows to inf in {name}; pass --allow-overflow to write inf"
+                        )
+            optimizer = slots
+        return Checkpoint(self.config, cast, optimizer)
 
     def parameter_count(self) -> int:
         return sum(

@@ -45,15 +45,24 @@ def read(path, *, config: ModelConfig | None = None, allow_nonfinite: bool = Fal
     if fmt.is_directory != path.is_dir():
         kind = "a directory" if fmt.is_directory else "a file"
         raise CheckpointError(f"{path}: a {fmt.name} checkpoint must be {kind}")
-    tensors, file_config = fmt.load_module().read(path)
+    tensors, file_config, *rest = fmt.load_module().read(path)
+    optimizer = rest[0] if rest else None
     if config is not None and file_config is not None and config != file_config:
         raise CheckpointError(
             f"{path}: the given config {config.to_dict()} contradicts the file's {file_config.to_dict()}"
         )
-    return Checkpoint.from_tensors(tensors, config or file_config, allow_nonfinite=allow_nonfinite, source=str(path))
+    return Checkpoint.from_tensors(
+        tensors, config or file_config, allow_nonfinite=allow_nonfinite, source=str(path), optimizer=optimizer
+    )
 
 
-def write(checkpoint: Checkpoint, path, *, force: bool = False) -> None:
+def holds_optimizer(path) -> bool:
+    """Whether the format named by ``path`` keeps a training checkpoint's optimizer state (its
+    module sets ``HOLDS_OPTIMIZER = True``; its ``read`` then returns the state as a third item)."""
+    return getattr(format_for(path).load_module(), "HOLDS_OPTIMIZER", False)
+
+
+def write(checkpoint: Checkpoint, path, *, force: bool = False, weights_only: bool = False) -> None:
     """Write ``checkpoint`` in the format named by ``path``'s extension.
 
     Atomic and exclusive: the data goes to a temporary sibling first and is put in place only when
@@ -62,13 +71,29 @@ def write(checkpoint: Checkpoint, path, *, force: bool = False) -> None:
 
     A checkpoint mixing floating dtypes is written only by a format that keeps each tensor's dtype
     (its module sets ``KEEPS_MIXED_DTYPES = True``); any other refuses it in one line.
+
+    A training checkpoint (with ``optimizer``) is written only to a format that holds the optimizer
+    state (``holds_optimizer``); to any other only with ``weights_only``, which drops the state.
     """
     path = Path(path)
     fmt = format_for(path)
     if path.exists() and not force:
         raise CheckpointError(f"{path}: already exists (pass force=True to overwrite)")
-    Checkpoint.from_tensors(checkpoint.tensors, checkpoint.config, allow_nonfinite=True, source="checkpoint to write")
+    Checkpoint.from_tensors(
+        checkpoint.tensors,
+        checkpoint.config,
+        allow_nonfinite=True,
+        source="checkpoint to write",
+        optimizer=checkpoint.optimizer,
+    )
     module = fmt.load_module()
+    if checkpoint.optimizer is not None and (weights_only or not getattr(module, "HOLDS_OPTIMIZER", False)):
+        if not weights_only:
+            raise CheckpointError(
+                f"{path}: a {fmt.name} file holds no optimizer state, and the checkpoint has "
+                f"{checkpoint.optimizer.name} state at step {checkpoint.optimizer.step}; pass --weights-only to drop it"
+            )
+        checkpoint = checkpoint.weights_only()
     dtypes = checkpoint.float_dtypes
     if len(dtypes) > 1 and not getattr(module, "KEEPS_MIXED_DTYPES", False):
         mix = ", ".join(
@@ -92,8 +117,10 @@ def convert(
     allow_nonfinite: bool = False,
     allow_overflow: bool = False,
     config: ModelConfig | None = None,
+    weights_only: bool = False,
 ) -> Checkpoint:
-    """Read ``src``, optionally cast floating tensors to ``dtype``, write ``dst``; returns what was written.
+    """Read ``src``, optionally cast floating tensors to ``dtype``, write ``dst``; returns what was read
+    (optimizer state included; ``weights_only`` drops it from what is written, see ``write``).
 
     A cast that turns a finite value into inf is refused unless ``allow_overflow``.
     """
@@ -104,7 +131,7 @@ def convert(
     checkpoint = read(src, config=config, allow_nonfinite=allow_nonfinite)
     if dtype is not None:
         checkpoint = checkpoint.astype(dtype, allow_overflow=allow_overflow)
-    write(checkpoint, dst, force=force)
+    write(checkpoint, dst, force=force, weights_only=weights_only)
     return checkpoint
 
 

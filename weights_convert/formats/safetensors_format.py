@@ -4,7 +4,11 @@ header plus raw bytes), and the checksum turns silent corruption of tensor bytes
 
 Reading checks the header first: its size, the config in its metadata and every tensor's name and
 shape against the parameter table of that config, before any tensor is loaded. Each tensor keeps
-its own dtype, so a checkpoint mixing floating dtypes is written and read back exactly."""
+its own dtype, so a checkpoint mixing floating dtypes is written and read back exactly.
+
+A training checkpoint adds the optimizer slots as tensors ``optimizer/<slot>/<parameter>`` (covered
+by the checksum, their shapes checked against the table before loading) and the optimizer's name,
+hyperparameters and step as JSON under ``optimizer`` in ``__metadata__``."""
 
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ import struct
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError, check_tensors
-from weights_convert.core.spec import ModelConfig, infer_config
+from weights_convert.core.optimizer_state import PREFIX, OptimizerState, split_tensors
+from weights_convert.core.spec import ModelConfig, infer_config, param_specs
 
 FORMAT_NAME = "attention-unet"
 FORMAT_VERSION = "1"
 KEEPS_MIXED_DTYPES = True
+HOLDS_OPTIMIZER = True
 
 # The safetensors library's own limit on the JSON header; one of this model is a few tens of KB.
 MAX_HEADER_BYTES = 100_000_000
@@ -28,7 +34,7 @@ MAX_HEADER_BYTES = 100_000_000
 HEADER_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32"}
 
 
-def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
+def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None, OptimizerState | None]:
     import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which reading a bfloat16 file needs)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -38,14 +44,34 @@ def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None]:
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{path}: not a readable safetensors file (__metadata__ is not a map of strings)")
     config = _config(path, metadata)
-    _check_header_against_table(path, header, config)
+    model_header, optimizer_header = split_tensors(header)
+    if optimizer_header and not (metadata and "optimizer" in metadata):
+        raise CheckpointError(f"{path}: optimizer tensors without the optimizer entry in __metadata__")
+    config = _check_header_against_table(path, model_header, config)
+    _check_slot_shapes(path, optimizer_header, config)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
     if metadata and "sha256" in metadata and metadata["sha256"] != checksum(tensors):
         raise CheckpointError(f"{path}: corrupt: the tensor data does not match the checksum in its metadata")
-    return tensors, config
+    tensors, slots = split_tensors(tensors)
+    optimizer = None
+    if metadata and "optimizer" in metadata:
+        optimizer = OptimizerState.from_parts(metadata["optimizer"], slots, source=str(path))
+    return tensors, config, optimizer
+
+
+def _check_slot_shapes(path, optimizer_header: dict, config: ModelConfig) -> None:
+    """Each ``optimizer/<slot>/<parameter>`` names a trainable tensor and has its shape."""
+    shapes = {p.name: p.shape for p in param_specs(config) if not p.is_buffer}
+    for name, info in optimizer_header.items():
+        param = name[len(PREFIX) :].partition("/")[2]
+        if param not in shapes or tuple(info["shape"]) != shapes[param]:
+            expected = f"shape {shapes[param]}" if param in shapes else "a trainable tensor name"
+            raise CheckpointError(
+                f"{path}: optimizer tensor {name!r} has shape {tuple(info['shape'])} (expected {expected})"
+            )
 
 
 def _header(path) -> dict:
@@ -69,9 +95,10 @@ def _header(path) -> dict:
     return header
 
 
-def _check_header_against_table(path, header: dict, config: ModelConfig | None) -> None:
+def _check_header_against_table(path, header: dict, config: ModelConfig | None) -> ModelConfig:
     """Every tensor's name and shape against the parameter table, with nothing loaded: placeholders
-    of the declared shape and dtype that take no memory stand in for the tensors."""
+    of the declared shape and dtype that take no memory stand in for the tensors. Returns the config
+    (the inferred one when ``config`` is None)."""
     placeholders = {}
     for name, info in header.items():
         shape = info.get("shape") if isinstance(info, dict) else None
@@ -90,6 +117,7 @@ def _check_header_against_table(path, header: dict, config: ModelConfig | None) 
         except ValueError as error:
             raise CheckpointError(f"{path}: {_one_line(error)}") from None
     check_tensors(placeholders, config, allow_nonfinite=True, source=str(path))
+    return config
 
 
 def _config(path, metadata: dict | None) -> ModelConfig | None:
@@ -124,9 +152,13 @@ def write(checkpoint: Checkpoint, path) -> None:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(checkpoint.config.to_dict()),
-        "sha256": checksum(checkpoint.tensors),
     }
-    save_file({k: np.require(v, requirements="C") for k, v in checkpoint.tensors.items()}, str(path), metadata=metadata)
+    tensors = dict(checkpoint.tensors)
+    if checkpoint.optimizer is not None:
+        tensors.update(checkpoint.optimizer.tensors())
+        metadata["optimizer"] = json.dumps(checkpoint.optimizer.header())
+    metadata["sha256"] = checksum(tensors)
+    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,0 +1,179 @@
+"""Training checkpoints in Keras 3: the model and its optimizer (SGD, Adam, AdamW with PyTorch's
+definitions) saved to and loaded from any format that holds optimizer state, through the canonical
+optimizer state of ``weights_convert.core.optimizer_state``.
+
+The optimizers are Keras optimizers with torch's arithmetic: ``TorchSGD`` (``keras.optimizers.SGD``,
+its momentum convention ``m = momentum * m - lr * g`` kept, so ``momentums`` hold
+``-lr * momentum_buffer``), ``impl_keras.TorchAdam`` (eps after the bias correction) and
+``TorchAdamW`` (``TorchAdam`` with Keras' decoupled weight decay, ``p -= lr * weight_decay * p``,
+which is torch AdamW's). Their constants go through float64, as ``TorchAdam``'s do: Keras'
+TensorFlow backend would round a Python float through float32. Keras' weight decay is always
+decoupled, so SGD and Adam with an L2 ``weight_decay`` are refused. ``optimizer.iterations`` is
+the canonical step.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+import weights_convert
+from impl_keras.io import check_dtype, from_checkpoint, keras_variables, to_checkpoint
+from impl_keras.model import AttentionUNet, TorchAdam
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.layouts import rule
+from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, hyperparameters
+from weights_convert.core.spec import param_specs
+
+
+def _constant(value, dtype):
+    return ops.cast(np.float64(value), dtype)
+
+
+class TorchSGD(keras.optimizers.SGD):
+    """``keras.optimizers.SGD`` with its constants in float64 (exact in a float64 model on every
+    backend); the same update and slots (``momentums`` = -lr * torch's ``momentum_buffer``)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        lr, g = ops.cast(learning_rate, dtype), ops.cast(gradient, dtype)
+        if self.momentum == 0:
+            self.assign_sub(variable, g * lr)
+            return
+        momentum = _constant(self.momentum, dtype)
+        m = self.momentums[self._get_variable_index(variable)]
+        self.assign(m, m * momentum - g * lr)
+        self.assign_add(variable, m * momentum - g * lr if self.nesterov else m)
+
+
+class TorchAdamW(TorchAdam):
+    """``TorchAdam`` with decoupled weight decay, torch AdamW's ``p *= 1 - lr * weight_decay``
+    before the Adam step (Keras applies it before ``update_step``, scaled by the learning rate)."""
+
+    def __init__(self, *args, weight_decay=0.01, **kwargs):
+        keras.optimizers.Adam.__init__(self, *args, weight_decay=weight_decay, **kwargs)
+
+    def _apply_weight_decay(self, variables):
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                lr = ops.cast(self.learning_rate, variable.dtype)
+                variable.assign(variable - variable * _constant(self.weight_decay, variable.dtype) * lr)
+
+
+def make_optimizer(name: str = "adam", dtype: str = "float32", **hyper) -> keras.optimizers.Optimizer:
+    """``TorchSGD`` / ``TorchAdam`` / ``TorchAdamW`` with the canonical hyperparameters of ``name``
+    and ``hyper``, its learning-rate variable in ``dtype`` (the model's variable dtype: a float32
+    learning rate would be 5e-8 off the float64 one). A setting Keras cannot express is refused."""
+    hyper = hyperparameters(name, **hyper)
+    if hyper["weight_decay"] and not hyper["decoupled_weight_decay"]:
+        raise UnsupportedOptimizer(
+            f"Keras cannot express {name} with weight_decay={hyper['weight_decay']}: torch adds it to the gradient "
+            f"(L2), Keras' weight_decay is always decoupled; use adamw, or weight_decay=0"
+        )
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float32" if dtype == "mixed_bfloat16" else dtype)
+    try:
+        if name == "sgd":
+            return TorchSGD(learning_rate=hyper["lr"], momentum=hyper["momentum"], nesterov=hyper["nesterov"])
+        adam = {"learning_rate": hyper["lr"], "beta_1": hyper["b1"], "beta_2": hyper["b2"], "epsilon": hyper["eps"]}
+        if name == "adamw":
+            return TorchAdamW(weight_decay=hyper["weight_decay"], **adam)
+        return TorchAdam(**adam)
+    finally:
+        keras.config.set_floatx(floatx)
+
+
+def _name_and_hyper(optimizer) -> tuple[str, dict]:
+    """The canonical name and hyperparameters of a Keras optimizer, or UnsupportedOptimizer."""
+    if not isinstance(optimizer, TorchSGD | TorchAdam):
+        raise UnsupportedOptimizer(
+            f"{type(optimizer).__name__} has no canonical form: Keras' own SGD and Adam round constants through "
+            f"float32 and Adam adds eps before the bias correction; use impl_keras.training.make_optimizer"
+        )
+    config = optimizer.get_config()
+    if not isinstance(config["learning_rate"], float | int):
+        raise UnsupportedOptimizer("a learning-rate schedule has no canonical form; a constant learning rate is")
+    if isinstance(optimizer, TorchSGD):
+        hyper = {"momentum": config["momentum"], "nesterov": config["nesterov"]}
+        return "sgd", hyperparameters("sgd", lr=float(config["learning_rate"]), **hyper)
+    name = "adamw" if isinstance(optimizer, TorchAdamW) else "adam"
+    hyper = {"lr": float(config["learning_rate"]), "b1": config["beta_1"], "b2": config["beta_2"]}
+    hyper.update(eps=config["epsilon"], weight_decay=float(config["weight_decay"] or 0.0))
+    return name, hyperparameters(name, **hyper)
+
+
+def _slot_variables(optimizer, name: str, hyper: dict) -> dict:
+    """Canonical slot -> the optimizer's list of slot variables, in ``model.trainable_variables`` order."""
+    if name == "sgd":
+        return {"momentum_buffer": optimizer.momentums} if hyper["momentum"] else {}
+    return {"exp_avg": optimizer._momentums, "exp_avg_sq": optimizer._velocities}
+
+
+def optimizer_state(model: AttentionUNet, optimizer) -> OptimizerState:
+    """The canonical state of ``optimizer`` (built over ``model.trainable_variables``, or fresh)."""
+    name, hyper = _name_and_hyper(optimizer)
+    step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer.built else 0
+    if step == 0:
+        return OptimizerState(name, hyper, 0, {})
+    specs = {s.name: s for s in param_specs(model.config)}
+    by_id = {id(v): n for n, v in keras_variables(model).items()}
+    names = [by_id[id(v)] for v in model.trainable_variables]
+    slots = {}
+    for slot, variables in _slot_variables(optimizer, name, hyper).items():
+        values = {
+            n: rule(specs[n]).from_channels_last(keras.ops.convert_to_numpy(v.value))
+            for n, v in zip(names, variables, strict=True)
+        }
+        if slot == "momentum_buffer":  # Keras' momentums are -lr * buf
+            values = {n: -v / np.asarray(hyper["lr"], v.dtype) for n, v in values.items()}
+        slots[slot] = values
+    return OptimizerState(name, hyper, step, slots)
+
+
+def to_training_checkpoint(model: AttentionUNet, optimizer) -> Checkpoint:
+    """Model tensors and optimizer state as one canonical checkpoint."""
+    checkpoint = to_checkpoint(model)
+    return Checkpoint.from_tensors(
+        checkpoint.tensors, checkpoint.config, allow_nonfinite=True, optimizer=optimizer_state(model, optimizer)
+    )
+
+
+def from_training_checkpoint(
+    checkpoint: Checkpoint, dtype="float32"
+) -> tuple[AttentionUNet, keras.optimizers.Optimizer]:
+    """The model and its optimizer, built over ``model.trainable_variables`` with the checkpoint's
+    state: ready for the next ``apply_gradients`` (call the model with ``training=True``)."""
+    state = checkpoint.optimizer
+    if state is None:
+        raise CheckpointError("the checkpoint holds no optimizer state (a weights-only checkpoint)")
+    model = from_checkpoint(checkpoint, dtype)
+    variable_dtype = model.dtype_policy.variable_dtype
+    optimizer = make_optimizer(state.name, variable_dtype, **state.hyper)
+    optimizer.build(model.trainable_variables)
+    optimizer.iterations.assign(state.step or 0)
+    if state.slots:
+        specs = {s.name: s for s in param_specs(model.config)}
+        by_id = {id(v): n for n, v in keras_variables(model).items()}
+        names = [by_id[id(v)] for v in model.trainable_variables]
+        for slot, variables in _slot_variables(optimizer, state.name, state.hyper).items():
+            for name, variable in zip(names, variables, strict=True):
+                value = np.asarray(state.slots[slot][name]).astype(variable_dtype)
+                if slot == "momentum_buffer":
+                    value = -np.asarray(state.hyper["lr"], value.dtype) * value
+                variable.assign(rule(specs[name]).to_channels_last(value))
+    return model, optimizer
+
+
+def save_training(model: AttentionUNet, optimizer, path, *, force: bool = False) -> None:
+    """Save model and optimizer state in the format named by ``path``; atomic, existing files kept
+    unless ``force``."""
+    if not isinstance(model, AttentionUNet):
+        raise CheckpointError(f"expected an impl_keras.AttentionUNet, got {type(model).__name__}")
+    weights_convert.write(to_training_checkpoint(model, optimizer), path, force=force)
+
+
+def load_training(path, *, dtype="float32") -> tuple[AttentionUNet, keras.optimizers.Optimizer]:
+    """(model, optimizer) from a training checkpoint in any format that holds one."""
+    check_dtype(dtype)
+    return from_training_checkpoint(weights_convert.read(path), dtype)

@@ -1,0 +1,71 @@
+"""Training checkpoints in PyTorch: the model and its ``torch.optim`` optimizer (SGD, Adam, AdamW)
+saved to and loaded from any format that holds optimizer state, through the canonical optimizer
+state of ``weights_convert.core.optimizer_state`` (torch's definitions are the canonical ones)."""
+
+from __future__ import annotations
+
+import torch
+
+import weights_convert
+from impl_torch.io import from_checkpoint, precision, to_checkpoint
+from impl_torch.model import AttentionUNet
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+from weights_convert.formats.torch_format import canonical_optimizer_state, torch_optimizer_state
+
+
+def make_optimizer(model: AttentionUNet, name: str = "adam", **hyper) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` over ``model.parameters()`` with the canonical
+    hyperparameters of ``name`` (``weights_convert.core.optimizer_state.DEFAULTS``) and ``hyper``."""
+    hyper = hyperparameters(name, **hyper)
+    if name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=hyper["lr"],
+            momentum=hyper["momentum"],
+            nesterov=hyper["nesterov"],
+            weight_decay=hyper["weight_decay"],
+        )
+    adam = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    betas = (hyper["b1"], hyper["b2"])
+    return adam(model.parameters(), lr=hyper["lr"], betas=betas, eps=hyper["eps"], weight_decay=hyper["weight_decay"])
+
+
+def optimizer_state(model: AttentionUNet, optimizer: torch.optim.Optimizer) -> OptimizerState:
+    """The canonical state of ``optimizer``, which must be over ``model.parameters()`` in one group."""
+    return canonical_optimizer_state(optimizer.state_dict(), model.config, source="torch optimizer")
+
+
+def to_training_checkpoint(model: AttentionUNet, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Model tensors and optimizer state as one canonical checkpoint."""
+    checkpoint = to_checkpoint(model)
+    return Checkpoint.from_tensors(
+        checkpoint.tensors, checkpoint.config, allow_nonfinite=True, optimizer=optimizer_state(model, optimizer)
+    )
+
+
+def from_training_checkpoint(checkpoint: Checkpoint, dtype="float32") -> tuple[AttentionUNet, torch.optim.Optimizer]:
+    """A train-mode model and its optimizer with the checkpoint's state, ready for the next step."""
+    if checkpoint.optimizer is None:
+        raise CheckpointError("the checkpoint holds no optimizer state (a weights-only checkpoint)")
+    model = from_checkpoint(checkpoint, dtype).train()
+    state = checkpoint.optimizer
+    optimizer = make_optimizer(model, state.name, **state.hyper)
+    # load_state_dict casts the slots to each parameter's dtype and device.
+    optimizer.load_state_dict(torch_optimizer_state(state, checkpoint.config))
+    return model, optimizer
+
+
+def save_training(model: AttentionUNet, optimizer: torch.optim.Optimizer, path, *, force: bool = False) -> None:
+    """Save model and optimizer state in the format named by ``path`` (``.pt`` natively:
+    ``{"model": state_dict, "optimizer": optimizer.state_dict()}``); atomic, existing files kept
+    unless ``force``."""
+    if not isinstance(model, AttentionUNet):
+        raise CheckpointError(f"expected an impl_torch.AttentionUNet, got {type(model).__name__}")
+    weights_convert.write(to_training_checkpoint(model, optimizer), path, force=force)
+
+
+def load_training(path, *, dtype="float32") -> tuple[AttentionUNet, torch.optim.Optimizer]:
+    """(train-mode model, optimizer) from a training checkpoint in any format that holds one."""
+    precision(dtype)
+    return from_training_checkpoint(weights_convert.read(path), dtype)

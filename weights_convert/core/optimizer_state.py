@@ -1,0 +1,307 @@
+"""The canonical optimizer state of a training checkpoint: the optimizer's name, its hyperparameters,
+the step count and every per-parameter slot under the parameter's canonical name.
+
+The canonical definitions are ``torch.optim``'s (with ``dampening=0``, ``maximize=False`` and
+``amsgrad=False``), so a slot's meaning is the torch one and its name the torch state key:
+
+- ``sgd``: ``momentum_buffer`` when ``momentum > 0``. With gradient g (plus ``weight_decay * p``,
+  an L2 term in the gradient): ``buf = momentum * buf + g`` (``buf = g`` at the first step, the same
+  thing from a zero buffer), then ``p -= lr * buf``, or with nesterov ``p -= lr * (g + momentum * buf)``.
+- ``adam``: ``exp_avg`` and ``exp_avg_sq``; ``weight_decay`` is an L2 term in the gradient.
+  ``p -= lr / (1 - b1**t) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - b2**t) + eps)``.
+- ``adamw``: Adam's update after the decoupled decay ``p *= 1 - lr * weight_decay``.
+
+In a file the slots are tensors ``optimizer/<slot>/<canonical parameter name>`` in the parameter's
+canonical layout (OIHW kernels), and the rest is ``OptimizerState.header()``, a small JSON object.
+A fresh optimizer (step 0) has no slots. ``FRAMEWORK_DIFFERENCES`` lists where PyTorch, optax and
+Keras differ from one another and how each maps onto this form; ``UnsupportedOptimizer`` refuses,
+in one line, a setting a framework cannot express.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from weights_convert.core.checkpoint import CheckpointError
+from weights_convert.core.optim import OPTIMIZERS
+from weights_convert.core.spec import ModelConfig, capped, param_specs
+
+PREFIX = "optimizer/"
+
+# Every hyperparameter of each optimizer, with the value a fresh optimizer of that name gets. The
+# learning rates and Adam's betas and eps are the parity checks' (``weights_convert.core.optim``).
+DEFAULTS = {
+    "sgd": {
+        "lr": OPTIMIZERS["sgd"]["lr"],
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 0.0,
+        "decoupled_weight_decay": False,
+    },
+    "adam": {
+        "lr": OPTIMIZERS["adam"]["lr"],
+        "b1": OPTIMIZERS["adam"]["b1"],
+        "b2": OPTIMIZERS["adam"]["b2"],
+        "eps": OPTIMIZERS["adam"]["eps"],
+        "weight_decay": 0.0,
+        "decoupled_weight_decay": False,
+    },
+    "adamw": {
+        "lr": OPTIMIZERS["adam"]["lr"],
+        "b1": OPTIMIZERS["adam"]["b1"],
+        "b2": OPTIMIZERS["adam"]["b2"],
+        "eps": OPTIMIZERS["adam"]["eps"],
+        "weight_decay": 0.01,
+        "decoupled_weight_decay": True,
+    },
+}
+OPTIMIZER_NAMES = tuple(DEFAULTS)
+
+# Where the frameworks differ, and how each one is mapped onto the canonical (torch) definitions.
+# (topic, PyTorch, optax / Flax NNX, Keras 3, what the mapping does)
+FRAMEWORK_DIFFERENCES = (
+    (
+        "Adam eps placement",
+        "m_hat / (sqrt(v_hat) + eps)",
+        "same (eps_root=0)",
+        "keras.optimizers.Adam adds eps to sqrt(v) before the bias correction",
+        "Keras runs impl_keras.TorchAdam (torch's placement); eps is stored as is",
+    ),
+    (
+        "Adam bias correction",
+        "1 - b^t with t the step count, kept per parameter as 'step'",
+        "1 - b^t with t the ScaleByAdamState count",
+        "1 - b^t with t = iterations + 1",
+        "the canonical step is t after the last step; every count is set from it",
+    ),
+    (
+        "AdamW decay",
+        "p *= 1 - lr * weight_decay (scaled by lr), before the Adam step",
+        "optax.adamw adds weight_decay * p to the update, then scales by lr: the same",
+        "Adam(weight_decay=...) subtracts lr * weight_decay * p (scaled by lr): the same",
+        "stored as weight_decay with decoupled_weight_decay=true",
+    ),
+    (
+        "Adam / SGD weight decay (L2)",
+        "weight_decay * p added to the gradient",
+        "optax.add_decayed_weights before the optimizer: the same",
+        "weight_decay is always decoupled: torch's L2 term cannot be expressed",
+        "Keras refuses adam or sgd with weight_decay > 0",
+    ),
+    (
+        "SGD first momentum step",
+        "momentum_buffer is absent before the first step, then buf = g",
+        "optax.trace starts at zeros: mu * 0 + g = g, the same",
+        "momentums start at zeros: the same",
+        "no slots at step 0; a present buffer is carried as is",
+    ),
+    (
+        "SGD momentum convention",
+        "buf = mu * buf + (1 - dampening) * g; p -= lr * buf",
+        "trace = mu * trace + g; p -= lr * trace (no dampening)",
+        "m = mu * m - lr * g; p += m (the buffer holds -lr * buf)",
+        "dampening must be 0; Keras' momentums = -lr * momentum_buffer",
+    ),
+    (
+        "SGD nesterov",
+        "p -= lr * (g + mu * buf)",
+        "optax.trace(nesterov=True): the same",
+        "p += mu * m - lr * g: the same with m = -lr * buf",
+        "nesterov carried as a flag",
+    ),
+    (
+        "step count",
+        "SGD keeps none; Adam keeps 'step' per parameter",
+        "nnx.Optimizer.step, and Adam's own count",
+        "optimizer.iterations",
+        "step is null when only torch SGD has run it; the others then count from 0",
+    ),
+)
+
+
+class UnsupportedOptimizer(CheckpointError):
+    """An optimizer or setting that a framework (or the canonical form) cannot express exactly."""
+
+
+def slot_names(name: str, hyper: dict) -> tuple[str, ...]:
+    """The per-parameter slots of optimizer ``name`` with ``hyper``."""
+    if name == "sgd":
+        return ("momentum_buffer",) if hyper["momentum"] else ()
+    return ("exp_avg", "exp_avg_sq")
+
+
+def hyperparameters(name: str, **overrides) -> dict:
+    """The full hyperparameters of ``name``: its ``DEFAULTS`` with ``overrides``, checked."""
+    if name not in DEFAULTS:
+        raise UnsupportedOptimizer(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}")
+    unknown = sorted(set(overrides) - set(DEFAULTS[name]))
+    if unknown:
+        raise UnsupportedOptimizer(f"{name} has no hyperparameters {unknown}; it has {sorted(DEFAULTS[name])}")
+    hyper = {**DEFAULTS[name], **overrides}
+    _check_hyper(name, hyper, "optimizer")
+    return hyper
+
+
+def _check_hyper(name: str, hyper: dict, source: str) -> None:
+    expected = DEFAULTS[name]
+    if set(hyper) != set(expected):
+        raise CheckpointError(
+            f"{source}: {name} hyperparameters must be exactly {sorted(expected)}, got {sorted(hyper)}"
+        )
+    for key, value in hyper.items():
+        is_flag = isinstance(expected[key], bool)
+        if is_flag and not isinstance(value, bool):
+            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be true or false, got {value!r}")
+        if not is_flag and (isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value)):
+            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be a finite number, got {value!r}")
+    if hyper["decoupled_weight_decay"] != (name == "adamw"):
+        raise CheckpointError(f"{source}: decoupled_weight_decay is true for adamw alone, got {hyper}")
+    if name == "sgd" and hyper["nesterov"] and not hyper["momentum"]:
+        raise UnsupportedOptimizer(f"{source}: SGD with nesterov needs momentum > 0")
+
+
+@dataclasses.dataclass
+class OptimizerState:
+    """One optimizer's state: ``name`` (sgd, adam, adamw), ``hyper`` (every key of ``DEFAULTS[name]``),
+    ``step`` (completed steps; None where torch SGD, which counts none, ran it) and ``slots``
+    (slot -> canonical parameter name -> array in canonical layout; empty for a fresh optimizer)."""
+
+    name: str
+    hyper: dict
+    step: int | None
+    slots: dict[str, dict[str, np.ndarray]]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """``optimizer/<slot>/<parameter>`` -> array, slot by slot in ``state_dict`` order."""
+        return {
+            f"{PREFIX}{slot}/{param}": value for slot, values in self.slots.items() for param, value in values.items()
+        }
+
+    def header(self) -> dict:
+        """Everything but the slots, as JSON-ready data."""
+        return {"name": self.name, "hyper": dict(self.hyper), "step": self.step}
+
+    @classmethod
+    def from_parts(cls, header, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> OptimizerState:
+        """From ``header()`` (a dict or its JSON text) and the ``optimizer/...`` tensors; not yet
+        checked against a config (``check`` does that)."""
+        if isinstance(header, str):
+            try:
+                header = json.loads(header)
+            except ValueError as error:
+                raise CheckpointError(f"{source}: the optimizer metadata is not JSON ({error})") from None
+        if not (isinstance(header, dict) and set(header) == {"name", "hyper", "step"}):
+            raise CheckpointError(f"{source}: the optimizer metadata must be an object with name, hyper and step")
+        slots: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in tensors.items():
+            slot, _, param = key[len(PREFIX) :].partition("/")
+            if not key.startswith(PREFIX) or not slot or not param:
+                raise CheckpointError(f"{source}: {key!r} is not an optimizer/<slot>/<parameter> tensor")
+            slots.setdefault(slot, {})[param] = value
+        return cls(header["name"], header["hyper"], header["step"], slots)
+
+    def check(self, config: ModelConfig, *, allow_nonfinite: bool = False, source: str = "checkpoint") -> None:
+        """Raise one CheckpointError for an unknown optimizer, wrong hyperparameters or step, or slots
+        that are not exactly ``slot_names`` x every trainable tensor, in its shape, floating (finite
+        unless ``allow_nonfinite``)."""
+        if self.name not in DEFAULTS:
+            raise CheckpointError(f"{source}: unknown optimizer {self.name!r}; expected one of {OPTIMIZER_NAMES}")
+        if not isinstance(self.hyper, dict):
+            raise CheckpointError(f"{source}: the {self.name} hyperparameters are not a map")
+        _check_hyper(self.name, self.hyper, source)
+        if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0):
+            raise CheckpointError(f"{source}: the optimizer step must be a non-negative integer, got {self.step!r}")
+        if self.step is None and self.name != "sgd":
+            raise CheckpointError(f"{source}: {self.name} needs its step count (bias correction), got none")
+        expected = slot_names(self.name, self.hyper)
+        if not self.slots:
+            if self.step:
+                raise CheckpointError(f"{source}: the optimizer is at step {self.step} but has no {expected} slots")
+            return
+        if set(self.slots) != set(expected):
+            raise CheckpointError(
+                f"{source}: {self.name} slots must be {list(expected)}, got {capped(sorted(self.slots))}"
+            )
+        if self.step == 0:
+            raise CheckpointError(f"{source}: the optimizer is at step 0 but holds slots")
+        shapes = {p.name: p.shape for p in param_specs(config) if not p.is_buffer}
+        problems = []
+        for slot in expected:
+            values = self.slots[slot]
+            missing, unexpected = sorted(set(shapes) - set(values)), sorted(set(values) - set(shapes))
+            if missing:
+                problems.append(f"{slot} misses {capped(missing)}")
+            if unexpected:
+                problems.append(f"{slot} has unexpected {capped(unexpected)}")
+            for param in sorted(set(shapes) & set(values)):
+                array = np.asarray(values[param])
+                if array.shape != shapes[param]:
+                    problems.append(f"{PREFIX}{slot}/{param} has shape {array.shape} (expected {shapes[param]})")
+                elif not (array.dtype.kind == "f" or str(array.dtype) == "bfloat16"):
+                    problems.append(f"{PREFIX}{slot}/{param} is {array.dtype} (expected floating)")
+                elif not allow_nonfinite and not np.isfinite(array.astype(np.float64)).all():
+                    problems.append(f"{PREFIX}{slot}/{param} holds NaN or inf (pass --allow-nonfinite to accept)")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CheckpointError(f"{source}: optimizer state: {shown}")
+
+    def ordered(self, config: ModelConfig) -> OptimizerState:
+        """The slots in ``slot_names`` order, each in ``state_dict`` order, as numpy arrays."""
+        trainable = [p.name for p in param_specs(config) if not p.is_buffer]
+        slots = {
+            slot: {param: np.asarray(self.slots[slot][param]) for param in trainable}
+            for slot in slot_names(self.name, self.hyper)
+            if self.slots
+        }
+        return OptimizerState(self.name, dict(self.hyper), self.step, slots)
+
+    def astype(self, dtype) -> OptimizerState:
+        """Every slot cast to ``dtype``."""
+        slots = {
+            slot: {k: np.asarray(v).astype(dtype) for k, v in values.items()} for slot, values in self.slots.items()
+        }
+        return OptimizerState(self.name, dict(self.hyper), self.step, slots)
+
+    def describe(self) -> str:
+        """One line: name, hyperparameters and step."""
+        hyper = ", ".join(f"{k}={v}" for k, v in self.hyper.items())
+        step = "unknown (torch SGD counts none)" if self.step is None else self.step
+        return (
+            f"{self.name} ({hyper}), step {step}, slots {list(slot_names(self.name, self.hyper)) if self.slots else []}"
+        )
+
+
+def split_tensors(tensors: dict) -> tuple[dict, dict]:
+    """(model tensors, ``optimizer/...`` tensors) of one flat map."""
+    optimizer = {k: v for k, v in tensors.items() if isinstance(k, str) and k.startswith(PREFIX)}
+    return {k: v for k, v in tensors.items() if k not in optimizer}, optimizer
+
+
+def reference_step(params: dict, grads: dict, state: OptimizerState) -> tuple[dict, OptimizerState]:
+    """One step of the canonical definitions in NumPy: (new parameters, new state). The state's slots
+    start at zeros when it has none; ``step`` None counts as 0."""
+    hyper, name = state.hyper, state.name
+    t = (state.step or 0) + 1
+    lr, wd = hyper["lr"], hyper["weight_decay"]
+    slots = {s: dict(state.slots.get(s, {})) for s in slot_names(name, hyper)}
+    new = {}
+    for key, p in params.items():
+        g = grads[key] + wd * p if (wd and not hyper["decoupled_weight_decay"]) else grads[key]
+        if name == "sgd":
+            if hyper["momentum"]:
+                buf = hyper["momentum"] * slots["momentum_buffer"].get(key, np.zeros_like(p)) + g
+                slots["momentum_buffer"][key] = buf
+                g = g + hyper["momentum"] * buf if hyper["nesterov"] else buf
+            new[key] = p - lr * g
+            continue
+        if hyper["decoupled_weight_decay"]:
+            p = p * (1 - lr * wd)
+        b1, b2 = hyper["b1"], hyper["b2"]
+        m = b1 * slots["exp_avg"].get(key, np.zeros_like(p)) + (1 - b1) * g
+        v = b2 * slots["exp_avg_sq"].get(key, np.zeros_like(p)) + (1 - b2) * (g * g)
+        slots["exp_avg"][key], slots["exp_avg_sq"][key] = m, v
+        new[key] = p - lr / (1 - b1**t) * (m / (np.sqrt(v) / np.sqrt(1 - b2**t) + hyper["eps"]))
+    return new, OptimizerState(name, dict(hyper), t, slots)
