@@ -5,6 +5,8 @@ optimizer of the parity harness and ``torch.optim``."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -310,3 +312,24 @@ def test_torch_sgd_l2_weight_decay_resumes_in_flax(tmp_path):
     with jax.enable_x64(True):
         got, want = resume(tmp_path, "torch", "flax", start("sgd", weight_decay=0.1), ".pt")
     assert_same_training(got, want)
+
+
+def test_inspect_shows_the_optimizer_and_convert_drops_it_only_with_weights_only(tmp_path, capsys):
+    from impl_torch.training import save_training
+    from weights_convert.harness.cli import main
+
+    model, optimizer = torch_model_and_optimizer("adam", steps=2)
+    save_training(model, optimizer, tmp_path / "t.pt")
+    assert main(["convert", str(tmp_path / "t.pt"), str(tmp_path / "t.safetensors")]) == 0
+    assert "optimizer state: adam at step 2, kept" in capsys.readouterr().err
+    assert main(["inspect", "--json", str(tmp_path / "t.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["optimizer"], info["step"], info["hyperparameters"]) == ("adam", 2, hyperparameters("adam"))
+    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "t.msgpack")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "pass --weights-only to drop it" in error
+    assert not (tmp_path / "t.msgpack").exists()
+    assert main(["convert", "--weights-only", str(tmp_path / "t.safetensors"), str(tmp_path / "t.msgpack")]) == 0
+    assert "optimizer state: adam at step 2, dropped (--weights-only)" in capsys.readouterr().err
+    assert main(["inspect", "--json", str(tmp_path / "t.msgpack")]) == 0
+    assert "optimizer" not in json.loads(capsys.readouterr().out)

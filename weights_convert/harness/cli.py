@@ -78,6 +78,10 @@ def cmd_inspect(args) -> int:
         "tensors": len(checkpoint.tensors),
         "dtypes": dtypes,
     }
+    if checkpoint.optimizer is not None:
+        info["optimizer"] = checkpoint.optimizer.name
+        info["hyperparameters"] = checkpoint.optimizer.hyper
+        info["step"] = checkpoint.optimizer.step
     if args.json:
         print(json.dumps(info))
     else:
@@ -98,12 +102,18 @@ def cmd_convert(args) -> int:
         allow_nonfinite=args.allow_nonfinite,
         allow_overflow=args.allow_overflow,
         config=args.config,
+        weights_only=args.weights_only,
     )
     print(
         f"wrote {args.dst}: {len(checkpoint.tensors)} tensors, {checkpoint.float_dtype}, "
         f"config {_config_json(checkpoint.config)}",
         file=sys.stderr,
     )
+    if checkpoint.optimizer is not None:
+        kept = "dropped (--weights-only)" if args.weights_only else "kept"
+        print(
+            f"optimizer state: {checkpoint.optimizer.name} at step {checkpoint.optimizer.step}, {kept}", file=sys.stderr
+        )
     return 0
 
 
@@ -257,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values instead of refusing them")
     p.add_argument("--allow-overflow", action="store_true", help="let --dtype turn values too large for it into inf")
     p.add_argument("--config", type=_config_arg, help="expected config as JSON; refused if the file contradicts it")
+    p.add_argument("--weights-only", action="store_true", help="drop a training checkpoint's optimizer state")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
