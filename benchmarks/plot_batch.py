@@ -3,8 +3,9 @@
     python benchmarks/plot_batch.py benchmarks/results/batch_*.json -o docs/benchmarks_batch.png
 
 One panel per mode (eval forward, training step); one line per framework (and Keras backend), each
-point the best variant at that batch size. The dashed line is the sgemm ceiling expressed in images/s:
-what the counted FLOPs would allow at the measured float32 matmul rate.
+point the best variant at that batch size (per precision, for reports that name one). The black lines
+are the matmul ceilings (float32 dashed, tf32 dash-dotted, bfloat16 dotted) in images/s: what the
+counted FLOPs would allow at each measured matmul rate.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def best_points(reports: list[dict]) -> dict:
             if row.get("images_per_s") is None:
                 continue
             name = row["framework"] if row["framework"] != "keras" else f"keras/{row['backend']}"
+            if "precision" in row:
+                name = f"{name} {row['precision']}"
             series = points[row["mode"]].setdefault(name, {})
             best = series.get(row["batch"])
             if best is None or row["images_per_s"] > best[0]:
@@ -32,14 +35,14 @@ def best_points(reports: list[dict]) -> dict:
     return points
 
 
-def ceiling(reports: list[dict], mode: str) -> dict[int, float]:
-    """images/s at the sgemm rate (the highest measured among the reports), per batch size."""
+def ceiling(reports: list[dict], mode: str, precision: str = "float32") -> dict[int, float]:
+    """images/s at the ``precision`` matmul rate (the highest measured among the reports), per batch size."""
     out: dict[int, float] = {}
     for report in reports:
         batch = report["settings"]["batch"]
-        if mode in report["settings"]["modes"]:
-            rate = report["sgemm_gflops"] * 1e9 / (report["flops"][mode] / batch)
-            out[batch] = max(out.get(batch, 0.0), rate)
+        rate = report.get("matmul_gflops", {"float32": report["sgemm_gflops"]}).get(precision)
+        if mode in report["settings"]["modes"] and rate:
+            out[batch] = max(out.get(batch, 0.0), rate * 1e9 / (report["flops"][mode] / batch))
     return out
 
 
@@ -65,19 +68,22 @@ def main() -> int:
             ax.plot(batches, [series[b][0] for b in batches], marker="o", label=name)
             for b in batches:
                 ax.annotate(series[b][1], (b, series[b][0]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        limit = ceiling(reports, mode)
-        batches = sorted(limit)
-        ax.plot(batches, [limit[b] for b in batches], "k--", linewidth=1, label="sgemm rate")
+        for precision, style in (("float32", "k--"), ("tf32", "k-."), ("bfloat16", "k:")):
+            limit = ceiling(reports, mode, precision)
+            batches = sorted(limit)
+            if batches:
+                ax.plot(batches, [limit[b] for b in batches], style, linewidth=1, label=f"{precision} matmul rate")
+        batches = sorted({r["settings"]["batch"] for r in reports})
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size")
-        ax.set_ylabel(f"images/s ({size}, {first['settings']['dtype']})")
+        ax.set_ylabel(f"images/s ({size})")
         ax.set_title(title)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     machine = first["machine"]
-    where = f"{machine['processor']} ({machine['cpu_count']} CPUs)"
+    where = machine.get("gpu") or f"{machine['processor']} ({machine['cpu_count']} CPUs)"
     fig.suptitle(f"Attention U-Net throughput, {where}, {first['date'][:10]}")
     fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Print the Markdown table of an ``attention-unet bench --json`` report, with the machine and load.
+"""Print the Markdown table of an ``attention-unet bench --json`` report, with the machine, load and ceilings.
 
 python benchmarks/table.py benchmarks/results/batch_1_all.json
 """
@@ -14,18 +14,22 @@ from weights_convert.harness.bench import format_table
 
 
 def best_by_framework(report: dict, mode: str = "forward") -> list[str]:
-    """One line per framework (Keras per backend): its fastest variant's ratio to the sgemm rate."""
-    best: dict[str, dict] = {}
+    """One line per framework (Keras per backend) and precision: its fastest variant's ratio to the
+    matmul ceiling of that precision."""
+    best: dict[tuple[str, str], dict] = {}
     for row in report["results"]:
         if row.get("gflops") is None or row["mode"] != mode:
             continue
         name = row["framework"] if row["framework"] != "keras" else f"keras/{row['backend']}"
-        if name not in best or row["gflops"] > best[name]["gflops"]:
-            best[name] = row
-    return [
-        f"- {name}: {row['variant']}, {row['gflops']:.1f} GFLOP/s = {100 * row['ratio_to_sgemm']:.0f}% of sgemm"
-        for name, row in best.items()
-    ]
+        key = (name, row.get("precision", row["dtype"]))
+        if key not in best or row["gflops"] > best[key]["gflops"]:
+            best[key] = row
+    lines = []
+    for (name, precision), row in best.items():
+        ratio = row.get("ratio_to_ceiling", row.get("ratio_to_sgemm"))
+        share = "" if ratio is None else f" = {100 * ratio:.0f}% of its ceiling"
+        lines.append(f"- {name}, {precision}: {row['variant']}, {row['gflops']:.1f} GFLOP/s{share}")
+    return lines
 
 
 def main() -> int:
@@ -40,13 +44,23 @@ def main() -> int:
     print(f"- versions: Python {machine['python']}, {versions}")
     print(f"- load average (1, 5, 15 min): start {report['load_avg_start']}, end {report['load_avg_end']}")
     size = "x".join(map(str, settings["size"]))
-    print(f"- input: {settings['batch']}x{settings['config']['in_channels']}x{size} {settings['dtype']}, ", end="")
+    print(
+        f"- input: {settings['batch']}x{settings['config']['in_channels']}x{size}, --dtype {settings['dtype']}, ",
+        end="",
+    )
     print(f"{settings['device']}, median of {settings['repeats']} after {settings['warmup']} warm-up runs")
     flops = report["flops"]
     print(f"- counted FLOPs: forward {flops['forward'] / 1e9:.1f} G, training step {flops['train_step'] / 1e9:.1f} G")
-    runs = ", ".join(f"{r['library']} {r['gflops']:.1f}" for r in report["sgemm"]["runs"])
-    print(f"- sgemm {report['sgemm']['n']}^2 float32, before and after the frameworks: {runs} GFLOP/s")
-    print(f"- the ceiling is the highest: {report['sgemm_gflops']:.1f} GFLOP/s ({report['sgemm']['library']})")
+    if machine.get("gpu"):
+        print(f"- GPU: {machine['gpu']}")
+    # Reports from before the per-precision ceilings have the float32 one only.
+    ceilings = report.get("matmul") or {"float32": report["sgemm"]}
+    for ceiling, measured in ceilings.items():
+        if measured is None:
+            print(f"- {ceiling} matmul: not measured")
+            continue
+        runs = ", ".join(f"{r['library']} {r['gflops']:.1f} at {r['n']}^2" for r in measured["runs"])
+        print(f"- {ceiling} matmul, before and after the frameworks: {runs} GFLOP/s; the ceiling is the highest")
     print()
     print(format_table(report))
     for mode in ("forward", "train_step"):

@@ -1,8 +1,11 @@
-"""``attention-unet bench``: the command runs and reports well-formed rows; FLOPs match an independent count.
+"""``attention-unet bench``: the command runs and reports well-formed rows, each naming its precision
+and compared with its own precision's matmul ceiling; FLOPs match an independent count.
 
 Nothing here asserts a time: timings depend on the machine and its load.
 """
 
+import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,12 +16,20 @@ from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import bench, cli
 
 TINY = '{"channels": [4, 8, 16]}'
-ROW_KEYS = {"framework", "backend", "variant", "mode", "device", "dtype", "batch", "size", "median_ms", "gflops"}
+ROW_KEYS = {"framework", "backend", "variant", "mode", "precision", "device", "dtype", "batch", "size", "median_ms"}
+ROW_KEYS |= {"gflops", "ratio_to_ceiling", "matmul_precision"}
+# The matmul setting each backend reports for a row of each precision: on JAX it is the one seen
+# while the function was traced, so strict float32 rows show "highest" only if they ran at it.
+MATMUL_SETTING = {
+    "torch": {"float32": "ieee", "mixed_bfloat16": "ieee"},
+    "jax": {"float32": "highest", "mixed_bfloat16": "default"},
+    "tensorflow": {"float32": "ieee", "mixed_bfloat16": "ieee"},
+}
 
 
 def run_bench(capsys, *args: str) -> dict:
     argv = ["bench", "--json", "--config", TINY, "--size", "16", "24", "--batch", "2"]
-    argv += ["--repeats", "2", "--warmup", "1", "--sgemm-n", "256", *args]
+    argv += ["--repeats", "2", "--warmup", "1", "--sgemm-n", "128", *args]
     assert cli.main(argv) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -87,19 +98,38 @@ def test_flops_match_torch_flop_counter(config, size):
     assert output.shape[-2:] == size
 
 
-def check_rows(report: dict, framework: str, backend: str, variants: set[str]) -> None:
-    assert isinstance(report["sgemm_gflops"], float) and report["sgemm_gflops"] > 0
+def check_ceilings(report: dict) -> None:
+    """float32 and bfloat16 matmuls measured on this CPU; no tf32 (a CPU has none)."""
+    ceilings = report["matmul_gflops"]
+    assert set(ceilings) == {"float32", "tf32", "bfloat16"}
+    assert ceilings["tf32"] is None and report["matmul"]["tf32"] is None
+    for name in ("float32", "bfloat16"):
+        assert isinstance(ceilings[name], float) and ceilings[name] > 0
+        assert ceilings[name] == max(r["gflops"] for r in report["matmul"][name]["runs"])
+    assert report["sgemm_gflops"] == ceilings["float32"]
+
+
+def check_rows(report: dict, framework: str, backend: str, variants: set[str], dtype="float32", modes=None) -> None:
+    check_ceilings(report)
     rows = [r for r in report["results"] if r["framework"] == framework and r["backend"] == backend]
-    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in variants for m in bench.MODES}
+    modes = modes or bench.MODES
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in variants for m in modes}
     flops = report["flops"]
     for row in rows:
         assert ROW_KEYS <= set(row), row
         assert "error" not in row, row
-        assert (row["device"], row["dtype"], row["batch"], row["size"]) == ("cpu", "float32", 2, [16, 24])
+        assert (row["device"], row["dtype"], row["batch"], row["size"]) == ("cpu", dtype, 2, [16, 24])
+        assert row["precision"] == dtype  # on CPU, one precision per dtype: no tf32 rows
+        assert row["matmul_precision"] == MATMUL_SETTING[backend][dtype], row
         assert row["median_ms"] > 0
-        # The reported rate is the counted FLOPs over the median time, and the ratio is to the sgemm rate.
+        # The reported rate is the counted FLOPs over the median time; the ratios are to the ceiling of
+        # the row's own precision and to the float32 one.
         assert row["gflops"] == pytest.approx(flops[row["mode"]] / (row["median_ms"] / 1e3) / 1e9, rel=1e-3)
+        ceiling = report["matmul_gflops"][bench.CEILING[row["precision"]]]
+        assert row["ratio_to_ceiling"] == pytest.approx(row["gflops"] / ceiling, rel=1e-3)
         assert row["ratio_to_sgemm"] == pytest.approx(row["gflops"] / report["sgemm_gflops"], abs=1e-3)
+        if row["mode"] == "forward":  # the logits: bfloat16 under mixed precision
+            assert row["result_dtype"] == ("bfloat16" if dtype == "mixed_bfloat16" else dtype), row
 
 
 def test_torch_rows(capsys):
@@ -108,6 +138,7 @@ def test_torch_rows(capsys):
     assert report["flops"]["forward"] == 2 * hand_count(ModelConfig(3, 1, (4, 8, 16)), 16, 24)
     # numpy's and torch's matmul, each before and after the frameworks; the ceiling is the highest.
     assert sorted(r["library"].split()[0] for r in report["sgemm"]["runs"]) == ["numpy", "numpy", "torch", "torch"]
+    assert {r["n"] for r in report["sgemm"]["runs"]} == {128}
     assert report["sgemm_gflops"] == max(r["gflops"] for r in report["sgemm"]["runs"])
     check_rows(report, "torch", "torch", {"eager", "channels_last"})
     assert report["settings"]["config"] == {"in_channels": 3, "out_channels": 1, "channels": [4, 8, 16]}
@@ -128,6 +159,85 @@ def test_keras_rows_come_from_a_backend_subprocess(capsys):
     check_rows(report, "keras", "jax", {"jit_compile"})
 
 
+def test_mixed_bfloat16_rows_in_every_framework(capsys):
+    """bfloat16 compute with float32 parameters in each installed framework (Keras on JAX), every row
+    compared with the bfloat16 matmul ceiling; JAX traces them at its default precision."""
+    wanted = {"torch": ("torch", "channels_last"), "flax": ("jax", "nnx.jit"), "keras": ("jax", "jit_compile")}
+    frameworks = [f for f in wanted if importlib.util.find_spec(f) and importlib.util.find_spec(wanted[f][0])]
+    if not frameworks:
+        pytest.skip("no framework installed")
+    variants = ",".join(wanted[f][1] for f in frameworks)
+    args = ["--dtype", "mixed_bfloat16", "--frameworks", ",".join(frameworks), "--keras-backends", "jax"]
+    report = run_bench(capsys, *args, "--variants", variants, "--repeats", "1", "--modes", "forward")
+    assert report["settings"]["precisions"] == ["mixed_bfloat16"]
+    for framework in frameworks:
+        backend, variant = wanted[framework]
+        check_rows(report, framework, backend, {variant}, dtype="mixed_bfloat16", modes=("forward",))
+
+
+def test_frameworks_in_their_own_processes(capsys, monkeypatch):
+    """The GPU layout, on the CPU: torch runs in a worker subprocess, not in this process (where it
+    would fail here), and workers never preallocate GPU memory."""
+    pytest.importorskip("torch")
+
+    def not_here(settings):
+        raise AssertionError("torch ran in the parent process")
+
+    monkeypatch.setattr(bench, "bench_torch", not_here)
+    settings = bench.Settings(ModelConfig(channels=(4, 8, 16)), 2, (16, 24), repeats=1, warmup=1, modes=("forward",))
+    settings = dataclasses.replace(settings, variants=("eager",))
+    report = bench.run(settings, ("torch",), sgemm_n=128, isolate=True)
+    assert report["settings"]["isolated"] is True
+    check_rows(report, "torch", "torch", {"eager"}, modes=("forward",))
+    env = bench.worker_env(dataclasses.replace(settings, device="gpu"), "jax")
+    assert (env["XLA_PYTHON_CLIENT_PREALLOCATE"], env["KERAS_BACKEND"]) == ("false", "jax")
+
+
+def test_precisions_per_dtype_and_device():
+    """float32 is strict float32, plus TF32 on a GPU only; each precision has its own ceiling."""
+    precisions = {
+        (d, dev): bench.Settings(dtype=d, device=dev).precisions for d in bench.DTYPES for dev in bench.DEVICES
+    }
+    assert precisions == {
+        ("float32", "cpu"): ("float32",),
+        ("float32", "gpu"): ("float32", "tf32"),
+        ("float64", "cpu"): ("float64",),
+        ("float64", "gpu"): ("float64",),
+        ("mixed_bfloat16", "cpu"): ("mixed_bfloat16",),
+        ("mixed_bfloat16", "gpu"): ("mixed_bfloat16",),
+    }
+    assert set(bench.CEILING) == set(bench.PRECISIONS)
+    assert {bench.CEILING[p] for p in ("float32", "tf32", "mixed_bfloat16")} == set(bench.CEILINGS)
+
+
+@pytest.mark.gpu
+def test_gpu_bench_every_precision(capsys):
+    """On a GPU: strict float32 and tf32 rows (JAX traced at "highest", then at its default), and
+    bfloat16 rows, each framework in its own process, every ceiling measured."""
+    if not bench._matmul_candidates("float32", "gpu"):
+        pytest.skip("no GPU visible to torch or jax")
+    args = ["--device", "gpu", "--frameworks", "torch,flax,keras", "--keras-backends", "jax,torch"]
+    args += ["--variants", "eager,nnx.jit,jit_compile", "--modes", "forward"]
+    report = run_bench(capsys, *args)
+    assert report["matmul_gflops"]["tf32"] > 0 and report["settings"]["isolated"] is True
+    rows = report["results"]
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    for framework, backend in [("torch", "torch"), ("flax", "jax"), ("keras", "jax"), ("keras", "torch")]:
+        got = {
+            (r["precision"], r["matmul_precision"])
+            for r in rows
+            if (r["framework"], r["backend"]) == (framework, backend)
+        }
+        assert got == (
+            {("float32", "highest"), ("tf32", "default")}
+            if backend == "jax"
+            else {("float32", "ieee"), ("tf32", "tf32")}
+        )
+    mixed = run_bench(capsys, *args, "--dtype", "mixed_bfloat16")
+    assert {r["precision"] for r in mixed["results"]} == {"mixed_bfloat16"}
+    assert all("error" not in r and r["result_dtype"] == "bfloat16" for r in mixed["results"])
+
+
 def test_missing_framework_is_a_row_not_a_crash(capsys, monkeypatch):
     monkeypatch.setattr(bench, "_missing", lambda module: module in ("flax", "keras"))
     report = run_bench(capsys, "--frameworks", "flax,keras", "--modes", "forward")
@@ -141,7 +251,9 @@ def test_table_output(capsys):
     assert cli.main([*argv, "--frameworks", "torch", "--variants", "eager", "--modes", "forward"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("sgemm (float32, 128^2")
-    assert lines[-1].startswith("| torch | torch | eager | forward |")
+    assert lines[1] == "tf32 matmul: not measured (no GPU)"
+    assert lines[2].startswith("bfloat16 matmul (128^2, ")
+    assert lines[-1].startswith("| torch | torch | eager | forward | float32 |")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +272,7 @@ def test_bad_usage_is_one_line_and_exit_2(capsys, args, message):
 
 
 def test_no_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_sgemm_candidates", lambda device, n: [])
+    monkeypatch.setattr(bench, "_matmul_candidates", lambda ceiling, device: [])
     assert cli.main(["bench", "--device", "gpu", "--config", TINY, "--size", "8", "8"]) == 2
     error = "attention-unet bench: error: --device gpu: neither torch nor jax sees a GPU here"
     assert capsys.readouterr().err.strip() == error
