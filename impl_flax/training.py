@@ -24,7 +24,7 @@ from impl_flax.model import AttentionUNet, check_dtype
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import nnx_path
 from weights_convert.core.layouts import rule
-from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, hyperparameters
+from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, counted_state, hyperparameters
 from weights_convert.core.spec import param_specs
 
 # optax state field -> canonical slot
@@ -83,7 +83,7 @@ def optimizer_state(model: AttentionUNet, optimizer: nnx.Optimizer) -> Optimizer
         slots.setdefault(OPTAX_SLOTS[path[field]], {})[spec.name] = rule(spec).from_channels_last(value)
     if counts - {step}:
         raise CheckpointError(f"optax counts {sorted(counts)} differ from the optimizer step {step}")
-    return OptimizerState(name, hyper, step, slots if step else {})
+    return counted_state(name, hyper, step, slots)
 
 
 def to_training_checkpoint(model: AttentionUNet, optimizer: nnx.Optimizer) -> Checkpoint:

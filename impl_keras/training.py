@@ -23,7 +23,7 @@ from impl_keras.io import check_dtype, from_checkpoint, keras_variables, to_chec
 from impl_keras.model import AttentionUNet, TorchAdam
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
-from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, hyperparameters
+from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, counted_state, hyperparameters
 from weights_convert.core.spec import param_specs
 
 
@@ -113,9 +113,9 @@ def _slot_variables(optimizer, name: str, hyper: dict) -> dict:
 def optimizer_state(model: AttentionUNet, optimizer) -> OptimizerState:
     """The canonical state of ``optimizer`` (built over ``model.trainable_variables``, or fresh)."""
     name, hyper = _name_and_hyper(optimizer)
-    step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer.built else 0
-    if step == 0:
+    if not optimizer.built:
         return OptimizerState(name, hyper, 0, {})
+    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
     specs = {s.name: s for s in param_specs(model.config)}
     by_id = {id(v): n for n, v in keras_variables(model).items()}
     names = [by_id[id(v)] for v in model.trainable_variables]
@@ -128,7 +128,7 @@ def optimizer_state(model: AttentionUNet, optimizer) -> OptimizerState:
         if slot == "momentum_buffer":  # Keras' momentums are -lr * buf
             values = {n: -v / np.asarray(hyper["lr"], v.dtype) for n, v in values.items()}
         slots[slot] = values
-    return OptimizerState(name, hyper, step, slots)
+    return counted_state(name, hyper, step, slots)
 
 
 def to_training_checkpoint(model: AttentionUNet, optimizer) -> Checkpoint:

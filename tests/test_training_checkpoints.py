@@ -38,10 +38,10 @@ def relative(a, b) -> float:
 
 
 def batches(steps: int):
-    """The first ``steps`` of one fixed run of two batches (N = 2, 16x16)."""
+    """The first ``steps`` of one fixed run of six batches (N = 2, 16x16)."""
     rng = np.random.default_rng(0)
-    xs = rng.standard_normal((2, 2, CONFIG.in_channels, 16, 16))
-    targets = rng.standard_normal((2, 2, CONFIG.out_channels, 16, 16))
+    xs = rng.standard_normal((6, 2, CONFIG.in_channels, 16, 16))
+    targets = rng.standard_normal((6, 2, CONFIG.out_channels, 16, 16))
     return xs[:steps], targets[:steps]
 
 
@@ -281,7 +281,7 @@ def assert_same_training(got, want) -> None:
         else:
             assert relative(got.tensors[key], value) < TOLERANCE, key
     if want.optimizer.step is not None and got.optimizer.step is not None:
-        assert got.optimizer.step == want.optimizer.step == 2
+        assert got.optimizer.step == want.optimizer.step
     assert got.optimizer.tensors().keys() == want.optimizer.tensors().keys()
     for slot, values in want.optimizer.slots.items():
         scale = max(float(np.max(np.abs(v))) for v in values.values())
@@ -327,11 +327,74 @@ def test_inspect_shows_the_optimizer_and_convert_drops_it_only_with_weights_only
     assert main(["inspect", "--json", str(tmp_path / "t.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["optimizer"], info["step"], info["hyperparameters"]) == ("adam", 2, hyperparameters("adam"))
-    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "t.msgpack")]) == 1
+    assert main(["convert", str(tmp_path / "t.safetensors"), str(tmp_path / "t.weights.h5")]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "pass --weights-only to drop it" in error
-    assert not (tmp_path / "t.msgpack").exists()
-    assert main(["convert", "--weights-only", str(tmp_path / "t.safetensors"), str(tmp_path / "t.msgpack")]) == 0
+    assert not (tmp_path / "t.weights.h5").exists()
+    assert main(["convert", "--weights-only", str(tmp_path / "t.safetensors"), str(tmp_path / "t.weights.h5")]) == 0
     assert "optimizer state: adam at step 2, dropped (--weights-only)" in capsys.readouterr().err
-    assert main(["inspect", "--json", str(tmp_path / "t.msgpack")]) == 0
+    assert main(["inspect", "--json", str(tmp_path / "t.weights.h5")]) == 0
     assert "optimizer" not in json.loads(capsys.readouterr().out)
+
+
+def test_three_adam_steps_in_torch_then_three_in_flax_through_orbax_equal_six_in_torch(tmp_path):
+    from impl_flax import load_training
+    from impl_flax.training import to_training_checkpoint as flax_checkpoint
+    from impl_torch import save_training
+    from impl_torch.training import from_training_checkpoint
+    from impl_torch.training import to_training_checkpoint as torch_checkpoint
+    from weights_convert.harness.cli import main
+
+    xs, targets = batches(6)
+    model, optimizer = from_training_checkpoint(start("adam"), "float64")
+    torch_steps(model, optimizer, xs[:3], targets[:3])
+    save_training(model, optimizer, tmp_path / "t.pt")
+    torch_steps(model, optimizer, xs[3:], targets[3:])
+    assert main(["convert", str(tmp_path / "t.pt"), str(tmp_path / "t.orbax")]) == 0
+    assert main(["inspect", str(tmp_path / "t.orbax")]) == 0
+    with jax.enable_x64(True):
+        resumed, resumed_optimizer = load_training(tmp_path / "t.orbax", dtype="float64")
+        flax_steps(resumed, resumed_optimizer, xs[3:], targets[3:])
+        got = flax_checkpoint(resumed, resumed_optimizer)
+    want = torch_checkpoint(model, optimizer)
+    assert got.optimizer.step == want.optimizer.step == 6
+    assert_same_training(got, want)
+
+
+@pytest.mark.parametrize("suffix", [".msgpack", ".orbax"])
+def test_flax_files_hold_the_native_optimizer_state(tmp_path, suffix):
+    import flax.serialization
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from impl_flax.io import from_checkpoint
+    from impl_flax.training import make_optimizer, optimizer_state
+    from impl_torch.training import save_training
+
+    model, optimizer = torch_model_and_optimizer("sgd", weight_decay=0.1)
+    save_training(model, optimizer, tmp_path / "t.pt")
+    weights_convert.convert(tmp_path / "t.pt", tmp_path / f"t{suffix}")
+    written = weights_convert.read(tmp_path / "t.pt")
+    back = weights_convert.read(tmp_path / f"t{suffix}")
+    assert back.optimizer.header() == written.optimizer.header()
+    assert all(np.array_equal(back.optimizer.tensors()[k], v) for k, v in written.optimizer.tensors().items())
+    # Flax's own restore, into an optimizer of the same transformation
+    with jax.enable_x64(True):
+        flax_model = from_checkpoint(written, "float64")
+        flax_optimizer = make_optimizer(flax_model, "sgd", **written.optimizer.hyper)
+        state = nnx.state(flax_optimizer)
+        if suffix == ".msgpack":
+            restored = flax.serialization.msgpack_restore((tmp_path / "t.msgpack").read_bytes())["optimizer"]
+            nnx.replace_by_pure_dict(state, restored)
+        else:
+            target = {"model": nnx.state(flax_model), "optimizer": state, "hyperparameters": None}
+            with ocp.StandardCheckpointer() as checkpointer:
+                metadata = checkpointer.metadata(tmp_path / "t.orbax").item_metadata
+                target["hyperparameters"] = jax.tree.map(
+                    lambda m: np.zeros(m.shape, m.dtype), metadata.tree["hyperparameters"]
+                )
+                state = checkpointer.restore((tmp_path / "t.orbax").absolute(), target)["optimizer"]
+        nnx.update(flax_optimizer, state)
+        native = optimizer_state(flax_model, flax_optimizer)
+    for key, value in written.optimizer.tensors().items():
+        assert np.array_equal(native.tensors()[key], value), key

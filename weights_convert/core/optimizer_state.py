@@ -274,6 +274,15 @@ class OptimizerState:
         )
 
 
+def counted_state(name: str, hyper: dict, step: int, slots: dict) -> OptimizerState:
+    """The canonical state of a framework that always has a count and slots (optax, Keras): slots
+    dropped at step 0, where they are the zeros of a fresh optimizer, except non-zero SGD momentum
+    at step 0, which is torch SGD's momentum without a count carried through (step None)."""
+    if step == 0 and name == "sgd" and any(np.any(v) for values in slots.values() for v in values.values()):
+        return OptimizerState(name, hyper, None, slots)
+    return OptimizerState(name, hyper, step, slots if step else {})
+
+
 def split_tensors(tensors: dict) -> tuple[dict, dict]:
     """(model tensors, ``optimizer/...`` tensors) of one flat map."""
     optimizer = {k: v for k, v in tensors.items() if isinstance(k, str) and k.startswith(PREFIX)}

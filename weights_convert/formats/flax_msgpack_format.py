@@ -9,6 +9,15 @@ shapes. A Flax user restores a file into a model with::
 
 (or ``flax.serialization.from_bytes(nnx.to_pure_dict(state), data)`` for the pure dict).
 
+A training checkpoint is ``{"model": <model state>, "optimizer": <nnx.Optimizer state>,
+"hyperparameters": {<optimizer name>: {<name>: value}}}``: the optimizer's state as the pure dict
+of ``nnx.state(optimizer)`` for ``impl_flax.training.make_optimizer``'s transformation (``step``
+and the optax state, whose ``trace`` / ``mu`` / ``nu`` trees mirror the model's parameters), so a
+Flax user restores it with ``nnx.replace_by_pure_dict(nnx.state(optimizer), restored["optimizer"])``;
+optax keeps no hyperparameters, so they are stored beside it (``optimizer_tree``,
+``optimizer_from_tree``). A step count that torch SGD did not keep is written as 0, and SGD momentum at step 0 is read
+back as that unknown count.
+
 The encoding is ``flax.serialization.msgpack_serialize``'s, byte for byte: the tree, keys sorted,
 packed with ``strict_types``; each array an ``ExtType(1, packb((shape, dtype name, C-order
 bytes)))`` (``bfloat16`` by that name), a NumPy scalar ``ExtType(3, ...)`` the same way, and an
@@ -27,11 +36,20 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.flax_layout import flatten, from_nnx, nest, to_nnx
+from weights_convert.core.flax_layout import flatten, from_nnx, nest, nnx_path, to_nnx
+from weights_convert.core.layouts import rule
+from weights_convert.core.optimizer_state import DEFAULTS, OptimizerState, counted_state, slot_names
+from weights_convert.core.spec import ModelConfig, infer_config, param_specs
 from weights_convert.formats.safetensors_format import _one_line
 
 # Each array carries its own dtype: a checkpoint mixing float dtypes is written exactly.
 KEEPS_MIXED_DTYPES = True
+HOLDS_OPTIMIZER = True
+
+# The top-level keys of a training checkpoint (a model state never has them: its keys are modules).
+TRAINING_KEYS = {"model", "optimizer", "hyperparameters"}
+# canonical slot -> the optax state field holding it
+OPTAX_FIELDS = {"momentum_buffer": "trace", "exp_avg": "mu", "exp_avg_sq": "nu"}
 # flax.serialization's extension type codes.
 EXT_NDARRAY = 1
 EXT_COMPLEX = 2
@@ -44,7 +62,7 @@ NUMERIC_KINDS = "biufc"
 MAX_NDIM = 32
 
 
-def read(path) -> tuple[dict[str, np.ndarray], None]:
+def read(path) -> tuple[dict[str, np.ndarray], None] | tuple[dict[str, np.ndarray], None, OptimizerState]:
     import msgpack
 
     try:
@@ -55,7 +73,93 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
         state = unchunk(msgpack.unpackb(data, ext_hook=_ext_unpack, raw=False, strict_map_key=False))
     except Exception as error:  # msgpack raises ValueError, ExtraData, FormatError, ... on bad bytes
         raise CheckpointError(f"{path}: not a readable Flax msgpack file ({_one_line(error)[:200]})") from None
+    if is_training_tree(state):
+        tensors = from_state_dict(state["model"], path)
+        optimizer = optimizer_from_tree(flatten(state["optimizer"]), state["hyperparameters"], tensors, path)
+        return tensors, None, optimizer
     return from_state_dict(state, path), None
+
+
+def is_training_tree(tree) -> bool:
+    return isinstance(tree, dict) and set(tree) == TRAINING_KEYS
+
+
+def optax_prefix(state: OptimizerState) -> tuple:
+    """Where the optimizer's own optax state sits in ``nnx.state(optimizer)``: behind
+    ``add_decayed_weights`` when an L2 weight decay comes first (``impl_flax.training.transformation``)."""
+    l2 = state.hyper["weight_decay"] and not state.hyper["decoupled_weight_decay"]
+    return ("opt_state", 1, 0) if l2 else ("opt_state", 0)
+
+
+def optimizer_tree(state: OptimizerState, config: ModelConfig, dtype=np.float32) -> tuple[dict, dict]:
+    """(``{path: array}`` of ``nnx.state(optimizer)``, the hyperparameters tree) of ``state``; a
+    fresh optimizer's slots are zeros of ``dtype``, as optax starts them."""
+    step = state.step or 0
+    flat: dict = {("step",): np.asarray(step, np.uint32)}
+    prefix = optax_prefix(state)
+    if state.name != "sgd":
+        flat[(*prefix, "count")] = np.asarray(step, np.int32)
+    trainable = [p for p in param_specs(config) if not p.is_buffer]
+    for slot in slot_names(state.name, state.hyper):
+        for spec in trainable:
+            value = state.slots[slot][spec.name] if state.slots else np.zeros(spec.shape, dtype)
+            flat[(*prefix, OPTAX_FIELDS[slot], *nnx_path(spec))] = np.require(
+                rule(spec).to_channels_last(np.asarray(value)), requirements="C"
+            )
+    hyper = {state.name: {k: np.asarray(v) for k, v in state.hyper.items()}}
+    return flat, hyper
+
+
+def optimizer_from_tree(flat: dict, hyper_tree, tensors: dict, path) -> OptimizerState:
+    """The canonical state from ``optimizer_tree``'s two parts (``flat`` with string path keys, as
+    read back); ``tensors`` are the model's, for its config. Checked later, with the model."""
+    if not (isinstance(hyper_tree, dict) and len(hyper_tree) == 1 and next(iter(hyper_tree)) in DEFAULTS):
+        raise CheckpointError(f"{path}: hyperparameters must name one optimizer of {sorted(DEFAULTS)}")
+    name, values = next(iter(hyper_tree.items()))
+    if not isinstance(values, dict) or set(values) != set(DEFAULTS[name]):
+        raise CheckpointError(f"{path}: {name} hyperparameters must be exactly {sorted(DEFAULTS[name])}")
+    try:
+        hyper = {
+            k: bool(np.asarray(v)) if isinstance(DEFAULTS[name][k], bool) else float(np.asarray(v))
+            for k, v in values.items()
+        }
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: a {name} hyperparameter is not a number ({_one_line(error)})") from None
+    by_key = {tuple(str(p) for p in key): value for key, value in flat.items()}
+    step_value = by_key.get(("step",))
+    if not isinstance(step_value, np.ndarray | np.generic) or np.asarray(step_value).shape != ():
+        raise CheckpointError(f"{path}: the optimizer state has no scalar step")
+    step = int(step_value)
+    state = OptimizerState(name, hyper, step, {})
+    try:
+        config = infer_config({k: np.shape(v) for k, v in tensors.items()})
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {_one_line(error)}") from None
+    expected, _ = optimizer_tree(state, config)
+    expected = {tuple(str(p) for p in key): key for key in expected}
+    if set(by_key) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(by_key)), sorted(set(by_key) - set(expected))
+        missing, unexpected = (["/".join(k) for k in keys][:5] for keys in (missing, unexpected))
+        raise CheckpointError(
+            f"{path}: the {name} optimizer state does not match the model: missing {missing}, unexpected {unexpected}"
+        )
+    prefix_length = len(optax_prefix(state))
+    specs = {tuple(str(p) for p in nnx_path(p)): p for p in param_specs(config) if not p.is_buffer}
+    slots: dict = {}
+    for key, value in by_key.items():
+        if key[-1] == "count" and len(key) == prefix_length + 1:
+            if int(np.asarray(value)) != step:
+                raise CheckpointError(f"{path}: the optax count {int(np.asarray(value))} differs from the step {step}")
+            continue
+        if key == ("step",):
+            continue
+        field, spec = key[prefix_length], specs[key[prefix_length + 1 :]]
+        slot = next(s for s, f in OPTAX_FIELDS.items() if f == field)
+        array = np.asarray(value)
+        if array.ndim != len(spec.shape):
+            raise CheckpointError(f"{path}: optimizer slot {'/'.join(key)} has shape {array.shape}")
+        slots.setdefault(slot, {})[spec.name] = rule(spec).from_channels_last(array) if array.ndim == 4 else array
+    return counted_state(name, hyper, step, slots)
 
 
 def _ext_unpack(code: int, data: bytes):
@@ -146,6 +250,9 @@ def from_state_dict(state, path) -> dict[str, np.ndarray]:
 
 def write(checkpoint: Checkpoint, path) -> None:
     state = nest({p: np.require(v, requirements="C") for p, v in to_nnx(checkpoint).items()})
+    if checkpoint.optimizer is not None:
+        flat, hyper = optimizer_tree(checkpoint.optimizer, checkpoint.config, checkpoint.float_dtype)
+        state = {"model": state, "optimizer": nest(flat), "hyperparameters": hyper}
     with open(path, "xb") as f:
         f.write(serialize(state))
 

@@ -9,6 +9,12 @@ Reading restores to numpy from the checkpoint's own metadata, without the model 
 arrays (which would round float64 to float32 when JAX's x64 mode is off). No config is stored:
 reading infers it from the shapes. Each array keeps its dtype, mixed or not.
 
+A training checkpoint is the tree of ``flax_msgpack_format``'s (``model``, ``optimizer`` as
+``nnx.state(optimizer)`` saves it, ``hyperparameters``), so a Flax user restores the optimizer with
+``checkpointer.restore(path, {"model": nnx.state(model), "optimizer": nnx.state(optimizer), ...})``
+or the model alone with ``ocp.args.PyTreeRestore`` of the ``model`` item; the optimizer arrays'
+shapes are checked against the model's parameters before anything is restored.
+
 Before anything is restored, reading refuses a directory holding a symbolic link (so nothing
 outside it is read) and checks every array's name, shape and dtype kind in the checkpoint's metadata
 against the parameter table, so an array declaring far more elements than the model has is refused
@@ -30,10 +36,16 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError, check_tensors
 from weights_convert.core.flax_layout import FLAX_LEAVES, flatten, nest, to_nnx
 from weights_convert.core.spec import capped, infer_config
-from weights_convert.formats.flax_msgpack_format import from_state_dict
+from weights_convert.formats.flax_msgpack_format import (
+    from_state_dict,
+    is_training_tree,
+    optimizer_from_tree,
+    optimizer_tree,
+)
 from weights_convert.formats.safetensors_format import _one_line
 
 KEEPS_MIXED_DTYPES = True
+HOLDS_OPTIMIZER = True
 
 # Orbax and absl log warnings (a missing _CHECKPOINT_METADATA, unreadable metadata) that a refusal
 # already says in its one line; asyncio logs the tasks a failed restore leaves behind.
@@ -55,14 +67,40 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
                 metadata = checkpointer.metadata(path).item_metadata
                 if metadata is None:
                     raise CheckpointError(f"{path}: not an Orbax checkpoint (no tree metadata in the directory)")
-                _check_metadata_against_table(path, metadata.tree)
+                if is_training_tree(metadata.tree):
+                    config = _check_metadata_against_table(path, metadata.tree["model"])
+                    _check_optimizer_metadata(path, metadata.tree, config)
+                else:
+                    _check_metadata_against_table(path, metadata.tree)
                 as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
                 state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
         except CheckpointError:
             raise
         except Exception as error:  # bad metadata, undecodable chunks, ...: Orbax and TensorStore raise many kinds
             raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:300]})") from None
+    if is_training_tree(state):
+        tensors = from_state_dict(state["model"], path)
+        optimizer = optimizer_from_tree(flatten(state["optimizer"]), state["hyperparameters"], tensors, path)
+        return tensors, None, optimizer
     return from_state_dict(state, path), None
+
+
+def _check_optimizer_metadata(path: Path, tree, config) -> None:
+    """Before restoring: at most two slots and two counters per parameter, each array a scalar or
+    shaped as a parameter in Flax layout, so the optimizer part is bounded by the model's size."""
+    from weights_convert.core.layouts import rule
+    from weights_convert.core.spec import param_specs
+
+    trainable = [p for p in param_specs(config) if not p.is_buffer]
+    shapes = {(): 1} | {tuple(rule(p).to_channels_last(np.zeros(p.shape, np.int8)).shape): 1 for p in trainable}
+    leaves = list(flatten(tree["optimizer"]).items()) + list(flatten(tree["hyperparameters"]).items())
+    if len(leaves) > 2 * len(trainable) + 2 + 16:
+        raise CheckpointError(f"{path}: {len(leaves)} optimizer arrays for a model of {len(trainable)} parameters")
+    for key, leaf in leaves:
+        shape = tuple(getattr(leaf, "shape", None) or ())
+        if shape not in shapes:
+            name = "/".join(map(str, key))
+            raise CheckpointError(f"{path}: optimizer array {name} has shape {shape}, which no parameter has")
 
 
 def _refuse_links(path: Path) -> None:
@@ -79,9 +117,10 @@ def _refuse_links(path: Path) -> None:
         )
 
 
-def _check_metadata_against_table(path: Path, tree) -> None:
+def _check_metadata_against_table(path: Path, tree):
     """Every array's canonical name and shape against the parameter table, from the metadata alone:
-    zero-stride placeholders of the declared shape and dtype stand in for the arrays."""
+    zero-stride placeholders of the declared shape and dtype stand in for the arrays. Returns the
+    inferred config."""
     placeholders = {}
     for nnx_path, leaf in flatten(tree).items():
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
@@ -105,6 +144,7 @@ def _check_metadata_against_table(path: Path, tree) -> None:
     except ValueError as error:
         raise CheckpointError(f"{path}: {_one_line(error)}") from None
     check_tensors(placeholders, config, allow_nonfinite=True, source=str(path))
+    return config
 
 
 def _is_closed_loop(error) -> bool:
@@ -170,5 +210,8 @@ def write(checkpoint: Checkpoint, path) -> None:
     import orbax.checkpoint as ocp
 
     state = nest({p: np.require(v, requirements="C") for p, v in to_nnx(checkpoint).items()}, leaf_key="value")
+    if checkpoint.optimizer is not None:
+        flat, hyper = optimizer_tree(checkpoint.optimizer, checkpoint.config, checkpoint.float_dtype)
+        state = {"model": state, "optimizer": nest(flat, leaf_key="value"), "hyperparameters": hyper}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(Path(path).absolute(), state)
