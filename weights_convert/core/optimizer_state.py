@@ -117,7 +117,8 @@ FRAMEWORK_DIFFERENCES = (
         "SGD keeps none; Adam keeps 'step' per parameter",
         "nnx.Optimizer.step, and Adam's own count",
         "optimizer.iterations",
-        "step is null when only torch SGD has run it; the others then count from 0",
+        "null when torch SGD ran it; Flax and Keras then count from 0, and their non-zero SGD momentum at "
+        "step 0 reads back as null",
     ),
 )
 
