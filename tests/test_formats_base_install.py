@@ -91,6 +91,9 @@ def h5_layout(path) -> dict:
 
     with h5py.File(path, "r") as f:
         f.visititems(visit)
+    # Keras names a model by how many it has built in the process (attention_u_net_2, ...): the
+    # name is the one attribute that is not layout.
+    layout["vars"][1].pop("name", None)
     return layout
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import reprlib
 from collections.abc import Iterator
 
 # Sub-module index of each layer inside the article's ``nn.Sequential`` conv block:
@@ -64,7 +65,7 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         channels = self.channels
         if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):
-            raise ValueError(f"channels must be a sequence of positive integers, got {type(channels).__name__}")
+            raise ValueError(f"channels must be a sequence of positive integers, got {reprlib.repr(channels)}")
         if not hasattr(channels, "__len__"):  # an iterator: never more than one entry past the limit
             channels = tuple(itertools.islice(channels, MAX_DEPTH + 2))
         if len(channels) > MAX_DEPTH + 1:
