@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 
 from weights_convert.core.optim import OPTIMIZERS
+from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 
 FRAMEWORKS = ("torch", "flax", "keras")
@@ -647,17 +648,14 @@ def bench_flax(settings: Settings) -> list[dict]:
     parameter_dtype = jnp.dtype(settings.input_dtype)
     traced = TraceRecord()
 
+    weights = random_checkpoint(config, seed=0)
+
     def build(precision: str):
-        compute_dtype = jnp.bfloat16 if precision == "mixed_bfloat16" else parameter_dtype
+        # From seeded weights rather than Flax's initializers, which compile one XLA program per
+        # parameter shape in eager mode (seconds, even for a tiny model).
+        dtype = "mixed_bfloat16" if precision == "mixed_bfloat16" else settings.input_dtype
         with jax.default_device(device):
-            model = impl_flax.AttentionUNet(
-                config.in_channels,
-                config.out_channels,
-                config.channels,
-                dtype=compute_dtype,
-                param_dtype=parameter_dtype,
-                rngs=nnx.Rngs(0),
-            )
+            model = impl_flax.from_checkpoint(weights, dtype)
         return model, jax.device_put(x_np, device), jax.device_put(target_np, device)
 
     def apply(model, x):
@@ -767,6 +765,7 @@ def keras_worker(backend: str, settings: Settings) -> list[dict]:
     import numpy as np
 
     import impl_keras
+    from impl_keras.io import assign_checkpoint
 
     if keras.backend.backend() != backend:
         return _error_rows("keras", backend, settings, f"Keras started with {keras.backend.backend()}")
@@ -777,6 +776,7 @@ def keras_worker(backend: str, settings: Settings) -> list[dict]:
     keras.config.set_floatx(settings.input_dtype)
     x, target = _inputs(settings, channels_last=True)
     config = settings.config
+    weights = random_checkpoint(config, seed=0)
     traced = TraceRecord()
 
     class TracedUNet(impl_keras.AttentionUNet):
@@ -790,7 +790,12 @@ def keras_worker(backend: str, settings: Settings) -> list[dict]:
         keras.utils.set_random_seed(0)
         policy = "mixed_bfloat16" if precision == "mixed_bfloat16" else settings.input_dtype
         model_class = TracedUNet if backend == "jax" else impl_keras.AttentionUNet
-        model = model_class(config.in_channels, config.out_channels, config.channels, dtype=policy)
+        # Seeded weights assigned over zeros: under JAX a random initializer compiles one program per
+        # kernel shape (seconds each, even for a tiny model).
+        model = model_class(
+            config.in_channels, config.out_channels, config.channels, dtype=policy, kernel_initializer="zeros"
+        )
+        assign_checkpoint(model, weights)
         # The loss is computed in floatx (float32 under mixed precision): Keras casts the logits to it.
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=OPTIMIZERS["sgd"]["lr"]),
