@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_SIZE,
         DEFAULT_STEPS,
         DTYPES,
+        EXPORT_TARGETS,
         FRAMEWORKS,
         KERAS_BACKENDS,
         MODES,
@@ -301,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit 0 when every strict row passes, 1 when any fails, 2 on bad usage.",
     )
     p.add_argument("checkpoint", nargs="?", help="any supported checkpoint (default: seeded random default model)")
-    p.add_argument("--frameworks", type=_choices(FRAMEWORKS), help="comma-separated (default: every installed one)")
+    p.add_argument(
+        "--frameworks",
+        type=_choices(FRAMEWORKS + tuple(EXPORT_TARGETS)),
+        help="comma-separated (default: every installed framework); the export targets "
+        f"{', '.join(EXPORT_TARGETS)} are checked only when named (eval mode; onnx float32 only)",
+    )
     p.add_argument(
         "--keras-backends",
         type=_choices(KERAS_BACKENDS),

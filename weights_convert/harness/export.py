@@ -126,6 +126,7 @@ class CaseResult:
     shape: tuple[int, ...]  # NCHW
     output: Row
     mask: Row
+    logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # NCHW
 
     @property
     def passed(self) -> bool:
@@ -217,17 +218,25 @@ def run(path, x: np.ndarray, fmt: ExportFormat | None = None) -> np.ndarray:
     return module.run(path, np.ascontiguousarray(x))
 
 
-def check_file(path, checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0) -> ExportCheck:
-    """Run the exported file ``path`` (written from ``checkpoint`` at ``dtype``) on seeded inputs
-    of ``cases`` ((batch, height, width); default ``check_cases``) and compare each output and mask
-    with the float64 reference; see the module docstring."""
-    from weights_convert.harness import reference
-    from weights_convert.harness.parity import make_inputs, mask_row
+@dataclasses.dataclass(frozen=True)
+class ReferenceCase:
+    """One checked input (NCHW, float64), the float64 reference's logits on it, and (below
+    float64) the noise of the reference computed at the checked dtype, which sets the bound."""
 
-    fmt = format_for(path)
+    x: np.ndarray
+    expected: np.ndarray
+    noise: dict | None
+
+
+def reference_cases(checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0):
+    """The ``ReferenceCase`` of each (batch, height, width) of ``cases`` (default ``check_cases``),
+    on seeded inputs (seed ``seed + k`` for the k-th case), computed once for any number of files."""
+    from weights_convert.harness import reference
+    from weights_convert.harness.parity import make_inputs
+
     config = checkpoint.config
     exact = checkpoint.astype("float64").tensors
-    results = []
+    references = []
     for k, (batch, height, width) in enumerate(cases or check_cases(config)):
         x, _ = make_inputs(config, batch, (height, width), seed=seed + k)
         expected = reference.forward(exact, x, config=config)["output"]
@@ -235,12 +244,32 @@ def check_file(path, checkpoint: Checkpoint, *, dtype: str = "float32", cases=No
         if dtype != "float64":
             at_dtype = reference.forward(checkpoint.tensors, x, config=config, precision=dtype)["output"]
             noise = {"output": rel_diff(at_dtype, expected, dtype)[1]}
+        references.append(ReferenceCase(x, expected, noise))
+    return references
+
+
+def judge_file(path, references, *, dtype: str = "float32") -> ExportCheck:
+    """Run the exported file ``path`` on each ``ReferenceCase`` of ``references`` and compare its
+    output and mask with the float64 reference; a runtime that fails is an ``ExportError`` naming why."""
+    from weights_convert.harness.parity import mask_row
+
+    fmt = format_for(path)
+    results = []
+    for case in references:
         try:
-            actual = run(path, x.astype(dtype), fmt)
+            actual = run(path, case.x.astype(dtype), fmt)
         except Exception as error:  # an export that cannot run a supported input is refused, naming why
             message = " ".join(str(error).split())[:200]
-            shape = "x".join(map(str, x.shape))
+            shape = "x".join(map(str, case.x.shape))
             raise ExportError(f"{path}: {fmt.runtime} failed on a {shape} input: {message}") from error
-        (output,) = compare({"output": actual}, {"output": expected}, dtype, noise=noise)
-        results.append(CaseResult(x.shape, output, mask_row(actual, expected, output.tolerance, dtype)))
+        (output,) = compare({"output": actual}, {"output": case.expected}, dtype, noise=case.noise)
+        mask = mask_row(actual, case.expected, output.tolerance, dtype)
+        results.append(CaseResult(case.x.shape, output, mask, np.asarray(actual)))
     return ExportCheck(str(path), fmt, dtype, tuple(results))
+
+
+def check_file(path, checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0) -> ExportCheck:
+    """Run the exported file ``path`` (written from ``checkpoint`` at ``dtype``) on seeded inputs
+    of ``cases`` ((batch, height, width); default ``check_cases``) and compare each output and mask
+    with the float64 reference; see the module docstring."""
+    return judge_file(path, reference_cases(checkpoint, dtype=dtype, cases=cases, seed=seed), dtype=dtype)

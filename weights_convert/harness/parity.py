@@ -24,6 +24,15 @@ Python API for users' CI::
     from weights_convert.harness import parity
     report = parity.check("model.safetensors", frameworks=("torch", "flax"), dtype="float64")
     parity.assert_parity("model.safetensors")          # raises AssertionError naming the drift
+
+Deployment exports are targets too (``EXPORT_TARGETS``, named explicitly, never by default; eval
+mode only): the checkpoint is exported once per format to a temporary folder
+(``weights_convert.harness.export``), each file runs in its own runtime, and its ``output`` and
+``mask`` rows (an export has no intermediate blocks) are judged under the same bounds as a
+framework's, at the run's input and at a second batch (1, or 3 when the run's batch is 1) that
+differs from the batch of 2 traced at export. ONNX is float32 only (onnxruntime has no float64
+convolution on CPU): ``--dtype float64`` with ``onnx`` is refused in one line, as is
+``mixed_bfloat16`` with any export, and ``--device gpu`` (exports run on CPU).
 """
 
 from __future__ import annotations
@@ -42,6 +51,14 @@ from weights_convert.harness.compare import Row, compare, rel_diff
 from weights_convert.harness.tolerances import NOISY_PRECISIONS, tolerance
 
 FRAMEWORKS = ("torch", "flax", "keras")
+# export target -> the destination suffix of its format (``weights_convert.harness.export.FORMATS``)
+EXPORT_TARGETS = {
+    "onnx": ".onnx",
+    "pt2": ".pt2",
+    "torchscript": ".torchscript",
+    "savedmodel": ".savedmodel",
+    "jaxexport": ".jaxexport",
+}
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 DTYPES = ("float32", "float64", "mixed_bfloat16")
 DEVICES = ("cpu", "gpu")
@@ -231,6 +248,10 @@ def select(frameworks=None, keras_backends=None) -> Selection:
         for framework in frameworks:
             if framework in extras.FRAMEWORK_PACKAGES:
                 extras.require(extras.FRAMEWORK_PACKAGES[framework], f"--frameworks {framework}")
+            elif framework in EXPORT_TARGETS:
+                from weights_convert.harness.export import FORMATS
+
+                extras.require(FORMATS[EXPORT_TARGETS[framework]].modules, f"--frameworks {framework}")
     if "keras" in frameworks:
         skipped += backend_skips
         if keras_backends is not None:
@@ -534,8 +555,10 @@ def check(
     named but not installed raises ``MissingPackage`` naming what to install."""
     selection = select(frameworks, keras_backends)
     frameworks, keras_backends = selection.frameworks, selection.keras_backends
+    exports = _export_targets(frameworks, dtype, device, mode)
+    frameworks = tuple(f for f in frameworks if f not in exports)
     frameworks, keras_backends, optimizers = _validate(
-        frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer
+        frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer, allow_none=bool(exports)
     )
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         import weights_convert
@@ -580,9 +603,69 @@ def check(
             )
         if target.precision == "strict":
             outputs[target.label] = _curve(actual, run) if mode == "fit" else np.asarray(actual.get("output"))
+    if exports:
+        from weights_convert.harness import export as export_module
+
+        case = export_module.ReferenceCase(inputs.x, reference["output"], noise and {"output": noise["output"]})
+        for name, verdict in _check_exports(exports, checkpoint, case, dtype, seed, say).items():
+            results += _export_results(name, verdict, dtype)
+            outputs[f"{name} cpu {dtype}"] = verdict.cases[0].logits
     shown = _curve(reference, run) if mode == "fit" else reference["output"]
     shown_input = inputs.x[0] if mode == "fit" else inputs.x
     return Report(results, config, outputs, shown, shown_input, mode, drift, seed=seed, dtype=dtype)
+
+
+def _export_targets(frameworks, dtype: str, device: str, mode: str) -> tuple[str, ...]:
+    """The export targets among ``frameworks``, after refusing what an export cannot run."""
+    exports = tuple(f for f in frameworks if f in EXPORT_TARGETS)
+    if not exports:
+        return exports
+    named = ", ".join(exports)
+    if mode != "eval":
+        raise ParityError(f"--frameworks {named}: an export computes the eval forward only; use --mode eval")
+    if device != "cpu":
+        raise ParityError(f"--frameworks {named}: exports are checked on CPU only; use --device cpu")
+    if dtype not in ("float32", "float64"):
+        raise ParityError(f"--frameworks {named}: exports are float32 or float64, got --dtype {dtype}")
+    if dtype == "float64" and "onnx" in exports:
+        raise ParityError("--frameworks onnx is float32 only (onnxruntime has no float64 convolution on CPU)")
+    return exports
+
+
+def _check_exports(exports, checkpoint: Checkpoint, case, dtype: str, seed: int, say) -> dict:
+    """Export ``checkpoint`` once per target to a temporary folder (removed afterwards) and judge
+    each file on ``case`` (the run's input and its reference) and on a second batch of the same
+    size that differs from the one traced at export; target -> ``ExportCheck``."""
+    import tempfile
+    from pathlib import Path
+
+    from weights_convert.harness import export
+
+    batch, _, height, width = case.x.shape
+    other = 3 if batch == 1 else 1
+    say(f"reference: numpy float64 at batch {other} (exports)")
+    cases = [case, *export.reference_cases(checkpoint, dtype=dtype, cases=[(other, height, width)], seed=seed + 1)]
+    verdicts = {}
+    with tempfile.TemporaryDirectory(prefix="attention-unet-parity-") as directory:
+        for name in exports:
+            path = Path(directory) / f"model{EXPORT_TARGETS[name]}"
+            fmt = export.FORMATS[path.suffix]
+            say(f"{name}: export with {fmt.writer}, run in {fmt.runtime}")
+            export.export(checkpoint, path, dtype=dtype, check=False)
+            verdicts[name] = export.judge_file(path, cases, dtype=dtype)
+    return verdicts
+
+
+def _export_results(name: str, verdict, dtype: str) -> list[Result]:
+    """The ``output`` and ``mask`` rows of one export: at the run's input, then under
+    ``batch<N>/`` at the second batch."""
+    results = []
+    for k, case in enumerate(verdict.cases):
+        prefix = "" if k == 0 else f"batch{case.shape[0]}/"
+        for row in (case.output, case.mask):
+            fields = dataclasses.asdict(row) | {"quantity": prefix + row.quantity}
+            results.append(Result(name, name, "cpu", dtype, "eval", **fields))
+    return results
 
 
 def _split_trajectory(results: dict) -> tuple[dict, dict]:
@@ -620,15 +703,17 @@ def assert_parity(checkpoint=None, **kwargs) -> Report:
     return report
 
 
-def _validate(frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer):
+def _validate(frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer, allow_none=False):
+    """Refuse bad arguments in one line; ``allow_none``: no framework (a run of export targets only)."""
     frameworks = tuple(frameworks)
     keras_backends = tuple(keras_backends)
     checked = [("frameworks", frameworks, FRAMEWORKS)]
     if "keras" in frameworks:
         checked.append(("keras backends", keras_backends, KERAS_BACKENDS))
     for name, values, allowed in checked:
+        allowed = allowed + tuple(EXPORT_TARGETS) if name == "frameworks" else allowed
         bad = [v for v in values if v not in allowed]
-        if bad or not values:
+        if bad or not (values or (allow_none and name == "frameworks")):
             raise ParityError(f"unknown {name} {bad or list(values)}; choose from {', '.join(allowed)}")
     for name, value, allowed in (("dtype", dtype, DTYPES), ("device", device, DEVICES), ("mode", mode, MODES)):
         if value not in allowed:
