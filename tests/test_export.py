@@ -152,3 +152,66 @@ def test_missing_package_names_the_extra(source, tmp_path):
     assert result.returncode == 1
     assert ".onnx export needs PyTorch: pip install 'attention-unet[torch]'" in result.stderr
     assert not (tmp_path / "model.onnx").exists()
+
+
+PARITY_TARGETS = ("onnx", "pt2", "torchscript", "savedmodel", "jaxexport")
+
+
+def test_parity_over_every_export_target_at_odd_size_and_two_batches():
+    """``parity.check`` with the five export targets: each exported once, each with output and
+    mask rows at the run's 2x13x11 input and at batch 1 (the export traced batch 2), all passing
+    within the framework rows' noise-relative bounds."""
+    from weights_convert.harness import parity
+
+    report = parity.check(CHECKPOINT, frameworks=PARITY_TARGETS, size=(13, 11), batch=2)
+    assert report.passed, parity.format_table(report)
+    quantities = ["output", "mask", "batch1/output", "batch1/mask"]
+    assert [(r.framework, r.quantity) for r in report.results] == [
+        (name, quantity) for name in PARITY_TARGETS for quantity in quantities
+    ]
+    for r in report.results:
+        if r.quantity.endswith("output"):
+            assert r.tolerance == tolerance("float32", r.noise) and r.rel_diff <= r.tolerance
+    assert {label: np.shape(output) for label, output in report.outputs.items()} == {
+        f"{name} cpu float32": (2, 2, 13, 11) for name in PARITY_TARGETS
+    }
+
+
+def test_parity_of_an_export_of_other_weights_fails_at_output(monkeypatch):
+    """An export that writes other weights (one bias moved) fails its parity row, named ``output``."""
+    import impl_flax.export
+    from weights_convert.harness import parity
+
+    real_export = impl_flax.export.export
+
+    def export_other_weights(checkpoint, path, dtype):
+        other = checkpoint.astype("float32")
+        other.tensors["output.bias"] = other.tensors["output.bias"] + 0.01
+        real_export(other, path, dtype)
+
+    monkeypatch.setattr(impl_flax.export, "export", export_other_weights)
+    report = parity.check(CHECKPOINT, frameworks=("jaxexport",), size=(13, 11), batch=2)
+    assert not report.passed
+    assert report.first_drift() == {"jaxexport cpu float32": "output"}
+    failing = {r.quantity for r in report.failures()}
+    assert {"output", "batch1/output"} <= failing
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frameworks", "onnx", "--mode", "train"], "an export computes the eval forward only; use --mode eval"),
+        (["--frameworks", "torch,onnx", "--dtype", "float64"], "--frameworks onnx is float32 only"),
+        (["--frameworks", "pt2", "--dtype", "mixed_bfloat16"], "exports are float32 or float64"),
+    ],
+)
+def test_parity_export_refusals_are_one_line_usage_errors(source, capsys, args, message):
+    assert cli.main(["parity", str(source), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_parity_export_target_missing_package_names_the_extra(source):
+    result = run_as("flax", "parity", source, "--frameworks", "onnx")
+    assert result.returncode == 2
+    assert "--frameworks onnx needs PyTorch: pip install 'attention-unet[torch]'" in result.stderr
