@@ -2,14 +2,22 @@
 definitions) saved to and loaded from any format that holds optimizer state, through the canonical
 optimizer state of ``weights_convert.core.optimizer_state``.
 
-The optimizers are Keras optimizers with torch's arithmetic: ``TorchSGD`` (``keras.optimizers.SGD``,
-its momentum convention ``m = momentum * m - lr * g`` kept, so ``momentums`` hold
-``-lr * momentum_buffer``), ``impl_keras.TorchAdam`` (eps after the bias correction) and
-``TorchAdamW`` (``TorchAdam`` with Keras' decoupled weight decay, ``p -= lr * weight_decay * p``,
-which is torch AdamW's). Their constants go through float64, as ``TorchAdam``'s do: Keras'
-TensorFlow backend would round a Python float through float32. Keras' weight decay is always
-decoupled, so SGD and Adam with an L2 ``weight_decay`` are refused. ``optimizer.iterations`` is
-the canonical step.
+The optimizers are Keras optimizers with torch's arithmetic: ``TorchSGD`` (its ``momentums`` hold
+torch's ``momentum_buffer`` itself: ``buf = momentum * buf + g``, then ``p -= lr * buf``, where
+``keras.optimizers.SGD`` keeps ``-lr * buf``), ``impl_keras.TorchAdam`` (eps after the bias
+correction) and ``TorchAdamW`` (``TorchAdam`` with Keras' decoupled weight decay,
+``p -= lr * weight_decay * p``, which is torch AdamW's). Their constants go through float64, as
+``TorchAdam``'s do: Keras' TensorFlow backend would round a Python float through float32. Keras'
+weight decay is always decoupled, so SGD and Adam with an L2 ``weight_decay`` are refused.
+``optimizer.iterations`` is the canonical step, and every slot is the canonical slot in Keras'
+channels-last layout, so the mapping is a copy.
+
+All three are registered with Keras (package ``attention_unet``): a model compiled with one and
+saved with ``model.save("t.keras")`` loads with ``keras.saving.load_model(path, safe_mode=True)``
+once ``impl_keras`` is imported, its optimizer state included; ``weights_convert`` reads and writes
+that same ``.keras`` form. Keras creates the learning-rate variable in ``keras.config.floatx()``:
+load a float64 model with ``keras.config.set_floatx("float64")`` for a float64 learning rate
+(``make_optimizer`` sets it for the optimizers it makes).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from keras import ops
 
 import weights_convert
 from impl_keras.io import check_dtype, from_checkpoint, keras_variables, to_checkpoint
-from impl_keras.model import AttentionUNet, TorchAdam
+from impl_keras.model import AttentionUNet, TorchAdam, serializable
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
 from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, counted_state, hyperparameters
@@ -31,22 +39,35 @@ def _constant(value, dtype):
     return ops.cast(np.float64(value), dtype)
 
 
+@serializable
 class TorchSGD(keras.optimizers.SGD):
-    """``keras.optimizers.SGD`` with its constants in float64 (exact in a float64 model on every
-    backend); the same update and slots (``momentums`` = -lr * torch's ``momentum_buffer``)."""
+    """``keras.optimizers.SGD`` with torch's update and buffer (``torch.optim.SGD``, dampening 0)::
+
+        buf = momentum * buf + g
+        p = p - lr * buf                      (nesterov: p = p - lr * (g + momentum * buf))
+
+    so ``momentums`` hold torch's ``momentum_buffer`` exactly (Keras' SGD keeps ``-lr * buf``).
+    Constants go through float64 (exact in a float64 model on every backend). Keras' weight decay
+    is decoupled and torch SGD's is an L2 term in g: it is refused."""
+
+    def __init__(self, *args, weight_decay=None, **kwargs):
+        if weight_decay:
+            raise ValueError(f"TorchSGD takes no weight_decay (torch SGD's is not Keras'), got {weight_decay!r}")
+        super().__init__(*args, **kwargs)
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         lr, g = ops.cast(learning_rate, dtype), ops.cast(gradient, dtype)
         if self.momentum == 0:
-            self.assign_sub(variable, g * lr)
+            self.assign_sub(variable, lr * g)
             return
         momentum = _constant(self.momentum, dtype)
-        m = self.momentums[self._get_variable_index(variable)]
-        self.assign(m, m * momentum - g * lr)
-        self.assign_add(variable, m * momentum - g * lr if self.nesterov else m)
+        buf = self.momentums[self._get_variable_index(variable)]
+        self.assign(buf, momentum * buf + g)
+        self.assign_sub(variable, lr * (g + momentum * buf) if self.nesterov else lr * buf)
 
 
+@serializable
 class TorchAdamW(TorchAdam):
     """``TorchAdam`` with decoupled weight decay, torch AdamW's ``p *= 1 - lr * weight_decay``
     before the Adam step (Keras applies it before ``update_step``, scaled by the learning rate)."""
@@ -121,13 +142,10 @@ def optimizer_state(model: AttentionUNet, optimizer) -> OptimizerState:
     names = [by_id[id(v)] for v in model.trainable_variables]
     slots = {}
     for slot, variables in _slot_variables(optimizer, name, hyper).items():
-        values = {
+        slots[slot] = {
             n: rule(specs[n]).from_channels_last(keras.ops.convert_to_numpy(v.value))
             for n, v in zip(names, variables, strict=True)
         }
-        if slot == "momentum_buffer":  # Keras' momentums are -lr * buf
-            values = {n: -v / np.asarray(hyper["lr"], v.dtype) for n, v in values.items()}
-        slots[slot] = values
     return counted_state(name, hyper, step, slots)
 
 
@@ -159,8 +177,6 @@ def from_training_checkpoint(
         for slot, variables in _slot_variables(optimizer, state.name, state.hyper).items():
             for name, variable in zip(names, variables, strict=True):
                 value = np.asarray(state.slots[slot][name]).astype(variable_dtype)
-                if slot == "momentum_buffer":
-                    value = -np.asarray(state.hyper["lr"], value.dtype) * value
                 variable.assign(rule(specs[name]).to_channels_last(value))
     return model, optimizer
 

@@ -102,14 +102,16 @@ FRAMEWORK_DIFFERENCES = (
         "SGD momentum convention",
         "buf = mu * buf + (1 - dampening) * g; p -= lr * buf",
         "trace = mu * trace + g; p -= lr * trace (no dampening)",
-        "m = mu * m - lr * g; p += m (the buffer holds -lr * buf)",
-        "dampening must be 0; Keras' momentums = -lr * momentum_buffer",
+        "keras.optimizers.SGD: m = mu * m - lr * g; p += m (its momentums hold -lr * buf); "
+        "impl_keras.TorchSGD: torch's update, its momentums hold buf",
+        "dampening must be 0; Keras runs impl_keras.TorchSGD, whose momentums (what a .keras file holds) are "
+        "momentum_buffer, copied",
     ),
     (
         "SGD nesterov",
         "p -= lr * (g + mu * buf)",
         "optax.trace(nesterov=True): the same",
-        "p += mu * m - lr * g: the same with m = -lr * buf",
+        "keras.optimizers.SGD: p += mu * m - lr * g, the same with m = -lr * buf; impl_keras.TorchSGD: torch's",
         "nesterov carried as a flag",
     ),
     (
