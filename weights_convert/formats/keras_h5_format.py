@@ -18,6 +18,14 @@ a soft link, a dataset with external raw storage or a virtual dataset is refused
 declared shape and dtype is checked against the parameter table, and every dataset must store the
 bytes it declares, before any data is read: memory stays within the file's own size (a compressed
 dataset: ``MAX_EXPANSION`` times its stored bytes).
+
+A ``.weights.h5`` is weights-only here. Keras' ``save_weights`` of a compiled, trained model does
+store the optimizer's variables (group ``optimizer/vars``: iterations, learning rate, slots), but not
+which optimizer made them nor its hyperparameters, so the slots have no meaning by themselves (a
+momentum of Keras' SGD is ``-lr`` times torch's, Adam's eps sits elsewhere). Reading skips that
+group (its links are still vetted) and writing a training checkpoint needs ``weights_only``; the
+``.keras`` archive, whose ``config.json`` holds the compile config, carries the optimizer state
+(``keras_archive_format``), and ``write_optimizer`` / ``optimizer_datasets`` here are its layout.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from weights_convert.formats.safetensors_format import _one_line, checksum
 CHECKSUM_ATTR = "attention_unet_sha256"
 # Each dataset has its own dtype: a checkpoint mixing float dtypes is written exactly.
 KEEPS_MIXED_DTYPES = True
-# save_weights of a compiled, trained model also writes the optimizer's slots under this group.
+# save_weights and save of a compiled, trained model also write the optimizer's variables under this
+# group: ``optimizer/vars/0`` (iterations), ``1`` (learning rate), then the slots.
 OPTIMIZER_GROUP = "optimizer"
+OPTIMIZER_VARS = f"{OPTIMIZER_GROUP}/vars"
 # The model's own ``vars`` group carries its name: Keras' default name for the class.
 MODEL_NAME = "attention_u_net"
 # A filtered (compressed) dataset may declare at most this many times its stored bytes: deflate,
@@ -355,6 +365,72 @@ def write(checkpoint: Checkpoint, path) -> None:
 
     with h5py.File(str(path), "w-") as f:  # "w-": never over an existing file
         write_weights(f, checkpoint)
+
+
+def optimizer_datasets(f, source: str, shapes: list[tuple[int, ...]]) -> list | None:
+    """The datasets ``optimizer/vars/0``, ``1``, ... of an open Keras weights file, None without
+    that group, vetted before any data is read: exactly ``len(shapes)`` of them, each of its shape
+    (``()`` for the counter and the learning rate), the first an integer, the rest floating, each
+    storing the bytes it declares. ``shapes`` may also be the two scalars alone (an optimizer that
+    was compiled but never built). One refusal lists every problem."""
+    import h5py
+
+    group = f.get(OPTIMIZER_VARS)
+    if group is None:
+        return None
+    if not isinstance(group, h5py.Group):
+        raise CheckpointError(f"{source}: {OPTIMIZER_VARS} is not a group")
+    names = sorted(group, key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name))
+    expected = [str(i) for i in range(len(shapes))]
+    if names not in (expected, expected[:2]):
+        raise CheckpointError(
+            f"{source}: {OPTIMIZER_VARS} holds {len(names)} variables ({_listed(names)}); the optimizer of this "
+            f"model has {len(shapes)} (iterations, learning rate, {len(shapes) - 2} slots) or 2 before its first step"
+        )
+    problems, datasets = [], []
+    for name, shape in zip(names, shapes, strict=False):
+        dataset = group[name]
+        path = f"{OPTIMIZER_VARS}/{name}"
+        if not isinstance(dataset, h5py.Dataset):
+            problems.append(f"{path} is not a dataset")
+            continue
+        dtype = _dataset_dtype(dataset)
+        integer = name == "0"
+        if tuple(dataset.shape) != shape:
+            problems.append(f"{path} has shape {tuple(dataset.shape)} (expected {shape})")
+        elif dtype is None or (dtype.kind in "iu") != integer:
+            problems.append(f"{path} is {dataset.dtype} (expected {'an integer' if integer else 'floating'})")
+        else:
+            declared = math.prod(shape) * dtype.itemsize
+            stored = dataset.id.get_storage_size()
+            if declared > (stored * MAX_EXPANSION if _has_filters(dataset) else stored):
+                problems.append(f"{path} declares {declared} bytes, stores {stored}")
+        datasets.append(dataset)
+    if problems:
+        raise CheckpointError(f"{source}: optimizer variables: {_listed(problems)}")
+    return datasets
+
+
+def dataset_value(dataset) -> np.ndarray:
+    """The data of a vetted dataset, in its dtype (bfloat16 as Keras marks it)."""
+    value = np.empty(dataset.shape, dtype=_dataset_dtype(dataset))
+    if value.dtype.name == "bfloat16":
+        return np.array(dataset, dtype=value.dtype)
+    if value.size:
+        dataset.read_direct(value)
+    return value
+
+
+def write_optimizer(f, name: str, values: list[np.ndarray]) -> None:
+    """The group ``optimizer/vars`` as Keras writes it: attribute ``name`` (the optimizer's name),
+    datasets ``0``, ``1``, ... (bfloat16 as raw 16-bit words marked ``dtype``)."""
+    group = f.require_group(OPTIMIZER_GROUP).create_group("vars")
+    group.attrs["name"] = name
+    for index, value in enumerate(values):
+        value = np.require(value, requirements="C")
+        dataset = group.create_dataset(str(index), data=value)
+        if value.dtype.name == "bfloat16":
+            dataset.attrs["dtype"] = "bfloat16"
 
 
 def write_weights(f, checkpoint: Checkpoint) -> None:
