@@ -45,6 +45,24 @@ BASE_CHAIN = textwrap.dedent(
         changed = [k for k, v in original.tensors.items() if v.dtype != back.tensors[k].dtype
                    or v.tobytes() != np.ascontiguousarray(back.tensors[k]).tobytes()]
         assert changed == [], (suffix, changed)
+    # A training checkpoint: .safetensors -> .keras (a compiled model's archive) -> .safetensors
+    # keeps the optimizer state bit for bit.
+    from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+    from weights_convert.core.spec import param_specs
+
+    rng = np.random.default_rng(8)
+    trainable = [s for s in param_specs(original.config) if not s.is_buffer]
+    slots = {slot: {s.name: rng.random(s.shape, np.float32) for s in trainable} for slot in ("exp_avg", "exp_avg_sq")}
+    state = OptimizerState("adamw", hyperparameters("adamw", weight_decay=0.05), 3, slots)
+    training = weights_convert.Checkpoint.from_tensors(original.tensors, original.config, optimizer=state)
+    weights_convert.write(training, directory / "training.safetensors")
+    weights_convert.convert(directory / "training.safetensors", directory / "training.keras")
+    weights_convert.convert(directory / "training.keras", directory / "training_back.safetensors")
+    for suffix in (".keras", "_back.safetensors"):
+        back = weights_convert.read(directory / f"training{suffix}").optimizer
+        assert back.header() == state.header(), (suffix, back.header())
+        changed = [k for k, v in state.tensors().items() if v.tobytes() != back.tensors()[k].tobytes()]
+        assert changed == [], (suffix, changed)
     # Hidden packages sit in sys.modules as None; an imported one would be a module.
     imported = {m.split(".")[0] for m, v in sys.modules.items() if v is not None}
     frameworks = sorted(imported & {"torch", "jax", "flax", "keras", "tensorflow", "orbax", "impl_torch",
@@ -57,7 +75,8 @@ BASE_CHAIN = textwrap.dedent(
 
 def test_base_install_converts_losslessly_and_refuses_pt(tmp_path):
     """Without any framework: .safetensors -> .weights.h5 -> .keras -> .msgpack -> .safetensors is
-    bit-exact and imports no framework; .pt is refused in one line naming the extra."""
+    bit-exact, a training checkpoint's optimizer state survives .safetensors -> .keras -> .safetensors
+    bit for bit, and no framework is imported; .pt is refused in one line naming the extra."""
     done = subprocess.run(
         [sys.executable, "-c", BASE_CHAIN, str(tmp_path)],
         env=environment(WITHOUT["base"]),
