@@ -8,14 +8,18 @@ signatures, numpy in and out in canonical layouts (NCHW activations, canonical n
 - ``fit(checkpoint, xs, targets, *, dtype, device, optimizer)``: one train step per batch of ``xs``
   with ONE optimizer whose state persists across the steps; ``loss/step<k>``, then ``param/<name>``
   and ``state/<name>`` after the last step; with ``trajectory=True`` also
-  ``trajectory/step<k>/<name>``, every trainable tensor after each step.
+  ``trajectory/step<k>/<name>``, every trainable tensor after each step. From a training checkpoint
+  (or its path) the fit continues that checkpoint's ``nnx.Optimizer`` and returns its state too;
+  ``save_to`` then saves both (``impl_torch.runner`` says how).
 
 All run under ``nnx.jit`` (the variant users deploy, and one XLA compile instead of one per op);
-``train_step`` and ``fit`` share one jitted step function, compiled once per shape and precision and
-reused for every step. ``dtype`` is "float32", "float64" or "mixed_bfloat16" (the model's own mixed
-precision: float32 parameters and statistics, bfloat16 compute); inputs and targets are fed in the
-parameter dtype, and bfloat16 results come back as float32. float64 runs inside a scoped
-``jax.enable_x64(True)``, so x64 never leaks to the caller. Runs use "highest" matmul precision
+``train_step`` and ``fit`` share one jitted gradient function, compiled once per shape and precision
+and reused for every step and optimizer, and one jitted update per optimizer (``train_step_fn``).
+
+``dtype`` is "float32", "float64" or "mixed_bfloat16" (the model's own mixed precision: float32
+parameters and statistics, bfloat16 compute); inputs and targets are fed in the parameter dtype,
+and bfloat16 results come back as float32. float64 runs inside a scoped ``jax.enable_x64(True)``,
+so x64 never leaks to the caller. Runs use "highest" matmul precision
 so that a GPU computes float32 without TF32 (a no-op on CPU; under mixed_bfloat16 the convolutions
 take bfloat16 operands, which that setting leaves alone), unless the caller has chosen a precision
 (the parity command's TF32 rows run inside ``jax.default_matmul_precision("tensorfloat32")``).
@@ -32,11 +36,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+import weights_convert
+from impl_flax import training
 from impl_flax.io import from_checkpoint
 from impl_flax.model import DTYPES, AttentionUNet, resolve_dtypes
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.flax_layout import from_nnx
-from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.core.optim import check_fit_batches, check_optimizer, check_training, state_results
 from weights_convert.core.spec import ModelConfig, param_specs
 
 
@@ -124,13 +130,25 @@ def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> jax.Array:
 
 
 @nnx.jit
+def gradients_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> tuple[jax.Array, nnx.State]:
+    """The loss and its gradients from a train-mode forward, which updates the running statistics."""
+    return nnx.value_and_grad(loss_fn)(model, x, target)
+
+
+@nnx.jit
+def update_fn(model: AttentionUNet, optimizer: nnx.Optimizer, grads: nnx.State) -> None:
+    optimizer.update(model, grads)
+
+
 def train_step_fn(
     model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array
 ) -> tuple[jax.Array, nnx.State]:
-    """One training step, in place: the loss and its gradients from a train-mode forward (which
-    updates the running statistics), then one optimizer update. Returns (loss, gradients)."""
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, target)
-    optimizer.update(model, grads)
+    """One training step, in place: ``gradients_fn``, then one optimizer update. Returns (loss,
+    gradients). Two compiled programs, not one: compiling the backward pass is the slow part
+    (seconds on a CPU), and this way it is compiled once per model shape and precision and shared
+    by every optimizer, while each optimizer compiles only its small update."""
+    loss, grads = gradients_fn(model, x, target)
+    update_fn(model, optimizer, grads)
     return loss, grads
 
 
@@ -147,7 +165,15 @@ def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cp
 
 
 def fit(
-    checkpoint: Checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False
+    checkpoint,
+    xs,
+    targets,
+    *,
+    dtype="float32",
+    device="cpu",
+    optimizer="sgd",
+    trajectory=False,
+    save_to=None,
 ) -> dict:
     """``len(xs)`` training steps of one optimizer: step k trains on ``xs[k - 1]`` against
     ``targets[k - 1]`` (shapes (steps, N, C, H, W) and (steps, N, out_channels, H, W)).
@@ -156,11 +182,17 @@ def fit(
     ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running statistic
     after the last step; with ``trajectory`` also ``trajectory/step<k>/<name>``, every trainable
     tensor after each step."""
-    check_optimizer(optimizer)
     xs, targets = check_fit_batches(xs, targets)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = weights_convert.read(checkpoint)
+    check_training(checkpoint, optimizer, save_to)
     with _scope(dtype, device) as input_dtype:
-        model = _model(checkpoint, dtype, train=True)
-        opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
+        if checkpoint.optimizer is None:
+            check_optimizer(optimizer)
+            model = _model(checkpoint, dtype, train=True)
+            opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
+        else:
+            model, opt = training.from_training_checkpoint(checkpoint, dtype)
         # NHWC in the feed dtype; each step's batch goes to the device as a data loader would send it.
         xs, targets = (np.asarray(a.transpose(0, 1, 3, 4, 2), input_dtype) for a in (xs, targets))
         losses, path = [], {}
@@ -172,4 +204,8 @@ def fit(
         results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
         results.update(_canonical(nnx.state(model, nnx.Param), "param", model.config))
         results.update(_canonical(nnx.state(model, nnx.BatchStat), "state", model.config))
+        if checkpoint.optimizer is not None:
+            results.update(state_results(training.optimizer_state(model, opt)))
+            if save_to is not None:
+                training.save_training(model, opt, save_to)
     return results | path

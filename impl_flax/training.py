@@ -13,6 +13,8 @@ hyperparameters on the optimizer (``optimizer.canonical``, static) for ``save_tr
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -32,7 +34,15 @@ OPTAX_SLOTS = {"trace": "momentum_buffer", "mu": "exp_avg", "nu": "exp_avg_sq"}
 
 
 def transformation(name: str, hyper: dict) -> optax.GradientTransformation:
-    """The optax transformation of canonical optimizer ``name`` with full ``hyper``."""
+    """The optax transformation of canonical optimizer ``name`` with full ``hyper``: one object per
+    setting, because the transformation is a static part of ``nnx.Optimizer``, and a new one would
+    compile a jitted training step again."""
+    return _transformation(name, tuple(hyper.items()))
+
+
+@functools.cache
+def _transformation(name: str, items: tuple) -> optax.GradientTransformation:
+    hyper = dict(items)
     if name == "sgd":
         tx = optax.sgd(hyper["lr"], momentum=hyper["momentum"] or None, nesterov=hyper["nesterov"])
     elif name == "adam":

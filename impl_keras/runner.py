@@ -11,7 +11,9 @@ and numpy out in canonical layouts (NCHW, canonical names), under the backend of
   one optimizer whose state persists: ``loss/step<k>`` (step k's loss, before its update) for every
   step, then ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running
   statistic after the last step; with ``trajectory=True`` also ``trajectory/step<k>/<name>``, every
-  trainable tensor after each step.
+  trainable tensor after each step. From a training checkpoint (or its path) the fit continues that
+  checkpoint's optimizer (``impl_keras.training``) and returns its state too; ``save_to`` then saves
+  both (``impl_torch.runner`` says how).
 
 ``checkpoint`` is a ``Checkpoint`` or a path that ``impl_keras.load`` reads. ``dtype`` is "float32",
 "float64" or "mixed_bfloat16" (Keras' mixed policy: float32 variables, bfloat16 computation; inputs
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.core.optim import check_fit_batches, check_optimizer, check_training, state_results
 from weights_convert.harness.keras_worker import (  # noqa: F401  (the calls' API, re-exported)
     BACKENDS,
     FUNCTIONS,
@@ -78,15 +80,34 @@ def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimize
     return results
 
 
-def fit(checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False) -> dict:
+def fit(
+    checkpoint,
+    xs,
+    targets,
+    *,
+    dtype="float32",
+    device="cpu",
+    optimizer="sgd",
+    trajectory=False,
+    save_to=None,
+) -> dict:
     """``xs`` (steps, N, C, H, W), ``targets`` (steps, N, out_channels, H, W): step k trains on
     ``xs[k-1]`` against ``targets[k-1]`` with one optimizer (Adam's t runs 1, 2, ...)."""
-    check_optimizer(optimizer)
+    import weights_convert
+
     xs, targets = check_fit_batches(xs, targets)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = weights_convert.read(checkpoint)
+    check_training(checkpoint, optimizer, save_to)
+    state = checkpoint.optimizer
+    if state is None:
+        check_optimizer(optimizer)
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
-        trainer = _trainer(model, optimizer)
+        trainer = _trainer(model, optimizer, None if state is None else tuple(state.hyper.items()))
         trainer.reset()
+        if state is not None:
+            trainer.restore(checkpoint)
         losses, path = [], {}
         for k, (x, target) in enumerate(zip(xs, targets, strict=True)):
             loss, _ = trainer.step(_nhwc(x, dtype), _nhwc(target, dtype))
@@ -96,6 +117,12 @@ def fit(checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sg
         results = {f"loss/step{k + 1}": _numpy(loss) for k, loss in enumerate(losses)}
         results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
         results.update({f"state/{name}": value for name, value in _state(model).items()})
+        if state is not None:
+            from impl_keras import training
+
+            results.update(state_results(training.optimizer_state(model, trainer.optimizer)))
+            if save_to is not None:
+                training.save_training(model, trainer.optimizer, save_to)
     return results | path
 
 
@@ -203,10 +230,17 @@ def _jax_call(model, training: bool):
 
 
 @functools.lru_cache(maxsize=8)
-def _trainer(model, optimizer: str) -> _Trainer:
+def _trainer(model, optimizer: str, hyper: tuple | None = None) -> _Trainer:
     """One trainer per (model, optimizer): its functions are traced or compiled once and every later
-    ``train_step`` / ``fit`` on the model reuses them, after ``reset()``."""
-    return _Trainer(model, optimizer)
+    ``train_step`` / ``fit`` on the model reuses them, after ``reset()``. ``hyper`` (items): a
+    training checkpoint's optimizer (``impl_keras.training.make_optimizer``), else the parity
+    checks' ``optimizer``."""
+    dtype = model.dtype_policy.variable_dtype
+    if hyper is None:
+        return _Trainer(model, _optimizer(optimizer, dtype))
+    from impl_keras import training
+
+    return _Trainer(model, training.make_optimizer(optimizer, dtype, **dict(hyper)))
 
 
 class _Trainer:
@@ -225,7 +259,7 @@ class _Trainer:
     - PyTorch: eager, ``loss.backward()``, then ``optimizer.apply`` under ``torch.no_grad()``.
     """
 
-    def __init__(self, model, optimizer: str):
+    def __init__(self, model, optimizer):
         import keras
 
         from impl_keras.io import keras_variables
@@ -237,7 +271,7 @@ class _Trainer:
         self.names = [by_id[id(v)] for v in self.variables]
         self.specs = {s.name: s for s in param_specs(model.config)}
         self.gradients = _gradients(model)
-        self.optimizer = _optimizer(optimizer, model.dtype_policy.variable_dtype)
+        self.optimizer = optimizer
         self.optimizer.build(self.variables)  # before any tracing: a tf.function must not create variables
         self.initial = [keras.ops.convert_to_numpy(v.value) for v in self.optimizer.variables]
         self.apply = getattr(self, f"_{keras.backend.backend()}_apply")()
@@ -245,6 +279,15 @@ class _Trainer:
     def reset(self) -> None:
         """The optimizer's state as when it was created (Adam's t back to 0, moments zero)."""
         _assign(self.optimizer.variables, self.initial)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """The optimizer's state (step count and slots) from training checkpoint ``checkpoint``, which
+        the model already holds: copied from the optimizer that ``from_training_checkpoint`` restores,
+        built over the same variables in the same order."""
+        from impl_keras import training
+
+        _, restored = training.from_training_checkpoint(checkpoint, self.model.dtype_policy.name)
+        _assign(self.optimizer.variables, [v.value for v in restored.variables])
 
     def step(self, x, target):
         """One training step on the model and the optimizer; returns (loss, gradients)."""

@@ -11,7 +11,11 @@ same three functions; inputs and results are numpy in canonical layouts (NCHW, c
   one optimizer whose state persists: ``loss/step<k>`` (step k's loss, before its update) for every
   step, then ``param/<name>`` for every trainable tensor and ``state/<name>`` for every running
   statistic after the last step; with ``trajectory=True`` also ``trajectory/step<k>/<name>``, every
-  trainable tensor after each step.
+  trainable tensor after each step. From a training checkpoint (one with optimizer state, or the
+  path of one) the fit continues that checkpoint's optimizer, which ``optimizer`` must name, and
+  also returns its state after the last step (``weights_convert.core.optim.state_results``); with
+  ``save_to`` it then saves model and optimizer there, in the format the path names
+  (``save_training``).
 
 ``train_step`` and ``fit`` run the same eager PyTorch training step (``torch.optim``, autograd);
 eager mode is how PyTorch is normally trained, so nothing is compiled.
@@ -27,10 +31,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import weights_convert
+from impl_torch import training
 from impl_torch.io import from_checkpoint, torch_dtype
 from impl_torch.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.core.optim import check_fit_batches, check_optimizer, check_training, state_results
 from weights_convert.formats.torch_format import to_numpy
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -105,12 +111,26 @@ def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cp
 
 
 def fit(
-    checkpoint: Checkpoint, xs, targets, *, dtype="float32", device="cpu", optimizer="sgd", trajectory=False
+    checkpoint,
+    xs,
+    targets,
+    *,
+    dtype="float32",
+    device="cpu",
+    optimizer="sgd",
+    trajectory=False,
+    save_to=None,
 ) -> dict:
     """``xs`` (steps, N, C, H, W), ``targets`` (steps, N, out_channels, H, W): step k trains on
     ``xs[k-1]`` against ``targets[k-1]`` with one optimizer (Adam's t runs 1, 2, ...)."""
     xs, targets = check_fit_batches(xs, targets)
-    model, opt = _training(checkpoint, dtype, device, optimizer)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = weights_convert.read(checkpoint)
+    check_training(checkpoint, optimizer, save_to)
+    if checkpoint.optimizer is None:
+        model, opt = _training(checkpoint, dtype, device, optimizer)
+    else:
+        model, opt = training.from_training_checkpoint(checkpoint, dtype, device=torch_device(device))
     losses, path = [], {}
     for k, (x, target) in enumerate(zip(_input(xs, dtype, device), _input(targets, dtype, device), strict=True)):
         losses.append(_backward(model, opt, x, target))
@@ -120,4 +140,8 @@ def fit(
     results = {f"loss/step{k + 1}": _numpy(loss) for k, loss in enumerate(losses)}
     results.update({f"param/{name}": _numpy(p.detach()) for name, p in model.named_parameters()})
     results.update({f"state/{name}": _numpy(value) for name, value in _buffers(model).items()})
+    if checkpoint.optimizer is not None:
+        results.update(state_results(training.optimizer_state(model, opt)))
+        if save_to is not None:
+            training.save_training(model, opt, save_to)
     return results | path

@@ -44,11 +44,14 @@ def to_training_checkpoint(model: AttentionUNet, optimizer: torch.optim.Optimize
     )
 
 
-def from_training_checkpoint(checkpoint: Checkpoint, dtype="float32") -> tuple[AttentionUNet, torch.optim.Optimizer]:
-    """A train-mode model and its optimizer with the checkpoint's state, ready for the next step."""
+def from_training_checkpoint(
+    checkpoint: Checkpoint, dtype="float32", *, device="cpu"
+) -> tuple[AttentionUNet, torch.optim.Optimizer]:
+    """A train-mode model on ``device`` and its optimizer with the checkpoint's state (on the same
+    device), ready for the next step."""
     if checkpoint.optimizer is None:
         raise CheckpointError("the checkpoint holds no optimizer state (a weights-only checkpoint)")
-    model = from_checkpoint(checkpoint, dtype).train()
+    model = from_checkpoint(checkpoint, dtype).to(device).train()
     state = checkpoint.optimizer
     optimizer = make_optimizer(model, state.name, **state.hyper)
     # load_state_dict casts the slots to each parameter's dtype and device.

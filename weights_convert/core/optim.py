@@ -35,3 +35,27 @@ def check_fit_batches(xs, targets):
             f"of steps (at least 1), got shapes {xs.shape} and {targets.shape}"
         )
     return xs, targets
+
+
+def state_results(state) -> dict:
+    """The optimizer quantities that a fit from a training checkpoint compares (``parity
+    --resume-at``): ``<slot>/<parameter>`` for every slot of ``state`` (an ``OptimizerState``, slots
+    in canonical layout), and ``optimizer/step`` for Adam and AdamW, whose bias correction counts
+    the steps (SGD's update does not, and torch's SGD keeps no count)."""
+    results = {
+        f"{slot}/{name}": np.asarray(value) for slot, values in state.slots.items() for name, value in values.items()
+    }
+    if state.name != "sgd":
+        results["optimizer/step"] = np.asarray(state.step, dtype=np.int64)
+    return results
+
+
+def check_training(checkpoint, optimizer: str, save_to=None) -> None:
+    """What a runner's ``fit`` checks of the ``Checkpoint`` it starts from: a training checkpoint's
+    optimizer must be ``optimizer``, and ``save_to`` needs a training checkpoint (a ValueError saying
+    what is wrong otherwise)."""
+    state = checkpoint.optimizer
+    if state is not None and state.name != optimizer:
+        raise ValueError(f"the training checkpoint's optimizer is {state.name}, but the fit names {optimizer}")
+    if state is None and save_to is not None:
+        raise ValueError("save_to saves a training checkpoint: the fit must start from one (with optimizer state)")

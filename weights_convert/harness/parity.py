@@ -33,6 +33,12 @@ framework's, at the run's input and at a second batch (1, or 3 when the run's ba
 differs from the batch of 2 traced at export. ONNX is float32 only (onnxruntime has no float64
 convolution on CPU): ``--dtype float64`` with ``onnx`` is refused in one line, as is
 ``mixed_bfloat16`` with any export, and ``--device gpu`` (exports run on CPU).
+
+A fit with ``resume_at`` K (``--resume-at``) moves training between frameworks: every target trains
+K steps, saves a training checkpoint in its native format, and every target continues each of
+those for the remaining steps (``weights_convert.harness.resume``). Its rows,
+``resume/<from>-><to>/<optimizer>/...``, compare each ordered pair's losses, final parameters,
+statistics and optimizer state with the reference's uninterrupted run.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ import json
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.optimizer_state import DEFAULTS as TRAINING_OPTIMIZERS
+from weights_convert.core.optimizer_state import slot_names
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import data_parallel as dp
@@ -84,6 +92,11 @@ RESULT_FIELDS = (
 # Row groups computed after a backward pass, and how many reference runs (the first at the given
 # weights, the others at one-ulp-dithered ones) measure their noise: see ``measure_noise``.
 BACKWARD_GROUPS = ("grad", "step", "loss", "param")
+# The optimizers of a fit with ``resume_at`` (training checkpoints' own), and their slots' row groups.
+RESUME_OPTIMIZERS = tuple(TRAINING_OPTIMIZERS)
+SLOT_NAMES = tuple(
+    dict.fromkeys(slot for name, hyper in TRAINING_OPTIMIZERS.items() for slot in slot_names(name, hyper))
+)
 NOISE_RUNS = 3
 
 
@@ -119,6 +132,7 @@ class Run:
     trajectory: bool = False  # fit: also the parameters after every step (``trajectory/step<k>/<name>``)
     data_parallel: int = 1  # fit: devices (``weights_convert.harness.data_parallel``)
     batchnorm: str = "sync"  # fit on several devices: "sync" or "local" BatchNorm statistics
+    resume_at: int | None = None  # fit: train this many steps, then move (``weights_convert.harness.resume``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +330,7 @@ def targets_for(frameworks, keras_backends, device: str, dtype: str) -> list[Tar
     return targets
 
 
-def _runner(framework: str):
+def runner_of(framework: str):
     """The runner of torch or flax (Keras runs through ``weights_convert.harness.keras_worker``)."""
     if framework == "torch":
         from impl_torch import runner
@@ -326,7 +340,7 @@ def _runner(framework: str):
 
 
 @contextlib.contextmanager
-def _matmul_precision(target: Target):
+def matmul_precision(target: Target):
     """Strict rows run with TF32 off (ARCHITECTURE.md section 4); tf32 rows with it on."""
     allow = target.precision == "tf32"
     if target.device != "gpu":
@@ -387,8 +401,8 @@ def run_calls(impl: Target, checkpoint: Checkpoint, calls) -> list[dict]:
 
         batch = [Call(function, checkpoint, x, target, {**kwargs, **common}) for function, x, target, kwargs in calls]
         return run_batch_in_backend(impl.backend, batch)
-    runner = _runner(impl.framework)
-    with _matmul_precision(impl):
+    runner = runner_of(impl.framework)
+    with matmul_precision(impl):
         return [
             getattr(runner, function)(checkpoint, x, *([] if target is None else [target]), **kwargs, **common)
             for function, x, target, kwargs in calls
@@ -408,6 +422,12 @@ def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precisio
     from weights_convert.harness import reference
 
     tensors, common = checkpoint.tensors, {"config": checkpoint.config, "precision": precision}
+    if run.resume_at is not None:
+        from weights_convert.harness.resume import start
+
+        ((optimizer,),) = (run.optimizers,)
+        state = start(checkpoint, optimizer).optimizer
+        return reference.fit(tensors, inputs.x, inputs.target, optimizer=state, **common)
     if run.mode == "fit":
         ((_, x, target, kwargs),) = calls_for(run, inputs)
         return reference.fit(tensors, x, target, **dp.reference_kwargs(kwargs), **common)
@@ -431,8 +451,11 @@ def _groups(reference: dict) -> dict[str, dict]:
 
 
 def _scale(group: str, quantities: dict) -> float | None:
-    """The gradient is one vector: its rows are scaled by its largest entry (see ``judge``)."""
-    return max(float(np.max(np.abs(v))) for v in quantities.values()) if group == "grad" else None
+    """The gradient is one vector: its rows are scaled by its largest entry (see ``judge``); so is
+    each optimizer slot, a running sum of gradients (or of their squares)."""
+    if group == "grad" or group in SLOT_NAMES:
+        return max(float(np.max(np.abs(v))) for v in quantities.values())
+    return None
 
 
 def dithered(checkpoint: Checkpoint, seed: int) -> Checkpoint:
@@ -455,7 +478,8 @@ def measure_noise(checkpoint: Checkpoint, inputs: Inputs, run: Run, precision: s
     ``reference`` of the NumPy reference computed at that precision (ARCHITECTURE.md section 4).
 
     Rows of a forward pass (block outputs, the running statistics it updates) get their own run's
-    noise. Rows downstream of a backward pass (gradients, steps, losses and parameters of a fit)
+    noise. Rows downstream of a backward pass (gradients, steps, losses, parameters and optimizer
+    state of a fit)
     get the largest noise of their group over NOISE_RUNS runs at weights dithered by one ulp:
     a backward pass through ReLUs and max pools makes discrete decisions (a pre-activation within
     rounding of zero), and at reduced precision which way each goes is a coin toss that moves a
@@ -538,6 +562,7 @@ def check(
     progress=None,
     data_parallel: int = 1,
     batchnorm: str = "sync",
+    resume_at: int | None = None,
 ) -> Report:
     """Run ``checkpoint`` (a path, a Checkpoint, or None for seeded default weights) through each
     framework and compare every quantity with the independent float64 NumPy reference: block
@@ -549,7 +574,9 @@ def check(
     also records every implementation's largest parameter difference after each step
     (``Report.drift``, for the plot). A fit on ``data_parallel`` devices trains each framework
     data-parallel with ``batchnorm`` statistics, against the reference of that mode
-    (``weights_convert.harness.data_parallel``).
+    (``weights_convert.harness.data_parallel``). A fit with ``resume_at`` K moves training between
+    every ordered pair of frameworks after K steps (``weights_convert.harness.resume``), with each of
+    ``optimizer`` (default: all of ``RESUME_OPTIMIZERS``).
 
     ``frameworks`` and ``keras_backends`` default to the installed ones (``select``); one that is
     named but not installed raises ``MissingPackage`` naming what to install."""
@@ -557,9 +584,12 @@ def check(
     frameworks, keras_backends = selection.frameworks, selection.keras_backends
     exports = _export_targets(frameworks, dtype, device, mode)
     frameworks = tuple(f for f in frameworks if f not in exports)
+    fit_optimizer = None if resume_at is not None else optimizer  # a resumed fit has its own optimizers
     frameworks, keras_backends, optimizers = _validate(
-        frameworks, keras_backends, dtype, device, mode, size, batch, steps, optimizer, allow_none=bool(exports)
+        frameworks, keras_backends, dtype, device, mode, size, batch, steps, fit_optimizer, allow_none=bool(exports)
     )
+    if resume_at is not None:
+        optimizers = _validate_resume(resume_at, optimizer, mode, steps, trajectory, data_parallel, exports)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         import weights_convert
 
@@ -571,11 +601,16 @@ def check(
         keras_backends = dp.checked(frameworks, keras_backends, mode, batch, data_parallel, batchnorm)
     except ValueError as error:
         raise ParityError(str(error)) from None
-    run = Run(mode, optimizers, steps, trajectory and mode == "fit", data_parallel, batchnorm)
+    run = Run(mode, optimizers, steps, trajectory and mode == "fit", data_parallel, batchnorm, resume_at)
     inputs = Inputs(*make_inputs(config, batch, size, seed, steps if mode == "fit" else None))
     if checkpoint is None:
         checkpoint = default_checkpoint(inputs.x[0] if mode == "fit" else inputs.x)
     say = progress or (lambda message: None)
+    if resume_at is not None:
+        results, outputs, shown = _check_resume(
+            targets_for(frameworks, keras_backends, device, dtype), checkpoint, inputs, run, say
+        )
+        return Report(results, config, outputs, shown, inputs.x[0], mode, seed=seed, dtype=dtype)
     say("reference: numpy float64")
     reference, reference_path = _split_trajectory(compute_reference(checkpoint, inputs, run))
     noise = measure_noise(checkpoint, inputs, run, dtype, reference, say) if dtype in NOISY_PRECISIONS else None
@@ -589,18 +624,7 @@ def check(
             drift[target.label] = _drift(path, reference_path, run.steps)
         for row, informational in judge(actual, reference, target, noise):
             quantity = ("tf32:" if target.precision == "tf32" else "") + row.quantity
-            fields = dataclasses.asdict(row) | {"quantity": quantity}
-            results.append(
-                Result(
-                    target.framework,
-                    target.backend,
-                    target.device,
-                    dtype,
-                    mode,
-                    **fields,
-                    informational=informational,
-                )
-            )
+            results.append(_result(target, mode, row, quantity, informational))
         if target.precision == "strict":
             outputs[target.label] = _curve(actual, run) if mode == "fit" else np.asarray(actual.get("output"))
     if exports:
@@ -613,6 +637,63 @@ def check(
     shown = _curve(reference, run) if mode == "fit" else reference["output"]
     shown_input = inputs.x[0] if mode == "fit" else inputs.x
     return Report(results, config, outputs, shown, shown_input, mode, drift, seed=seed, dtype=dtype)
+
+
+def _result(target: Target, mode: str, row: Row, quantity: str, informational: bool) -> Result:
+    fields = dataclasses.asdict(row) | {"quantity": quantity}
+    return Result(
+        target.framework, target.backend, target.device, target.dtype, mode, **fields, informational=informational
+    )
+
+
+def _validate_resume(resume_at: int, optimizer, mode: str, steps: int, trajectory: bool, data_parallel: int, exports):
+    """The optimizers of a fit with ``resume_at``; one line refusing what it cannot run."""
+    if mode != "fit":
+        raise ParityError(f"--resume-at moves a fit between frameworks: it needs --mode fit, got --mode {mode}")
+    if not 1 <= resume_at < steps:
+        raise ParityError(f"--resume-at must be at least 1 and below --steps {steps}, got {resume_at}")
+    for flag, used in (
+        ("--trajectory", trajectory),
+        ("--data-parallel", data_parallel > 1),
+        ("export targets", exports),
+    ):
+        if used:
+            raise ParityError(f"--resume-at does not combine with {flag}")
+    if optimizer is None:
+        return RESUME_OPTIMIZERS
+    optimizers = (optimizer,) if isinstance(optimizer, str) else tuple(optimizer)
+    unknown = [name for name in optimizers if name not in RESUME_OPTIMIZERS]
+    if unknown or not optimizers:
+        raise ParityError(
+            f"unknown optimizer {optimizer!r} for --resume-at; choose from {', '.join(RESUME_OPTIMIZERS)}"
+        )
+    return optimizers
+
+
+def _check_resume(targets: list[Target], checkpoint: Checkpoint, inputs: Inputs, run: Run, say):
+    """(results, loss curves, the reference's curve) of a fit with ``run.resume_at``: for each
+    optimizer the reference's uninterrupted run and its noise, then every ordered pair of the
+    (strict) ``targets`` judged against it."""
+    from weights_convert.harness import resume
+
+    dtype = targets[0].dtype
+    references, noises = {}, {}
+    for name in run.optimizers:
+        single = dataclasses.replace(run, optimizers=(name,))
+        say(f"reference: numpy float64, {name}")
+        references[name] = compute_reference(checkpoint, inputs, single)
+        noisy = dtype in NOISY_PRECISIONS
+        noises[name] = measure_noise(checkpoint, inputs, single, dtype, references[name], say) if noisy else None
+    strict = [target for target in targets if target.precision == "strict"]
+    parameters = checkpoint.astype("float32" if dtype == "mixed_bfloat16" else dtype)
+    pairs = resume.train_pairs(strict, parameters, inputs.x, inputs.target, run.resume_at, run.optimizers, say)
+    results, outputs = [], {}
+    for (name, source, target), actual in pairs.items():
+        prefix = f"resume/{resume.pair_label(source, target)}/{name}"
+        for row, informational in judge(actual, references[name], target, noises[name]):
+            results.append(_result(target, "fit", row, f"{prefix}/{row.quantity}", informational))
+        outputs[prefix] = _curve(actual, run)
+    return results, outputs, _curve(references[run.optimizers[0]], run)
 
 
 def _export_targets(frameworks, dtype: str, device: str, mode: str) -> tuple[str, ...]:
@@ -772,7 +853,7 @@ def format_table(report: Report, verbose: bool = False) -> str:
         quantity = (
             r.quantity
             if count == 1
-            else f"{key} ({count} tensors, worst {r.quantity.split('/', 1 + key.count('/'))[-1]})"
+            else f"{key} ({count} tensors, worst {r.quantity.removeprefix(key.removesuffix('*'))})"
         )
         if r.agree is not None:
             quantity += f" ({r.agree:.2%} agree)"
@@ -819,13 +900,21 @@ def summary_line(report: Report) -> str:
 FOLDED = ("state", "grad", "step/sgd", "step/adam", "param")
 
 
+def _fold(name: str) -> str | None:
+    """The folded group of a row: one of ``FOLDED``, or a whole ``resume/<from>-><to>/<optimizer>``."""
+    if name.startswith("resume/"):
+        return "/".join(name.split("/")[:3])
+    return next((p for p in FOLDED if name.startswith(p + "/")), None)
+
+
 def _grouped(results: list[Result], verbose: bool):
-    """Rows to print: each block row as is; grad/, state/, step/<optimizer>/ and param/ folded per implementation."""
+    """Rows to print: each block row as is; grad/, state/, step/<optimizer>/ and param/ folded per
+    implementation, and each pair and optimizer of a resumed fit."""
     groups: dict[tuple, list] = {}
     order = []
     for r in results:
         name = r.quantity.removeprefix("tf32:")
-        prefix = next((p for p in FOLDED if name.startswith(p + "/")), None)
+        prefix = _fold(name)
         if verbose or prefix is None or not r.passed:
             key = (id(r),)
             groups[key] = [r, 1, r.quantity]

@@ -30,7 +30,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from weights_convert.core.optim import check_fit_batches, check_optimizer
+from weights_convert.core.optim import check_fit_batches, check_optimizer, state_results
+from weights_convert.core.optimizer_state import reference_step
 from weights_convert.core.spec import ModelConfig, infer_config, param_specs
 
 BN_EPS = 1e-5
@@ -486,6 +487,18 @@ class Optimizer:
         return updated
 
 
+class _Continued:
+    """A training checkpoint's optimizer continued with the canonical definitions
+    (``weights_convert.core.optimizer_state.reference_step``), its slots in the storage dtype."""
+
+    def __init__(self, state, precision: Precision):
+        self.state = state.astype(precision.dtype)
+
+    def step(self, params: dict, grads: dict) -> dict:
+        params, self.state = reference_step(params, grads, self.state)
+        return params
+
+
 def train_step(
     tensors: dict, x, target, *, optimizer: str, config: ModelConfig | None = None, precision: str = "float64"
 ) -> dict:
@@ -547,7 +560,7 @@ def fit(
     xs,
     targets,
     *,
-    optimizer: str,
+    optimizer,
     config: ModelConfig | None = None,
     precision: str = "float64",
     trajectory: bool = False,
@@ -565,7 +578,13 @@ def fit(
 
     Returns ``loss/step<k>`` (before step k's update) for every step, then ``param/<name>`` for
     every trainable tensor and ``state/<name>`` for every running statistic after the last step.
-    With ``trajectory``, also ``trajectory/step<k>/<name>``: every trainable tensor after step k."""
+    With ``trajectory``, also ``trajectory/step<k>/<name>``: every trainable tensor after step k.
+
+    ``optimizer`` is a name of ``weights_convert.core.optim.OPTIMIZERS``, or the ``OptimizerState``
+    of a training checkpoint (``weights_convert.core.optimizer_state``: SGD with momentum, Adam,
+    AdamW, at any step), which the run continues with the canonical definitions
+    (``reference_step``); the results then also hold the optimizer's state after the last step
+    (``weights_convert.core.optim.state_results``)."""
     config = _config(tensors, config)
     p = Precision(precision)
     xs, targets = check_fit_batches(xs, targets)
@@ -575,7 +594,7 @@ def fit(
         for k in _buffers(config)
         if k in tensors
     }
-    opt = Optimizer(optimizer)
+    opt = Optimizer(optimizer) if isinstance(optimizer, str) else _Continued(optimizer, p)
     results: dict[str, np.ndarray] = {}
     for k in range(len(xs)):
         loss, grads, new_state = _sharded_loss_and_gradients(
@@ -588,4 +607,6 @@ def fit(
             results.update({f"trajectory/step{k + 1}/{name}": v for name, v in params.items()})
     results.update({f"param/{k}": v for k, v in params.items()})
     results.update({f"state/{k}": state[k] for k in _buffers(config) if k in state})
+    if isinstance(opt, _Continued):
+        results.update(state_results(opt.state))
     return results

@@ -1,0 +1,116 @@
+"""Resume parity (``attention-unet parity --mode fit --steps N --resume-at K``): training moved from
+one framework to another mid-run is the same training.
+
+Every target trains K steps from one training checkpoint (the model and a fresh optimizer,
+``start``) and saves a training checkpoint in its framework's native format (``NATIVE_FORMATS``:
+``save_training``). Each saved checkpoint is converted (``weights_convert.convert``, lossless) to
+every target's native format, the target's own included, and training continues there for the
+remaining N - K steps from the restored optimizer. Each ordered pair ``<from>-><to>`` then has the
+losses of all N steps (the first K from ``<from>``'s run), and the parameters, running statistics
+and optimizer state (``weights_convert.core.optim.state_results``) after the last step, compared by
+``parity.check`` with the reference's uninterrupted run of the same optimizer.
+
+The optimizers are the training checkpoints' (``weights_convert.core.optimizer_state.DEFAULTS``):
+SGD with momentum 0.9, Adam, and AdamW with decoupled weight decay 0.01, so that step counts,
+moments and momentum buffers all cross the framework boundary. Each target's runner does the
+training (its ``fit`` from a training checkpoint); Keras under a backend other than this process's
+runs in one subprocess per phase for every optimizer and pair (``weights_convert.harness.keras_worker``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+
+# The format each framework's own training checkpoints take (``save_training`` writes it natively).
+NATIVE_FORMATS = {"torch": ".pt", "flax": ".orbax", "keras": ".keras"}
+
+
+def start(checkpoint: Checkpoint, optimizer: str) -> Checkpoint:
+    """The training checkpoint every run starts from: ``checkpoint``'s tensors and a fresh
+    ``optimizer`` (step 0, no slots) with its canonical hyperparameters."""
+    state = OptimizerState(optimizer, hyperparameters(optimizer), 0, {})
+    return Checkpoint(checkpoint.config, checkpoint.tensors, optimizer=state)
+
+
+def pair_label(source, target) -> str:
+    """``<from>-><to>``, each a framework (``keras-<backend>`` for Keras: the label is one segment
+    of a row's ``/``-separated name)."""
+    return f"{_slug(source)}->{_slug(target)}"
+
+
+def _name(target) -> str:
+    return f"keras/{target.backend}" if target.framework == "keras" else target.framework
+
+
+def _file(directory: Path, stem: str, target) -> Path:
+    return directory / f"{stem}{NATIVE_FORMATS[target.framework]}"
+
+
+def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimizers, say) -> dict:
+    """``(optimizer, from target, to target) -> results`` of every ordered pair of ``targets`` (see
+    the module doc): ``loss/step<k>`` for k = 1..len(xs), then what the ``to`` target's ``fit``
+    returns after the last step. ``checkpoint`` is in the targets' parameter dtype."""
+    from weights_convert.formats.io import convert, write
+
+    head, tail = (xs[:resume_at], ys[:resume_at]), (xs[resume_at:], ys[resume_at:])
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="attention-unet-resume-") as tmp:
+        tmp = Path(tmp)
+        starts = {name: tmp / f"start-{name}.safetensors" for name in optimizers}
+        for name, path in starts.items():
+            write(start(checkpoint, name), path)
+        first, saved = {}, {}
+        for source in targets:
+            say(f"{_name(source)}: {resume_at} steps, then save_training to {NATIVE_FORMATS[source.framework]}")
+            jobs = []
+            for name in optimizers:
+                saved[name, source] = _file(tmp, f"{name}-{_slug(source)}", source)
+                jobs.append((starts[name], *head, {"optimizer": name, "save_to": str(saved[name, source])}))
+            first.update(zip(((name, source) for name in optimizers), _fit(source, jobs), strict=True))
+        for target in targets:
+            say(f"{_name(target)}: load_training from every target, {len(tail[0])} more steps")
+            jobs, keys = [], []
+            for name in optimizers:
+                for source in targets:
+                    moved = _file(tmp, f"{name}-{_slug(source)}-to-{_slug(target)}", target)
+                    convert(saved[name, source], moved)
+                    jobs.append((moved, *tail, {"optimizer": name}))
+                    keys.append((name, source, target))
+            for key, continued in zip(keys, _fit(target, jobs), strict=True):
+                results[key] = _joined(first[key[:2]], continued, resume_at)
+    return results
+
+
+def _slug(target) -> str:
+    return _name(target).replace("/", "-")
+
+
+def _joined(first: dict, continued: dict, resume_at: int) -> dict:
+    """The losses of both runs, renumbered as one run's, then the continued run's final quantities."""
+    losses = {k: v for k, v in first.items() if k.startswith("loss/")}
+    for key, value in continued.items():
+        if key.startswith("loss/step"):
+            losses[f"loss/step{resume_at + int(key.removeprefix('loss/step'))}"] = value
+    return losses | {k: v for k, v in continued.items() if not k.startswith("loss/")}
+
+
+def _fit(target, jobs) -> list[dict]:
+    """The runner's ``fit`` of ``target`` for each ``(checkpoint path, xs, targets, kwargs)``; Keras
+    runs them in one process of its backend."""
+    from weights_convert.harness import parity
+
+    common = {"device": target.device, "dtype": target.dtype}
+    if target.framework == "keras":
+        from weights_convert.harness.keras_worker import Call, run_batch_in_backend
+
+        calls = [Call("fit", path, np.asarray(x), np.asarray(y), {**kwargs, **common}) for path, x, y, kwargs in jobs]
+        return run_batch_in_backend(target.backend, calls)
+    runner = parity.runner_of(target.framework)
+    with parity.matmul_precision(target):
+        return [runner.fit(path, x, y, **kwargs, **common) for path, x, y, kwargs in jobs]
