@@ -188,7 +188,10 @@ def _compiled_optimizer(document: dict, path) -> tuple[str, dict] | None:
     except KeyError as missing:
         raise CheckpointError(f"{source}: its config has no {missing}") from None
     hyper = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in hyper.items()}
-    return name, hyperparameters(name, lr=float(lr), **hyper)
+    try:
+        return name, hyperparameters(name, lr=float(lr), **hyper)
+    except CheckpointError as error:
+        raise type(error)(f"{source}: {error}") from None
 
 
 def _shown(value) -> str:
