@@ -85,7 +85,8 @@ OPTIMIZER_CLASSES = {
     "adam": ("TorchAdam", "impl_keras.model", "torch_adam"),
     "adamw": ("TorchAdamW", "impl_keras.training", "torch_adam_w"),
 }
-# The canonical slots in Keras' order of each parameter's optimizer variables.
+# Each parameter's optimizer variables in Keras' order, as canonical slots (SGD without momentum
+# has none).
 KERAS_SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
 # Every optimizer setting Keras serializes besides the hyperparameters, with the one value that
 # keeps the update torch's; any other value has no canonical form.
@@ -215,6 +216,8 @@ def _read_optimizer(f, source: str, config: ModelConfig, name: str, hyper: dict)
     expected_checksum = f.attrs.get(OPTIMIZER_CHECKSUM_ATTR)
     if isinstance(expected_checksum, bytes):
         expected_checksum = expected_checksum.decode("ascii", "replace")
+    if expected_checksum is not None and not isinstance(expected_checksum, str):
+        raise CheckpointError(f"{source}: the checksum attribute {OPTIMIZER_CHECKSUM_ATTR!r} is not one string")
     if expected_checksum is not None and expected_checksum != _checksum(values):
         raise CheckpointError(f"{source}: corrupt: the optimizer variables do not match the checksum in its attributes")
     step, lr = int(values[0]), values[1]
