@@ -108,11 +108,13 @@ def training_checkpoint(name: str, dtype: str, step: int | None = 2, seed: int =
     return Checkpoint.from_tensors(checkpoint.tensors, CONFIG, optimizer=state)
 
 
-def test_ours_loads_with_keras_load_model_and_continues_as_load_training(tmp_path):
+def test_ours_loads_with_keras_load_model_and_continues_as_load_training_and_torch(tmp_path):
     import torch
 
-    from impl_torch import save_training
     from impl_torch.training import from_training_checkpoint as torch_training
+    from impl_torch.training import save_training as torch_save_training
+    from impl_torch.training import to_training_checkpoint as torch_checkpoint
+    from tests.test_training_checkpoints import assert_same_training
 
     model, optimizer = torch_training(training_checkpoint("adam", "float64", step=0, lr=0.01), "float64")
     rng = np.random.default_rng(2)
@@ -121,7 +123,7 @@ def test_ours_loads_with_keras_load_model_and_continues_as_load_training(tmp_pat
         x = torch.tensor(rng.standard_normal((2, CONFIG.in_channels, 16, 16)))
         torch.mean(model.train()(x) ** 2).backward()
         optimizer.step()
-    save_training(model, optimizer, tmp_path / "t.pt")
+    torch_save_training(model, optimizer, tmp_path / "t.pt")
     weights_convert.convert(tmp_path / "t.pt", tmp_path / "t.keras")
     canonical = weights_convert.read(tmp_path / "t.pt").optimizer
     assert_same_state(weights_convert.read(tmp_path / "t.keras").optimizer, canonical)
@@ -148,6 +150,14 @@ def test_ours_loads_with_keras_load_model_and_continues_as_load_training(tmp_pat
     assert got.optimizer.step == want.optimizer.step == 3
     assert all(np.array_equal(got.tensors[k], v) for k, v in want.tensors.items())
     assert_same_state(got.optimizer, want.optimizer)
+    # ... and as torch's own third step on the same batch (float64)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, CONFIG.in_channels)).transpose(0, 3, 1, 2)
+    target = rng.standard_normal((2, 16, 16, CONFIG.out_channels)).transpose(0, 3, 1, 2)
+    optimizer.zero_grad(set_to_none=True)
+    torch.mean((model(torch.tensor(x)) - torch.tensor(target)) ** 2).backward()
+    optimizer.step()
+    assert_same_training(got, torch_checkpoint(model, optimizer))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
