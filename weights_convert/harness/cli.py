@@ -196,6 +196,7 @@ def cmd_parity(args) -> int:
             progress=progress,
             data_parallel=args.data_parallel,
             batchnorm=args.batchnorm,
+            resume_at=args.resume_at,
         )
     except parity.ParityError as error:
         return _usage_error("parity", str(error))
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         KERAS_BACKENDS,
         MODES,
         OPTIMIZER_NAMES,
+        RESUME_OPTIMIZERS,
     )
 
     p = sub.add_parser(
@@ -330,7 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=_count("--steps", 1), default=DEFAULT_STEPS, help="training steps in fit mode")
     p.add_argument(
-        "--optimizer", choices=OPTIMIZER_NAMES, help="fit: the optimizer (default adam); train: only this one"
+        "--optimizer",
+        choices=tuple(dict.fromkeys(OPTIMIZER_NAMES + RESUME_OPTIMIZERS)),
+        help="fit: the optimizer (default adam); train: only this one; with --resume-at: only this one of "
+        f"{', '.join(RESUME_OPTIMIZERS)} (default all three)",
+    )
+    p.add_argument(
+        "--resume-at",
+        type=_count("--resume-at", 1),
+        metavar="K",
+        help="fit: every framework trains K of the --steps, saves a training checkpoint in its native format "
+        "(.pt, .orbax, .keras), and every framework continues each of them after a convert; the rows "
+        "resume/<from>-><to>/<optimizer>/... must match the uninterrupted reference run. Its optimizers are "
+        "the training checkpoints' (sgd with momentum 0.9, adam, adamw)",
     )
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=DEFAULT_SIZE)
     p.add_argument("--batch", type=_count("--batch", 1), default=DEFAULT_BATCH, help="images per batch")

@@ -589,7 +589,7 @@ def check(
         frameworks, keras_backends, dtype, device, mode, size, batch, steps, fit_optimizer, allow_none=bool(exports)
     )
     if resume_at is not None:
-        optimizers = _validate_resume(resume_at, optimizer, mode, steps, trajectory, data_parallel, exports)
+        optimizers = _validate_resume(resume_at, optimizer, mode, steps, data_parallel, exports)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         import weights_convert
 
@@ -601,7 +601,8 @@ def check(
         keras_backends = dp.checked(frameworks, keras_backends, mode, batch, data_parallel, batchnorm)
     except ValueError as error:
         raise ParityError(str(error)) from None
-    run = Run(mode, optimizers, steps, trajectory and mode == "fit", data_parallel, batchnorm, resume_at)
+    traced = trajectory and mode == "fit" and resume_at is None  # a resumed fit plots its losses only
+    run = Run(mode, optimizers, steps, traced, data_parallel, batchnorm, resume_at)
     inputs = Inputs(*make_inputs(config, batch, size, seed, steps if mode == "fit" else None))
     if checkpoint is None:
         checkpoint = default_checkpoint(inputs.x[0] if mode == "fit" else inputs.x)
@@ -646,17 +647,13 @@ def _result(target: Target, mode: str, row: Row, quantity: str, informational: b
     )
 
 
-def _validate_resume(resume_at: int, optimizer, mode: str, steps: int, trajectory: bool, data_parallel: int, exports):
+def _validate_resume(resume_at: int, optimizer, mode: str, steps: int, data_parallel: int, exports):
     """The optimizers of a fit with ``resume_at``; one line refusing what it cannot run."""
     if mode != "fit":
         raise ParityError(f"--resume-at moves a fit between frameworks: it needs --mode fit, got --mode {mode}")
     if not 1 <= resume_at < steps:
         raise ParityError(f"--resume-at must be at least 1 and below --steps {steps}, got {resume_at}")
-    for flag, used in (
-        ("--trajectory", trajectory),
-        ("--data-parallel", data_parallel > 1),
-        ("export targets", exports),
-    ):
+    for flag, used in (("--data-parallel", data_parallel > 1), ("export targets", exports)):
         if used:
             raise ParityError(f"--resume-at does not combine with {flag}")
     if optimizer is None:
