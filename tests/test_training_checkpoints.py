@@ -5,6 +5,7 @@ optimizer of the parity harness and ``torch.optim``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -398,3 +399,15 @@ def test_flax_files_hold_the_native_optimizer_state(tmp_path, suffix):
         native = optimizer_state(flax_model, flax_optimizer)
     for key, value in written.optimizer.tensors().items():
         assert np.array_equal(native.tensors()[key], value), key
+
+
+def test_plain_sgd_has_no_slots_at_any_step(tmp_path):
+    """SGD without momentum keeps nothing per parameter: Flax and Keras count its steps, and such a
+    state at step 4 is written and read back as it is; a stateful optimizer without slots is not."""
+    checkpoint = random_checkpoint(CONFIG, seed=0)
+    plain = OptimizerState("sgd", hyperparameters("sgd", momentum=0.0), 4, {})
+    path = tmp_path / "plain.safetensors"
+    weights_convert.write(dataclasses.replace(checkpoint, optimizer=plain), path)
+    assert weights_convert.read(path).optimizer.header() == plain.header()
+    with pytest.raises(CheckpointError, match="at step 4 but has no"):
+        OptimizerState("sgd", hyperparameters("sgd"), 4, {}).check(CONFIG)

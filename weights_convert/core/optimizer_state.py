@@ -221,7 +221,7 @@ class OptimizerState:
             raise CheckpointError(f"{source}: {self.name} needs its step count (bias correction), got none")
         expected = slot_names(self.name, self.hyper)
         if not self.slots:
-            if self.step:
+            if self.step and expected:  # plain SGD (momentum 0) has no slots at any step
                 raise CheckpointError(f"{source}: the optimizer is at step {self.step} but has no {expected} slots")
             return
         if set(self.slots) != set(expected):
