@@ -131,3 +131,21 @@ def test_the_reference_continues_a_training_checkpoint_like_an_uninterrupted_run
         if not key.startswith("loss/"):
             np.testing.assert_array_equal(value, whole[key], err_msg=key)
     np.testing.assert_array_equal(rest["loss/step1"], whole[f"loss/step{RESUME_AT + 1}"])
+
+
+def conventions_table() -> str:
+    """``FRAMEWORK_DIFFERENCES`` as the README's Markdown table."""
+    from weights_convert.core.optimizer_state import FRAMEWORK_DIFFERENCES
+
+    header = ("", "PyTorch", "optax / Flax NNX", "Keras 3", "how it is mapped")
+    rows = [header, ("---",) * len(header), *FRAMEWORK_DIFFERENCES]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
+
+
+def test_the_readme_table_of_optimizer_conventions_is_framework_differences():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- optimizer conventions")
+    table = readme[readme.index("\n", start) + 1 : readme.index("<!-- end of optimizer conventions -->")]
+    assert table.strip() == conventions_table()
