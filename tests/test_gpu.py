@@ -44,3 +44,24 @@ def test_gpu_parity_small(framework, backend, dtype, mode):
 def test_gpu_parity_default(framework, backend, dtype):
     require_gpu(framework, backend)
     parity.assert_parity(None, frameworks=[framework], keras_backends=[backend], dtype=dtype, device="gpu")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gpu_resume_between_every_pair(dtype):
+    """Training moved between the frameworks on the GPU (each saves its training checkpoint from the
+    device and restores the next one onto it), every ordered pair, with the three optimizers."""
+    for framework, backend in TARGETS:
+        require_gpu(framework, backend)
+    report = parity.assert_parity(
+        random_checkpoint(CONFIGS["small"], seed=3),
+        frameworks=["torch", "flax", "keras"],
+        keras_backends=["jax", "torch", "tensorflow"],
+        dtype=dtype,
+        device="gpu",
+        mode="fit",
+        size=(37, 53),
+        batch=2,
+        steps=3,
+        resume_at=2,
+    )
+    assert len({r.quantity.split("/")[1] for r in report.results}) == len(TARGETS) ** 2
