@@ -295,3 +295,16 @@ def test_framework_free_conversions_import_no_framework(tmp_path, small_safetens
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_convert_names_every_dtype_of_a_mixed_checkpoint(tmp_path, capsys):
+    """float16 weights with float32 BatchNorm statistics stay mixed, and the summary line says so."""
+    from weights_convert.harness.cli import main
+
+    tensors = random_checkpoint(SMALL, seed=5).tensors
+    state = {k: torch.from_numpy(v.astype(np.float16) if k.endswith("weight") else v) for k, v in tensors.items()}
+    src = save_state_dict(state, tmp_path / "mixed.pt")
+    assert main(["convert", str(src), str(tmp_path / "mixed.safetensors")]) == 0
+    written = weights_convert.read(tmp_path / "mixed.safetensors").float_dtypes
+    summary = capsys.readouterr().err.strip().splitlines()[0]
+    assert f"{len(written['float16'])} float16, {len(written['float32'])} float32" in summary, summary

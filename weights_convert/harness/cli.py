@@ -104,9 +104,10 @@ def cmd_convert(args) -> int:
         config=args.config,
         weights_only=args.weights_only,
     )
+    dtypes = checkpoint.float_dtypes
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else ", ".join(f"{len(names)} {d}" for d, names in dtypes.items())
     print(
-        f"wrote {args.dst}: {len(checkpoint.tensors)} tensors, {checkpoint.float_dtype}, "
-        f"config {_config_json(checkpoint.config)}",
+        f"wrote {args.dst}: {len(checkpoint.tensors)} tensors, {dtype}, config {_config_json(checkpoint.config)}",
         file=sys.stderr,
     )
     if checkpoint.optimizer is not None:
