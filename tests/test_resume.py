@@ -5,6 +5,8 @@ loses part of the optimizer state fails at the pairs it moves to, and only there
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -91,9 +93,13 @@ def test_the_command_runs_resumes_and_refuses_what_it_cannot_run(checkpoint, tmp
     path = tmp_path / "tiny.safetensors"
     weights_convert.write(checkpoint, path)
     common = [str(path), "--frameworks", "torch", "--size", "16", "16", "--dtype", "float64"]
-    assert cli.main(["parity", *common, "--mode", "fit", "--steps", "3", "--resume-at", "1", "--optimizer", "sgd"]) == 0
+    run = ["--mode", "fit", "--steps", "3", "--resume-at", "1", "--optimizer", "sgd", "--report", str(tmp_path / "r")]
+    assert cli.main(["parity", *common, *run]) == 0
     out = capsys.readouterr().out
     assert "resume/torch->torch/sgd/*" in out and out.strip().splitlines()[-1].startswith("PASS")
+    rows = json.loads((tmp_path / "r" / "parity.json").read_text())["results"]
+    assert {row["quantity"].rsplit("/", 1)[0] for row in rows} >= {"resume/torch->torch/sgd/momentum_buffer"}
+    assert (tmp_path / "r" / "parity.png").stat().st_size > 0
     refusals = {
         ("--mode", "fit", "--steps", "3", "--resume-at", "3"): "--resume-at must be at least 1 and below --steps 3",
         ("--resume-at", "1"): "--resume-at moves a fit between frameworks: it needs --mode fit",

@@ -174,6 +174,8 @@ class Report:
     drift: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # fit: max |param - ref| per step
     seed: int = 0
     dtype: str = "float32"
+    # a resumed fit: the reference's loss curve of each optimizer (``reference_output`` is the first's)
+    references: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -608,10 +610,11 @@ def check(
         checkpoint = default_checkpoint(inputs.x[0] if mode == "fit" else inputs.x)
     say = progress or (lambda message: None)
     if resume_at is not None:
-        results, outputs, shown = _check_resume(
+        results, outputs, curves = _check_resume(
             targets_for(frameworks, keras_backends, device, dtype), checkpoint, inputs, run, say
         )
-        return Report(results, config, outputs, shown, inputs.x[0], mode, seed=seed, dtype=dtype)
+        shown = curves[run.optimizers[0]]
+        return Report(results, config, outputs, shown, inputs.x[0], mode, seed=seed, dtype=dtype, references=curves)
     say("reference: numpy float64")
     reference, reference_path = _split_trajectory(compute_reference(checkpoint, inputs, run))
     noise = measure_noise(checkpoint, inputs, run, dtype, reference, say) if dtype in NOISY_PRECISIONS else None
@@ -668,7 +671,7 @@ def _validate_resume(resume_at: int, optimizer, mode: str, steps: int, data_para
 
 
 def _check_resume(targets: list[Target], checkpoint: Checkpoint, inputs: Inputs, run: Run, say):
-    """(results, loss curves, the reference's curve) of a fit with ``run.resume_at``: for each
+    """(results, loss curves, the reference's curve of each optimizer) of a fit with ``run.resume_at``: for each
     optimizer the reference's uninterrupted run and its noise, then every ordered pair of the
     (strict) ``targets`` judged against it."""
     from weights_convert.harness import resume
@@ -690,7 +693,7 @@ def _check_resume(targets: list[Target], checkpoint: Checkpoint, inputs: Inputs,
         for row, informational in judge(actual, references[name], target, noises[name]):
             results.append(_result(target, "fit", row, f"{prefix}/{row.quantity}", informational))
         outputs[prefix] = _curve(actual, run)
-    return results, outputs, _curve(references[run.optimizers[0]], run)
+    return results, outputs, {name: _curve(reference, run) for name, reference in references.items()}
 
 
 def _export_targets(frameworks, dtype: str, device: str, mode: str) -> tuple[str, ...]:
@@ -947,7 +950,7 @@ def write_report(report: Report, directory) -> list[str]:
     data = directory / "parity.json"
     data.write_text(json.dumps(report.to_json(), indent=1))
     png = directory / "parity.png"
-    plot = _plot_fit if report.mode == "fit" else _plot_outputs
+    plot = _plot_resume if report.references else _plot_fit if report.mode == "fit" else _plot_outputs
     fig = plot(report, plt)
     fig.suptitle("PASS" if report.passed else "FAIL")
     fig.tight_layout()
@@ -971,6 +974,33 @@ def _plot_fit(report: Report, plt):
     losses.legend(fontsize=7)
     if report.drift:
         drift.legend(fontsize=7)
+    return fig
+
+
+def _plot_resume(report: Report, plt):
+    """A resumed fit: every pair's loss curve over its optimizer's reference, and each pair's worst
+    row as a fraction of its bound (log axis; 1 is the bound)."""
+    fig, (losses, worst) = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps = np.arange(1, len(report.reference_output) + 1)
+    for name, curve in report.references.items():
+        losses.plot(steps, curve, "--", linewidth=3, alpha=0.4, label=f"reference (numpy float64), {name}")
+    for curve in report.outputs.values():  # unlabelled: 75 pairs would bury the legend
+        losses.plot(steps, curve, marker="o", markersize=2, linewidth=0.8)
+    losses.set(xlabel="step", ylabel="loss (before the step's update)", title="training loss, every pair")
+    losses.legend(fontsize=7)
+    fractions: dict[str, float] = {}
+    for r in report.results:
+        pair = "/".join(r.quantity.split("/")[1:3])
+        fraction = r.rel_diff / r.tolerance if r.tolerance else float("inf")
+        fractions[pair] = max(fractions.get(pair, 0.0), fraction)
+    labels = list(fractions)
+    values = [max(fractions[label], 1e-6) for label in labels]
+    worst.barh(range(len(labels)), values, color=["tab:red" if v > 1 else "tab:blue" for v in values])
+    worst.axvline(1.0, color="k", linewidth=1)
+    worst.set_xscale("log")
+    worst.set_yticks(range(len(labels)), labels, fontsize=max(4, 9 - len(labels) // 12))
+    worst.invert_yaxis()
+    worst.set(xlabel="worst row / its bound", title="each pair and optimizer")
     return fig
 
 
