@@ -5,7 +5,8 @@ devices, parameters and optimizer state replicated, one ``nnx.jit`` step, with t
 - ``train(checkpoint, data, *, steps, dtype, device, optimizer, data_parallel, batchnorm, on_step)``
   trains on ``data.batch(k)`` (the global NCHW batch of step k; device r holds its consecutive 1/D)
   and returns ``fit``'s results. ``on_step(step, loss, snapshot)`` runs after every step (in
-  process 0), ``snapshot()`` giving the model as a canonical ``Checkpoint``.
+  process 0), ``snapshot()`` giving the model and the optimizer's whole state (this process's copy
+  of the replicated arrays) as a canonical training ``Checkpoint``.
 - ``fit(checkpoint, xs, targets, *, ..., data_parallel, batchnorm, trajectory)``: ``impl_flax.runner.fit``
   on D devices, same results.
 
@@ -19,6 +20,13 @@ BatchNorm:
   shard's statistics; the loss and the gradients are averaged with ``jax.lax.pmean``, as DDP does,
   and the running statistics kept are device 0's (a ``psum`` to which the others add zeros), as DDP broadcasts
   process 0's.
+
+The optimizer: ``impl_flax.training.make_optimizer`` with the canonical hyperparameters of
+``weights_convert.core.data_parallel.training_hyperparameters`` (``optimizer``: sgd, adam, adamw),
+or, when ``checkpoint`` is a training checkpoint, the checkpoint's own optimizer with its state
+(``optimizer`` must name it), replicated like the parameters; the results then include the
+optimizer's state after the last step (``weights_convert.core.optim.state_results``), as
+``impl_flax.runner.fit``'s.
 
 Devices: the first D of ``jax.devices(device)``. JAX fixes the number of CPU host devices when it
 initializes (``XLA_FLAGS=--xla_force_host_platform_device_count=D``): ``fit`` runs in this process
@@ -41,11 +49,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from impl_flax.io import to_checkpoint
-from impl_flax.runner import _canonical, _model, _numpy, _scope, loss_fn, make_optimizer, train_step_fn
+from impl_flax.runner import _canonical, _numpy, _scope, loss_fn, train_step_fn
+from impl_flax.training import from_training_checkpoint, to_training_checkpoint
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard
-from weights_convert.core.optim import check_optimizer
+from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard, with_optimizer
+from weights_convert.core.optim import state_results
 
 AXIS = "data"
 
@@ -92,8 +100,9 @@ def train(
     on_step=None,
 ) -> dict:
     """``steps`` data-parallel training steps on ``data`` in this process (see the module docstring)."""
-    check_optimizer(optimizer)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
+    resumed = checkpoint.optimizer is not None
+    checkpoint = with_optimizer(checkpoint, optimizer)
     devices = _devices(device)
     if len(devices) < data_parallel:
         raise ValueError(
@@ -103,9 +112,8 @@ def train(
     mesh = Mesh(np.array(devices[:data_parallel]), (AXIS,))
     batch_sharding, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
     with _scope(dtype, device) as input_dtype:
-        model = _model(checkpoint, dtype, train=True)
+        model, opt = from_training_checkpoint(checkpoint, dtype)
         nnx.update(model, jax.device_put(nnx.state(model), replicated))
-        opt = nnx.Optimizer(model, make_optimizer(optimizer), wrt=nnx.Param)
         nnx.update(opt, jax.device_put(nnx.state(opt), replicated))
         step_fn = train_step_fn if data_parallel == 1 or batchnorm == "sync" else _local_step(mesh)
         losses, path = [], {}
@@ -124,10 +132,12 @@ def train(
             if trajectory:
                 path.update(_canonical(_local(nnx.state(model, nnx.Param)), f"trajectory/step{k}", model.config))
             if on_step is not None and jax.process_index() == 0:
-                on_step(k, float(_local(loss)), lambda: _snapshot(model))
+                on_step(k, float(_local(loss)), lambda: _snapshot(model, opt))
         results = {f"loss/step{k}": _numpy(_local(loss)) for k, loss in enumerate(losses, start=1)}
         results.update(_canonical(_local(nnx.state(model, nnx.Param)), "param", model.config))
         results.update(_canonical(_local(nnx.state(model, nnx.BatchStat)), "state", model.config))
+        if resumed:
+            results.update(state_results(_snapshot(model, opt).optimizer))
     return results | path
 
 
@@ -143,10 +153,13 @@ def _local(tree):
     return jax.tree.map(lambda a: a if a.is_fully_addressable else a.addressable_data(0), tree)
 
 
-def _snapshot(model) -> Checkpoint:
-    local = nnx.clone(model)
-    nnx.update(local, _local(nnx.state(model)))
-    return to_checkpoint(local)
+def _snapshot(model, optimizer: nnx.Optimizer) -> Checkpoint:
+    """The model and the optimizer's state as a training checkpoint, from this process's copy of
+    the replicated arrays: the whole state, gathered."""
+    local_model, local_optimizer = nnx.clone(model), nnx.clone(optimizer)
+    nnx.update(local_model, _local(nnx.state(model)))
+    nnx.update(local_optimizer, _local(nnx.state(optimizer)))
+    return to_training_checkpoint(local_model, local_optimizer)
 
 
 def _local_step(mesh: Mesh):

@@ -6,7 +6,8 @@ its first axis), the training step of ``impl_keras.runner``, and the BatchNorm m
 - ``train(checkpoint, data, *, steps, dtype, device, optimizer, data_parallel, batchnorm, on_step)``
   trains on ``data.batch(k)`` (the global NCHW batch of step k; device r holds its consecutive 1/D)
   and returns ``fit``'s results. ``on_step(step, loss, snapshot)`` runs after every step (in
-  process 0), ``snapshot()`` giving the model as a canonical ``Checkpoint``.
+  process 0), ``snapshot()`` giving the model and the optimizer's whole state (the replicated
+  variables' values) as a canonical training ``Checkpoint``.
 - ``fit(checkpoint, xs, targets, *, ..., data_parallel, batchnorm, trajectory)``: ``impl_keras.runner.fit``
   on D devices, same results.
 
@@ -20,6 +21,13 @@ BatchNorm:
   runs under ``jax.shard_map`` over the mesh's devices, each normalizing with its own shard; the
   loss and gradients are averaged with ``jax.lax.pmean`` (as DDP does) and the running statistics
   kept are device 0's (as DDP broadcasts process 0's). The update is the runner's optimizer step.
+
+The optimizer: ``impl_keras.training.make_optimizer`` (``TorchSGD``, ``TorchAdam``, ``TorchAdamW``)
+with the canonical hyperparameters of ``weights_convert.core.data_parallel.training_hyperparameters``
+(``optimizer``: sgd, adam, adamw), or, when ``checkpoint`` is a training checkpoint, the checkpoint's
+own optimizer with its state (``optimizer`` must name it), its variables laid out by the
+distribution like the model's; the results then include the optimizer's state after the last step
+(``weights_convert.core.optim.state_results``), as ``impl_keras.runner.fit``'s.
 
 Backends: data parallelism on JAX only. On TensorFlow and PyTorch ``train`` with D > 1 refuses in
 one line (``tf.distribute`` strategies and torch DDP drive their own training loops, not Keras'
@@ -41,8 +49,8 @@ import tempfile
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard
-from weights_convert.core.optim import check_optimizer
+from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard, with_optimizer
+from weights_convert.core.optim import state_results
 
 AXIS = "batch"  # DataParallel's batch axis name
 
@@ -115,15 +123,16 @@ def train(
     """``steps`` data-parallel training steps on ``data`` in this process (see the module docstring)."""
     import keras
 
-    from impl_keras.io import assign_checkpoint, check_dtype, to_checkpoint
-    from impl_keras.runner import _disable_tf32, _nhwc, _numpy, _state, _trainer
+    from impl_keras.io import assign_checkpoint, check_dtype
+    from impl_keras.runner import _disable_tf32, _nhwc, _numpy, _state
 
-    check_optimizer(optimizer)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
+    resumed = checkpoint.optimizer is not None
+    checkpoint = with_optimizer(checkpoint, optimizer)
     if keras.backend.backend() != "jax":
         if data_parallel > 1:
             check_backend()
-        return _train_one_device(checkpoint, data, steps, dtype, device, optimizer, trajectory, on_step)
+        return _train_one_device(checkpoint, data, steps, dtype, device, resumed, trajectory, on_step)
     import jax
 
     devices = keras.distribution.list_devices(device)
@@ -137,8 +146,7 @@ def train(
     model, distribution = _distributed_model(checkpoint.config, check_dtype(dtype), device, data_parallel)
     with distribution.scope():
         assign_checkpoint(model, checkpoint)
-        trainer = _trainer(model, optimizer)
-        trainer.reset()
+        trainer = _restored_trainer(model, checkpoint, resumed)
         local = _local_gradients(model, device, data_parallel)
         losses, path = [], {}
         for k in range(1, steps + 1):
@@ -155,22 +163,22 @@ def train(
             if trajectory:
                 path.update({f"trajectory/step{k}/{n}": v for n, v in trainer.parameters().items()})
             if on_step is not None and jax.process_index() == 0:
-                on_step(k, float(_numpy(loss)), lambda: to_checkpoint(model))
+                on_step(k, float(_numpy(loss)), lambda: _snapshot(model, trainer))
         results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
         results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
         results.update({f"state/{name}": value for name, value in _state(model).items()})
+        if resumed:
+            results.update(state_results(_snapshot(model, trainer).optimizer))
     return results | path
 
 
-def _train_one_device(checkpoint, data, steps, dtype, device, optimizer, trajectory, on_step) -> dict:
+def _train_one_device(checkpoint, data, steps, dtype, device, resumed, trajectory, on_step) -> dict:
     """One device under any backend: ``impl_keras.runner.fit``'s training step, with ``on_step``."""
-    from impl_keras.io import to_checkpoint
-    from impl_keras.runner import _device_scope, _model, _nhwc, _numpy, _state, _trainer
+    from impl_keras.runner import _device_scope, _model, _nhwc, _numpy, _state
 
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
-        trainer = _trainer(model, optimizer)
-        trainer.reset()
+        trainer = _restored_trainer(model, checkpoint, resumed)
         losses, path = [], {}
         for k in range(1, steps + 1):
             x, target = (_nhwc(a, dtype) for a in data.batch(k - 1))
@@ -179,11 +187,34 @@ def _train_one_device(checkpoint, data, steps, dtype, device, optimizer, traject
             if trajectory:
                 path.update({f"trajectory/step{k}/{n}": v for n, v in trainer.parameters().items()})
             if on_step is not None:
-                on_step(k, float(_numpy(loss)), lambda: to_checkpoint(model))
+                on_step(k, float(_numpy(loss)), lambda: _snapshot(model, trainer))
         results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
         results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
         results.update({f"state/{name}": value for name, value in _state(model).items()})
+        if resumed:
+            results.update(state_results(_snapshot(model, trainer).optimizer))
     return results | path
+
+
+def _restored_trainer(model, checkpoint: Checkpoint, resumed: bool):
+    """``impl_keras.runner``'s trainer of ``model`` with the training checkpoint's optimizer
+    (``impl_keras.training.make_optimizer``), fresh, or with the checkpoint's state when ``resumed``."""
+    from impl_keras.runner import _trainer
+
+    state = checkpoint.optimizer
+    trainer = _trainer(model, state.name, tuple(state.hyper.items()))
+    trainer.reset()
+    if resumed:
+        trainer.restore(checkpoint)
+    return trainer
+
+
+def _snapshot(model, trainer) -> Checkpoint:
+    """The model and its optimizer's state as a training checkpoint (the replicated variables'
+    values: the whole state)."""
+    from impl_keras.training import to_training_checkpoint
+
+    return to_training_checkpoint(model, trainer.optimizer)
 
 
 def _sharded(distribution, tensor):

@@ -4,7 +4,9 @@
 - ``train(checkpoint, data, *, steps, dtype, device, optimizer, data_parallel, batchnorm, on_step)``
   trains on ``data.batch(k)`` (the global NCHW batch of step k; process r takes its consecutive
   1/D) and returns ``fit``'s results from process 0. ``on_step(step, loss, snapshot)`` runs in
-  process 0 after every step, ``snapshot()`` giving the model as a canonical ``Checkpoint``.
+  process 0 after every step, ``snapshot()`` giving the model and the optimizer's state as a
+  canonical training ``Checkpoint`` (DDP keeps the same optimizer state in every process, as every
+  process applies the same averaged gradients: process 0's is the whole state).
 - ``fit(checkpoint, xs, targets, *, ..., data_parallel, batchnorm, trajectory)``: ``impl_torch.runner.fit``
   on D devices, same results (``loss/step<k>`` is the mean of the D processes' losses).
 
@@ -27,6 +29,12 @@ BatchNorm:
   the global count.
 
 Gradients are averaged by DDP (all-reduce, then divided by D). ``dtype`` as in ``impl_torch.runner``.
+
+The optimizer: ``impl_torch.training.make_optimizer`` with the canonical hyperparameters of
+``weights_convert.core.data_parallel.training_hyperparameters`` (``optimizer``: sgd, adam, adamw),
+or, when ``checkpoint`` is a training checkpoint, the checkpoint's own optimizer with its state
+(``optimizer`` must name it), restored in every process; the results then include the optimizer's
+state after the last step (``weights_convert.core.optim.state_results``), as ``impl_torch.runner.fit``'s.
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from impl_torch.io import from_checkpoint, to_checkpoint
-from impl_torch.runner import _backward, _buffers, _input, _numpy, make_optimizer
+from impl_torch.io import from_checkpoint
+from impl_torch.runner import _backward, _buffers, _input, _numpy
+from impl_torch.training import make_optimizer, optimizer_state, to_training_checkpoint
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard
-from weights_convert.core.optim import check_optimizer
+from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard, with_optimizer
+from weights_convert.core.optim import state_results
+from weights_convert.formats.torch_format import torch_optimizer_state
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -95,13 +105,13 @@ def all_reduce_batchnorm(module: nn.Module) -> nn.Module:
 class Job:
     """One training run, as every process receives it (picklable)."""
 
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint  # a training checkpoint: the optimizer to run and its state
     data: object  # ``batch(step) -> (x, target)``: the global NCHW batch of step ``step`` (from 0)
     steps: int
     dtype: str
     device: str
-    optimizer: str
     batchnorm: str
+    resumed: bool  # the caller's checkpoint held the optimizer state: its state is part of the results
     trajectory: bool = False
     on_step: object = None  # ``(step, loss, snapshot) -> None``, called in process 0
 
@@ -149,9 +159,11 @@ def train(
 ) -> dict:
     """``steps`` data-parallel training steps on ``data`` (see the module docstring); process 0's
     results (an empty dict in torchrun's other processes)."""
-    check_optimizer(optimizer)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
-    job = Job(checkpoint, data, steps, dtype, device, optimizer, batchnorm, trajectory, on_step)
+    resumed = checkpoint.optimizer is not None
+    job = Job(
+        with_optimizer(checkpoint, optimizer), data, steps, dtype, device, batchnorm, resumed, trajectory, on_step
+    )
     if all(name in os.environ for name in TORCHRUN_VARIABLES):
         world = int(os.environ["WORLD_SIZE"])
         if world != data_parallel:
@@ -226,7 +238,7 @@ def _loop(rank: int, world: int, job: Job, device: torch.device) -> dict:
         trained = nn.parallel.DistributedDataParallel(model, device_ids=gpu)
     else:
         trained = model
-    opt = make_optimizer(trained.parameters(), job.optimizer)
+    opt = _restored_optimizer(model, job.checkpoint)
     place = "gpu" if device.type == "cuda" else "cpu"
     losses, path = [], {}
     for k in range(1, job.steps + 1):
@@ -240,10 +252,22 @@ def _loop(rank: int, world: int, job: Job, device: torch.device) -> dict:
         if rank == 0 and job.trajectory:
             path.update({f"trajectory/step{k}/{n}": _numpy(p).copy() for n, p in model.named_parameters()})
         if rank == 0 and job.on_step is not None:
-            job.on_step(k, float(loss), lambda: to_checkpoint(model))
+            job.on_step(k, float(loss), lambda: to_training_checkpoint(model, opt))
     if rank != 0:
         return {}
     results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
     results.update({f"param/{name}": _numpy(p.detach()) for name, p in model.named_parameters()})
     results.update({f"state/{name}": _numpy(value) for name, value in _buffers(model).items()})
+    if job.resumed:
+        results.update(state_results(optimizer_state(model, opt)))
     return results | path
+
+
+def _restored_optimizer(model: nn.Module, checkpoint: Checkpoint) -> torch.optim.Optimizer:
+    """The training checkpoint's optimizer over ``model``'s parameters, its state restored (slots
+    cast to the parameters' dtype and device). Made after the BatchNorm conversion, which puts new
+    parameter objects in the model, and in every process, which then all hold the same state."""
+    state = checkpoint.optimizer
+    optimizer = make_optimizer(model, state.name, **state.hyper)
+    optimizer.load_state_dict(torch_optimizer_state(state, checkpoint.config))
+    return optimizer

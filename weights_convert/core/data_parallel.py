@@ -48,3 +48,45 @@ class ArrayBatches:
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         return self.xs[step], self.targets[step]
+
+
+# The optimizers of ``attention-unet train`` and of the data-parallel fits, as canonical
+# hyperparameters (``weights_convert.core.optimizer_state``): the parity checks' plain SGD (lr 0.1,
+# no momentum) and Adam (eps 1e-5), both ``weights_convert.core.optim.OPTIMIZERS``, and AdamW with
+# the same Adam constants and its default decoupled decay.
+TRAINING_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def training_hyperparameters(name: str) -> dict:
+    """The canonical hyperparameters of training optimizer ``name`` (``TRAINING_OPTIMIZERS``); a
+    ValueError naming the choices otherwise."""
+    from weights_convert.core.optim import OPTIMIZERS
+    from weights_convert.core.optimizer_state import hyperparameters
+
+    if name not in TRAINING_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(TRAINING_OPTIMIZERS)}, got {name!r}")
+    if name == "sgd":
+        return hyperparameters("sgd", lr=OPTIMIZERS["sgd"]["lr"], momentum=0.0)
+    return hyperparameters(name)
+
+
+def starting_state(checkpoint, optimizer: str):
+    """The ``OptimizerState`` a training loop starts from: a training checkpoint's own, whose
+    optimizer must be ``optimizer`` (a ValueError saying both otherwise), or a fresh ``optimizer``
+    (step 0, no slots) with ``training_hyperparameters``."""
+    from weights_convert.core.optimizer_state import OptimizerState
+
+    state = checkpoint.optimizer
+    if state is None:
+        return OptimizerState(optimizer, training_hyperparameters(optimizer), 0, {})
+    if state.name != optimizer:
+        raise ValueError(f"the training checkpoint's optimizer is {state.name}, but the training run names {optimizer}")
+    return state
+
+
+def with_optimizer(checkpoint, optimizer: str):
+    """``checkpoint`` as a training checkpoint: its own optimizer state, or a fresh ``optimizer``
+    (``starting_state``)."""
+    import dataclasses
+
+    return dataclasses.replace(checkpoint, optimizer=starting_state(checkpoint, optimizer))
