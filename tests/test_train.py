@@ -4,16 +4,26 @@ checkpoints it writes and its refusals. (Two devices and the hand-over between f
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import weights_convert
+from weights_convert.core.data_parallel import training_hyperparameters
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli
+from weights_convert.harness.tolerances import TOLERANCES
 from weights_convert.harness.train import PngFolder, SyntheticSegmentation, read_png, write_png
 
+REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(channels=(4, 8))
 
 
@@ -188,3 +198,133 @@ def test_train_refusals(tmp_path, start, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "no images/<name>.png with a masks/<name>.png" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: a run continued in another framework, on 2 devices, is the uninterrupted run.
+
+RESUME_SESSION = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import weights_convert
+    from weights_convert.harness import cli
+
+    start, work = sys.argv[1], Path(sys.argv[2])
+    common = ["--dtype", "float64", "--batch", "4", "--size", "16", "16", "--every", "1"]
+    runs = [  # (out, checkpoint, options): torch 3 steps; torch 1 step on 2 processes, continued by the others
+        ("full", start, ["--framework", "torch", "--steps", "3"]),
+        ("part", start, ["--framework", "torch", "--data-parallel", "2", "--steps", "1"]),
+        ("flax", "part/step_1.safetensors", ["--framework", "flax", "--data-parallel", "2", "--steps", "2"]),
+        ("keras", "part/step_1.safetensors", ["--framework", "keras", "--data-parallel", "2", "--steps", "2"]),
+        ("torch", "flax/step_2.safetensors", ["--framework", "torch", "--steps", "1", "--optimizer", "adam"]),
+        # A fresh optimizer from step 2's weights alone, written weights only.
+        ("fresh", "weights_2.safetensors", ["--steps", "1", "--format", "weights.h5", "--weights-only"]),
+    ]
+    out = {}
+    for name, checkpoint, options in runs:
+        checkpoint = checkpoint if checkpoint == start else str(work / checkpoint)
+        if name == "fresh":
+            weights_convert.write(weights_convert.read(work / "full/step_2.safetensors").weights_only(), checkpoint)
+        code = cli.main(["train", checkpoint, *options, *common, "--out", str(work / name)])
+        out[name] = {"code": code, "written": sorted(p.name for p in (work / name).iterdir())}
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory) -> tuple[Path, dict, str]:
+    """(the directory of ``RESUME_SESSION``'s runs, their exit codes and files, its stderr): one
+    subprocess with 2 JAX host devices, Keras on JAX and x64 on (as ``test_data_parallel``'s)."""
+    work = tmp_path_factory.mktemp("train_resume")
+    start = work / "start.safetensors"
+    weights_convert.write(random_checkpoint(TINY, seed=4), start)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "JAX_ENABLE_X64": "1",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", RESUME_SESSION, str(start), str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    line = next(line for line in process.stdout.splitlines() if line.startswith("RESULT "))
+    return work, json.loads(line.removeprefix("RESULT ")), process.stderr
+
+
+def _training_quantities(path) -> tuple[dict, int]:
+    """(every model tensor and optimizer slot, the optimizer step) of a training checkpoint."""
+    checkpoint = weights_convert.read(path)
+    return {**checkpoint.tensors, **checkpoint.optimizer.tensors()}, checkpoint.optimizer.step
+
+
+def _scales(quantities: dict) -> dict:
+    """Each quantity's scale: its largest entry; for an optimizer slot the largest entry of the
+    whole slot, as the parity checks scale it (a running sum of the gradient, which is one vector:
+    the conv biases in front of a BatchNorm have an exact gradient of zero, their slots rounding
+    noise)."""
+    slots: dict[str, float] = {}
+    for key, value in quantities.items():
+        if key.startswith("optimizer/"):
+            slot = key.split("/")[1]
+            slots[slot] = max(slots.get(slot, 0.0), float(np.max(np.abs(value))))
+    return {
+        key: slots[key.split("/")[1]] if key.startswith("optimizer/") else float(np.max(np.abs(value)))
+        for key, value in quantities.items()
+    }
+
+
+def test_train_continues_in_every_framework(resumed_runs):
+    """torch's step 1 on 2 processes, continued for 2 steps by Flax and by Keras (2 devices each),
+    and Flax's step 2 continued by torch on one: every step_3 is the uninterrupted torch run's
+    step 3 within the float64 bound, parameters, running statistics and Adam's slots and step."""
+    work, runs, stderr = resumed_runs
+    expected = {
+        "full": ["step_1.safetensors", "step_2.safetensors", "step_3.safetensors"],
+        "part": ["step_1.safetensors"],
+        "flax": ["step_2.safetensors", "step_3.safetensors"],
+        "keras": ["step_2.safetensors", "step_3.safetensors"],
+        "torch": ["step_3.safetensors"],
+        "fresh": ["step_1.weights.h5"],
+    }
+    assert {name: run["code"] for name, run in runs.items()} == dict.fromkeys(expected, 0), stderr[-3000:]
+    assert {name: run["written"] for name, run in runs.items()} == expected
+    assert "continuing" in stderr and "adam (lr=0.001" in stderr and "step 1" in stderr
+    for name, step in (("part", 1), ("flax", 2), ("flax", 3), ("keras", 2), ("keras", 3), ("torch", 3)):
+        actual, actual_step = _training_quantities(work / name / f"step_{step}.safetensors")
+        reference, reference_step = _training_quantities(work / "full" / f"step_{step}.safetensors")
+        assert set(actual) == set(reference) and actual_step == reference_step == step
+        assert "optimizer/exp_avg_sq/e1.conv.conv.0.weight" in actual
+        for key, scale in _scales(reference).items():
+            difference = float(np.max(np.abs(actual[key] - reference[key])))
+            assert difference <= TOLERANCES["float64"] * scale, (name, step, key, difference, scale)
+
+
+def test_train_continuation_can_fail(resumed_runs):
+    """The comparison above tells a continuation apart from a fresh start: step 2's weights alone
+    (written weights only, in a format without optimizer state) start a fresh optimizer at step 0,
+    whose one step (on step 1's batch) lands far from the uninterrupted run's step 3."""
+    work, _, _ = resumed_runs
+    fresh = weights_convert.read(work / "fresh" / "step_1.weights.h5")
+    assert fresh.optimizer is None
+    full = weights_convert.read(work / "full" / "step_3.safetensors")
+    name = "e1.conv.conv.0.weight"
+    difference = float(np.max(np.abs(fresh.tensors[name] - full.tensors[name])))
+    assert difference > 1e3 * TOLERANCES["float64"] * float(np.max(np.abs(full.tensors[name])))
+
+
+def test_train_checkpoint_inspects_as_training_checkpoint(resumed_runs, capsys):
+    work, _, _ = resumed_runs
+    assert cli.main(["inspect", "--json", str(work / "keras" / "step_3.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["optimizer"], info["step"]) == ("adam", 3)
+    assert info["hyperparameters"] == training_hyperparameters("adam")

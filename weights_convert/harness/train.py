@@ -1,6 +1,17 @@
 """``attention-unet train``: train the Attention U-Net in one framework, on one device or D
-(``--data-parallel D``), and write training checkpoints in the canonical form, so that a run can be
-resumed (its parameters and running statistics) in any framework.
+(``--data-parallel D``), and write training checkpoints in the canonical form: the model's tensors
+and the optimizer's state (``weights_convert.core.optimizer_state``: name, hyperparameters, step,
+slots), so that a run continues in any framework where it stopped.
+
+Optimizers (``--optimizer``): ``sgd`` (plain, lr 0.1, no momentum), ``adam`` (lr 1e-3, eps 1e-5) and
+``adamw`` (Adam's constants, decoupled weight decay 0.01), the canonical hyperparameters of
+``weights_convert.core.data_parallel.training_hyperparameters``, run by each framework's
+``impl_<framework>.training.make_optimizer``. Starting from a training checkpoint (one with optimizer
+state) continues it: its optimizer, with its hyperparameters and state (an ``--optimizer`` naming
+another is refused), the step numbers going on from the checkpoint's step K (``--steps N`` writes
+``step_<K+1>`` .. ``step_<K+N>``) and the data with them (step k trains on the batch of step k), so
+that K steps, then N more from ``step_<K>``, are the K + N steps of one uninterrupted run. A
+checkpoint without optimizer state (weights only) starts a fresh optimizer at step 0.
 
 Data: seeded synthetic segmentation images by default (``SyntheticSegmentation``: blobs on noise,
 the mask where the blobs are), so that the command runs on a fresh machine; or a folder of PNG
@@ -11,7 +22,10 @@ one every implementation's training step and the parity checks use: mean((logits
 Progress: a bar on stderr with the step, the loss (the mean over the devices) and the throughput
 in images per second (from the second step on: the first one compiles). Checkpoints:
 ``OUT/step_<k>.<format>`` every ``--every`` steps and after the last one, written by
-``weights_convert.write`` (atomic; an existing file is kept unless ``--force``).
+``weights_convert.write`` (atomic; an existing file is kept unless ``--force``). A format that holds
+no optimizer state (``weights.h5``) is refused unless ``--weights-only``, which writes the model's
+tensors alone (in any format). On D devices the optimizer state written is the whole state: torch
+DDP keeps the same state in every process (process 0 writes it), Flax and Keras replicate it.
 
 The training loops are the implementations' own (``impl_<framework>.distributed.train``).
 """
@@ -238,6 +252,18 @@ class PngFolder:
         return self.x[index], self.target[index]
 
 
+@dataclasses.dataclass
+class FromStep:
+    """``data``'s batches from step ``start`` on: ``batch(k)`` is ``data.batch(start + k)``, so that a
+    continued run trains on the batches the uninterrupted run would have."""
+
+    data: object
+    start: int
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.batch(self.start + step)
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress and checkpoints.
 
@@ -245,7 +271,11 @@ class PngFolder:
 @dataclasses.dataclass
 class Progress:
     """``on_step`` of the training loops: the bar on stderr and the checkpoints every ``every``
-    steps and after the last (``out/step_<k>.<suffix>``). Picklable: a spawned process runs it."""
+    steps and after the last (``out/step_<k>.<suffix>``). The loop counts its steps from 1; the run's
+    step numbers go on from ``first_step`` (the step of the checkpoint it continues). Each
+    checkpoint is the loop's snapshot, a training checkpoint, its optimizer step the run's step
+    (torch SGD counts none: it is set), or its model tensors alone with ``weights_only``.
+    Picklable: a spawned process runs it."""
 
     label: str
     steps: int
@@ -254,6 +284,8 @@ class Progress:
     every: int
     suffix: str = "safetensors"
     force: bool = False
+    first_step: int = 0
+    weights_only: bool = False
     width: int = 24
     start: float | None = None
     last_print: float = 0.0
@@ -264,21 +296,32 @@ class Progress:
         now = time.perf_counter()
         if step == 1 or self.start is None:
             self.start = now  # the first step compiles: throughput is timed from its end
+        run_step, last = self.first_step + step, self.first_step + self.steps
         written = ""
-        if step % self.every == 0 or step == self.steps:
-            path = Path(self.out) / f"step_{step:0{len(str(self.steps))}d}.{self.suffix}"
-            weights_convert.write(snapshot(), path, force=self.force)
+        if run_step % self.every == 0 or step == self.steps:
+            path = Path(self.out) / f"step_{run_step:0{len(str(last))}d}.{self.suffix}"
+            weights_convert.write(self.checkpoint(snapshot(), run_step), path, force=self.force)
             written = f"  wrote {path.name}"
         rate = (step - 1) * self.batch_size / (now - self.start) if step > 1 and now > self.start else None
         done = int(self.width * step / self.steps)
         bar = "#" * done + "-" * (self.width - done)
         speed = f"{rate:8.1f} img/s" if rate else "  warming up"
-        line = f"{self.label} [{bar}] {step}/{self.steps}  loss {loss:.5g}  {speed}{written}"
+        line = f"{self.label} [{bar}] {run_step}/{last}  loss {loss:.5g}  {speed}{written}"
         tty = sys.stderr.isatty()
         if tty or written or step == self.steps or now - self.last_print >= 1.0:
             end = "" if tty and step < self.steps and not written else "\n"
             print(("\r" if tty else "") + line, end=end, file=sys.stderr, flush=True)
             self.last_print = now
+
+    def checkpoint(self, snapshot, run_step: int):
+        """What is written after step ``run_step`` of the run: ``snapshot`` with its optimizer step
+        set where the framework counts none, or its model tensors alone with ``weights_only``."""
+        if self.weights_only:
+            return snapshot.weights_only()
+        state = snapshot.optimizer
+        if state.step is None:
+            state = dataclasses.replace(state, step=run_step)
+        return dataclasses.replace(snapshot, optimizer=state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,18 +330,27 @@ class Progress:
 
 def add_parser(sub) -> None:
     """The ``train`` subcommand on ``sub`` (argparse subparsers)."""
-    from weights_convert.core.data_parallel import BATCHNORM_MODES
-    from weights_convert.core.optim import OPTIMIZERS
+    from weights_convert.core.data_parallel import BATCHNORM_MODES, TRAINING_OPTIMIZERS
 
     p = sub.add_parser(
         "train",
         help="train in one framework on one device or several (--data-parallel), writing canonical checkpoints",
         description="Seeded synthetic segmentation data unless --data names a folder of PNG images and masks.",
     )
-    p.add_argument("checkpoint", nargs="?", help="initial weights, any supported format (default: seeded random)")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="initial weights, any supported format (default: seeded random); a training checkpoint (with "
+        "optimizer state) is continued: its optimizer, state and step numbers",
+    )
     p.add_argument("--framework", choices=FRAMEWORKS, default="torch")
     p.add_argument("--out", required=True, help="directory for the checkpoints step_<k>.<format>")
     p.add_argument("--format", default="safetensors", help="checkpoint file extension (default safetensors)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="write the model's tensors without the optimizer state (needed for a format that holds none)",
+    )
     p.add_argument("--every", type=int, default=DEFAULT_EVERY, help="write a checkpoint every N steps (and the last)")
     p.add_argument("--data", metavar="DIR", help="DIR/images/<name>.png with DIR/masks/<name>.png")
     p.add_argument("--data-parallel", type=int, default=1, metavar="D", help="devices (processes for torch)")
@@ -306,8 +358,13 @@ def add_parser(sub) -> None:
         "--batchnorm", choices=BATCHNORM_MODES, default="sync", help="statistics of the global batch or per device"
     )
     p.add_argument("--dtype", choices=("float32", "float64", "mixed_bfloat16"), default="float32")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument(
+        "--optimizer",
+        choices=TRAINING_OPTIMIZERS,
+        help="sgd (lr 0.1), adam (lr 1e-3, eps 1e-5) or adamw (weight decay 0.01); default adam, or a training "
+        "CHECKPOINT's own",
+    )
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps to train (after a training CHECKPOINT's)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="global batch (split over the devices)")
     p.add_argument("--size", type=int, nargs=2, default=DEFAULT_SIZE, metavar=("H", "W"), help="synthetic data")
     p.add_argument("--config", help="JSON model config for random initial weights, e.g. '{\"channels\": [8, 16]}'")
@@ -326,6 +383,7 @@ def cmd_train(args) -> int:
     import weights_convert
     from weights_convert.core.random_init import random_checkpoint
     from weights_convert.formats import format_for
+    from weights_convert.formats.io import holds_optimizer
 
     for name, value, minimum in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--every", args.every, 1)):
         if value < minimum:
@@ -337,8 +395,14 @@ def cmd_train(args) -> int:
         return _usage(f"--out {out}: exists and is not an empty directory (pass --force to write into it)")
     try:
         format_for(Path(f"step.{args.format}"))
+        optimizer_format = holds_optimizer(Path(f"step.{args.format}"))
     except Exception as error:  # noqa: BLE001 - the format table's own one-line refusal
         return _usage(f"--format {args.format}: {error}")
+    if not optimizer_format and not args.weights_only:
+        return _usage(
+            f"--format {args.format} holds no optimizer state, so its checkpoints could not continue training: "
+            f"pass --weights-only to write the model's tensors alone"
+        )
     if args.config and args.checkpoint:
         return _usage("--config describes random initial weights; a CHECKPOINT brings its own config")
     try:
@@ -346,6 +410,14 @@ def cmd_train(args) -> int:
     except (ValueError, TypeError) as error:
         return _usage(f"bad --config {args.config!r}: {error}")
     checkpoint = weights_convert.read(args.checkpoint) if args.checkpoint else random_checkpoint(config, seed=args.seed)
+    state = checkpoint.optimizer
+    if state is not None and args.optimizer not in (None, state.name):
+        return _usage(
+            f"--optimizer {args.optimizer}: {args.checkpoint} is a training checkpoint that continues its own "
+            f"{state.name} optimizer; leave --optimizer out (convert it with --weights-only for a fresh one)"
+        )
+    optimizer = state.name if state is not None else args.optimizer or "adam"
+    first_step = (state.step or 0) if state is not None else 0  # torch SGD counts no steps: from 0
     checkpoint = checkpoint.astype("float32" if args.dtype == "mixed_bfloat16" else args.dtype)
     config = checkpoint.config
     if args.data:
@@ -363,15 +435,19 @@ def cmd_train(args) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     label = f"train {args.framework} x{args.data_parallel}" + (f" {args.batchnorm}" if args.data_parallel > 1 else "")
-    progress = Progress(label, args.steps, args.batch, str(out), args.every, args.format, args.force)
+    progress = Progress(
+        label, args.steps, args.batch, str(out), args.every, args.format, args.force, first_step, args.weights_only
+    )
+    if state is not None:
+        print(f"continuing {args.checkpoint}: {state.describe()}", file=sys.stderr)
     started = time.perf_counter()
     results = module(args.framework).train(
         checkpoint,
-        data,
+        FromStep(data, first_step),
         steps=args.steps,
         dtype=args.dtype,
         device=args.device,
-        optimizer=args.optimizer,
+        optimizer=optimizer,
         data_parallel=args.data_parallel,
         batchnorm=args.batchnorm,
         on_step=progress,
@@ -380,7 +456,8 @@ def cmd_train(args) -> int:
         seconds = time.perf_counter() - started
         final = float(results[f"loss/step{args.steps}"])
         print(
-            f"trained {args.steps} steps in {seconds:.1f} s, last loss {final:.5g}; checkpoints in {out}",
+            f"trained steps {first_step + 1}..{first_step + args.steps} in {seconds:.1f} s, last loss {final:.5g}; "
+            f"checkpoints in {out}",
             file=sys.stderr,
         )
     return 0
