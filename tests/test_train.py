@@ -4,6 +4,7 @@ checkpoints it writes and its refusals. (Two devices and the hand-over between f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from PIL import Image
 
 import weights_convert
 from weights_convert.core.data_parallel import training_hyperparameters
+from weights_convert.core.optimizer_state import OptimizerState
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli
@@ -173,9 +175,15 @@ def test_train_on_png_folder_writes_checkpoints(tmp_path, start, capsys):
     assert max(float(np.max(np.abs(final.tensors[k] - v))) for k, v in first.tensors.items()) > 1e-3
     counter = "e1.conv.conv.1.num_batches_tracked"
     assert int(final.tensors[counter]) == int(first.tensors[counter]) + 3
+    # A training checkpoint: plain SGD, which torch counts no steps of, at the run's step.
+    assert (final.optimizer.name, final.optimizer.step, final.optimizer.slots) == ("sgd", 3, {})
+    assert final.optimizer.hyper == training_hyperparameters("sgd") and final.optimizer.hyper["lr"] == 0.1
 
 
 def test_train_refusals(tmp_path, start, capsys):
+    training = tmp_path / "training.safetensors"
+    adam = OptimizerState("adam", training_hyperparameters("adam"), 0, {})
+    weights_convert.write(dataclasses.replace(weights_convert.read(start), optimizer=adam), training)
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -187,6 +195,8 @@ def test_train_refusals(tmp_path, start, capsys):
         ([str(start), "--out", new, "--steps", "0"], "--steps must be at least 1"),
         (["--out", new, "--config", "{bad"], "bad --config"),
         ([str(start), "--out", new, "--config", '{"channels": [4, 8]}'], "a CHECKPOINT brings its own config"),
+        ([str(start), "--out", new, "--format", "weights.h5"], "holds no optimizer state"),
+        ([str(training), "--out", new, "--optimizer", "sgd"], "continues its own adam optimizer"),
     ]
     for args, message in cases:
         code = cli.main(["train", *args])

@@ -273,8 +273,9 @@ class Progress:
     """``on_step`` of the training loops: the bar on stderr and the checkpoints every ``every``
     steps and after the last (``out/step_<k>.<suffix>``). The loop counts its steps from 1; the run's
     step numbers go on from ``first_step`` (the step of the checkpoint it continues). Each
-    checkpoint is the loop's snapshot, a training checkpoint, its optimizer step the run's step
-    (torch SGD counts none: it is set), or its model tensors alone with ``weights_only``.
+    checkpoint is the loop's snapshot, a training checkpoint, or its model tensors alone with
+    ``weights_only``. SGD's step is set to the run's step: its update does not use the count, and
+    torch's SGD keeps none (it reads as 0, or None with momentum).
     Picklable: a spawned process runs it."""
 
     label: str
@@ -314,14 +315,13 @@ class Progress:
             self.last_print = now
 
     def checkpoint(self, snapshot, run_step: int):
-        """What is written after step ``run_step`` of the run: ``snapshot`` with its optimizer step
-        set where the framework counts none, or its model tensors alone with ``weights_only``."""
+        """What is written after step ``run_step`` of the run: ``snapshot``, SGD's step set to
+        ``run_step``, or its model tensors alone with ``weights_only``."""
         if self.weights_only:
             return snapshot.weights_only()
-        state = snapshot.optimizer
-        if state.step is None:
-            state = dataclasses.replace(state, step=run_step)
-        return dataclasses.replace(snapshot, optimizer=state)
+        if snapshot.optimizer.name != "sgd":
+            return snapshot  # Adam's count is its bias correction: every framework keeps it
+        return dataclasses.replace(snapshot, optimizer=dataclasses.replace(snapshot.optimizer, step=run_step))
 
 
 # ---------------------------------------------------------------------------------------------
