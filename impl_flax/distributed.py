@@ -40,7 +40,6 @@ local copy of the replicated results.
 from __future__ import annotations
 
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +79,10 @@ def fit(
         raise ValueError(f"data parallel {data_parallel} needs as many {device} devices; JAX sees {_devices(device)}")
     from weights_convert.formats import jobs
 
-    with tempfile.TemporaryDirectory(prefix="flax-dp-") as tmp:
-        jobs.write_job(tmp, [("fit", checkpoint, {"xs": data.xs, "targets": data.targets}, settings)])
-        env = {"XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
-        return jobs.run_job("impl_flax.distributed", tmp, env, f"Flax on {data_parallel} host devices")[0]
+    env = {"XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
+    return jobs.fit_in_subprocess(
+        "impl_flax.distributed", checkpoint, data, settings, env, f"Flax on {data_parallel} host devices"
+    )
 
 
 def train(
@@ -194,19 +193,11 @@ def _local_step(mesh: Mesh):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: run ``<dir>/job.json`` (``fit`` calls) and write ``<dir>/result_<i>.npz``."""
-    from pathlib import Path
-
+    """Subprocess entry of ``fit`` (``weights_convert.formats.jobs.serve_fits``):
+    ``python -m impl_flax.distributed JOB_DIR``."""
     from weights_convert.formats import jobs
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m impl_flax.distributed JOB_DIR", file=sys.stderr)
-        return 2
-    for i, (_, checkpoint, arrays, kwargs) in enumerate(jobs.read_job(argv[0])):
-        data = ArrayBatches(arrays["xs"], arrays["targets"])
-        np.savez(Path(argv[0]) / f"result_{i}.npz", **train(checkpoint, data, steps=data.steps, **kwargs))
-    return 0
+    return jobs.serve_fits(sys.argv[1:] if argv is None else argv, train, "python -m impl_flax.distributed JOB_DIR")
 
 
 if __name__ == "__main__":

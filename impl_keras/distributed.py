@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -79,10 +78,10 @@ def fit(
         raise ValueError(f"Keras data parallel on {device}: run it in a KERAS_BACKEND=jax process that sees the GPUs")
     from weights_convert.formats import jobs
 
-    with tempfile.TemporaryDirectory(prefix="keras-dp-") as tmp:
-        jobs.write_job(tmp, [("fit", checkpoint, {"xs": data.xs, "targets": data.targets}, settings)])
-        env = {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1", "XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
-        return jobs.run_job("impl_keras.distributed", tmp, env, f"Keras/JAX on {data_parallel} host devices")[0]
+    env = {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1", "XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
+    return jobs.fit_in_subprocess(
+        "impl_keras.distributed", checkpoint, data, settings, env, f"Keras/JAX on {data_parallel} host devices"
+    )
 
 
 def _runs_here(device: str, data_parallel: int, dtype: str) -> bool:
@@ -283,20 +282,14 @@ def _local_gradients(model, device: str, data_parallel: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: run ``<dir>/job.json`` (``fit`` calls) and write ``<dir>/result_<i>.npz``."""
-    from pathlib import Path
-
+    """Subprocess entry of ``fit`` (``weights_convert.formats.jobs.serve_fits``):
+    ``KERAS_BACKEND=jax python -m impl_keras.distributed JOB_DIR``."""
     from weights_convert.formats import jobs
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: KERAS_BACKEND=jax python -m impl_keras.distributed JOB_DIR", file=sys.stderr)
-        return 2
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    for i, (_, checkpoint, arrays, kwargs) in enumerate(jobs.read_job(argv[0])):
-        data = ArrayBatches(arrays["xs"], arrays["targets"])
-        np.savez(Path(argv[0]) / f"result_{i}.npz", **train(checkpoint, data, steps=data.steps, **kwargs))
-    return 0
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # before train imports Keras
+    return jobs.serve_fits(
+        sys.argv[1:] if argv is None else argv, train, "KERAS_BACKEND=jax python -m impl_keras.distributed JOB_DIR"
+    )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from impl_torch.training import make_optimizer, optimizer_state, to_training_che
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard, with_optimizer
 from weights_convert.core.optim import state_results
+from weights_convert.formats.jobs import load_arrays
 from weights_convert.formats.torch_format import torch_optimizer_state
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -183,8 +184,7 @@ def train(
         except mp.ProcessRaisedException as error:
             last = str(error).strip().splitlines()[-1]
             raise RuntimeError(f"a torch DDP process failed: {last}") from None
-        with np.load(Path(tmp) / "result.npz") as saved:
-            return {name: saved[name] for name in saved.files}
+        return load_arrays(Path(tmp) / "result.npz")
 
 
 def _start_method(device: str) -> str:

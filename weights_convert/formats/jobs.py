@@ -1,6 +1,8 @@
 """Work for a subprocess through a directory: a list of calls, each a function name, a checkpoint
-(safetensors), named arrays (npz) and JSON keyword arguments; and their results (npz). Used where a
-computation needs a process of its own (another Keras backend, JAX with more host devices)."""
+(safetensors, a training checkpoint's optimizer state included), named arrays (npz) and JSON keyword
+arguments; and their results (npz). Used where a computation needs a process of its own (another
+Keras backend, JAX with more host devices). ``fit_in_subprocess`` and ``serve_fits`` are the two
+sides of one data-parallel fit handed to such a process."""
 
 from __future__ import annotations
 
@@ -65,6 +67,32 @@ def run_job(module: str, directory, env: dict, what: str) -> list[dict]:
         raise RuntimeError(f"{what} failed (exit {process.returncode}):\n{tail}")
     count = len(json.loads((directory / "job.json").read_text()))
     return [load_arrays(directory / f"result_{i}.npz") for i in range(count)]
+
+
+def fit_in_subprocess(module: str, checkpoint: Checkpoint, data, settings: dict, env: dict, what: str) -> dict:
+    """The results of ``module``'s ``train(checkpoint, data, steps=data.steps, **settings)`` run in one
+    ``python -m module`` subprocess with ``env`` added (whose ``main`` is ``serve_fits``); ``data``
+    an ``ArrayBatches``. A failure raises RuntimeError naming ``what``, as ``run_job``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"{module.replace('.', '-')}-") as tmp:
+        write_job(tmp, [("fit", checkpoint, {"xs": data.xs, "targets": data.targets}, settings)])
+        return run_job(module, tmp, env, what)[0]
+
+
+def serve_fits(argv: list[str], train, usage: str) -> int:
+    """The subprocess side of ``fit_in_subprocess``: ``train(checkpoint, data, steps=data.steps,
+    **settings)`` for every call of ``<dir>/job.json``, results to ``<dir>/result_<i>.npz``. Exit
+    status 2 with ``usage`` on stderr unless ``argv`` is that one directory."""
+    from weights_convert.core.data_parallel import ArrayBatches
+
+    if len(argv) != 1:
+        print(f"usage: {usage}", file=sys.stderr)
+        return 2
+    for i, (_, checkpoint, arrays, settings) in enumerate(read_job(argv[0])):
+        data = ArrayBatches(arrays["xs"], arrays["targets"])
+        np.savez(Path(argv[0]) / f"result_{i}.npz", **train(checkpoint, data, steps=data.steps, **settings))
+    return 0
 
 
 def host_devices_flag(devices: int) -> str:
