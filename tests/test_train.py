@@ -230,13 +230,16 @@ RESUME_SESSION = textwrap.dedent(
         ("torch", "flax/step_2.safetensors", ["--framework", "torch", "--steps", "1", "--optimizer", "adam"]),
         # A fresh optimizer from step 2's weights alone, written weights only.
         ("fresh", "weights_2.safetensors", ["--steps", "1", "--format", "weights.h5", "--weights-only"]),
+        # Keras in float32, whose learning-rate variable is float32.
+        ("keras32", start, ["--framework", "keras", "--steps", "1", "--optimizer", "adamw", "--dtype", "float32"]),
     ]
     out = {}
     for name, checkpoint, options in runs:
         checkpoint = checkpoint if checkpoint == start else str(work / checkpoint)
         if name == "fresh":
             weights_convert.write(weights_convert.read(work / "full/step_2.safetensors").weights_only(), checkpoint)
-        code = cli.main(["train", checkpoint, *options, *common, "--out", str(work / name)])
+        # The last --dtype given wins.
+        code = cli.main(["train", checkpoint, *common, *options, "--out", str(work / name)])
         out[name] = {"code": code, "written": sorted(p.name for p in (work / name).iterdir())}
     print("RESULT " + json.dumps(out))
     """
@@ -305,6 +308,7 @@ def test_train_continues_in_every_framework(resumed_runs):
         "keras": ["step_2.safetensors", "step_3.safetensors"],
         "torch": ["step_3.safetensors"],
         "fresh": ["step_1.weights.h5"],
+        "keras32": ["step_1.safetensors"],
     }
     assert {name: run["code"] for name, run in runs.items()} == dict.fromkeys(expected, 0), stderr[-3000:]
     assert {name: run["written"] for name, run in runs.items()} == expected
@@ -333,8 +337,11 @@ def test_train_continuation_can_fail(resumed_runs):
 
 
 def test_train_checkpoint_inspects_as_training_checkpoint(resumed_runs, capsys):
+    """The optimizer, its step and its hyperparameters as the run set them: a float32 Keras run
+    writes lr 1e-3, not its float32 learning-rate variable's 0.0010000000474974513."""
     work, _, _ = resumed_runs
-    assert cli.main(["inspect", "--json", str(work / "keras" / "step_3.safetensors")]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert (info["optimizer"], info["step"]) == ("adam", 3)
-    assert info["hyperparameters"] == training_hyperparameters("adam")
+    for path, name, step in (("keras/step_3.safetensors", "adam", 3), ("keras32/step_1.safetensors", "adamw", 1)):
+        assert cli.main(["inspect", "--json", str(work / path)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["optimizer"], info["step"]) == (name, step)
+        assert info["hyperparameters"] == training_hyperparameters(name)
