@@ -1,6 +1,6 @@
-"""``attention-unet train`` on one device: the PNG reader against Pillow, the data sources, the
-checkpoints it writes and its refusals. (Two devices and the hand-over between frameworks are in
-``test_data_parallel.py``.)"""
+"""``attention-unet train``: the PNG reader against Pillow, the data sources, the training
+checkpoints it writes, a run continued from one in another framework (on 2 devices) against the
+uninterrupted run, and its refusals. (The data-parallel parity checks are in ``test_data_parallel.py``.)"""
 
 from __future__ import annotations
 
