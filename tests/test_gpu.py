@@ -49,13 +49,16 @@ def test_gpu_parity_default(framework, backend, dtype):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_gpu_resume_between_every_pair(dtype):
     """Training moved between the frameworks on the GPU (each saves its training checkpoint from the
-    device and restores the next one onto it), every ordered pair, with the three optimizers."""
-    for framework, backend in TARGETS:
-        require_gpu(framework, backend)
+    device and restores the next one onto it): every ordered pair of the targets that see a GPU,
+    with the three optimizers."""
+    visible = [(framework, backend) for framework, backend in TARGETS if parity.gpu_available(framework, (backend,))]
+    if len(visible) < 2:
+        pytest.skip(f"fewer than two targets see a GPU: {visible}")
+    backends = [backend for framework, backend in visible if framework == "keras"]
     report = parity.assert_parity(
         random_checkpoint(CONFIGS["small"], seed=3),
-        frameworks=["torch", "flax", "keras"],
-        keras_backends=["jax", "torch", "tensorflow"],
+        frameworks=list(dict.fromkeys(framework for framework, _ in visible)),
+        keras_backends=backends or None,
         dtype=dtype,
         device="gpu",
         mode="fit",
@@ -64,4 +67,5 @@ def test_gpu_resume_between_every_pair(dtype):
         steps=3,
         resume_at=2,
     )
-    assert len({r.quantity.split("/")[1] for r in report.results}) == len(TARGETS) ** 2
+    assert len({r.quantity.split("/")[1] for r in report.results}) == len(visible) ** 2
+    assert all(r.device == "gpu" for r in report.results)
