@@ -11,6 +11,7 @@ import pytest
 
 import weights_convert
 from impl_torch import runner as torch_runner
+from tests import shared_runs
 from tests.harness import assert_matches, assert_report_passes, judge, reference_and_noise
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
@@ -19,6 +20,9 @@ from weights_convert.harness.compare import first_failure
 
 FRAMEWORKS = ["torch", "flax"]
 DTYPES = ["float64", "float32", "mixed_bfloat16"]
+# The training checks run one model at one batch shape: Flax compiles its gradient once per dtype
+# in this process for the train and fit tests here and the parity command's (test_parity_all).
+TRAIN_CONFIG, TRAIN_SIZE = shared_runs.SMALL_CONFIG, shared_runs.SMALL_SIZE
 SMALL = [
     pytest.param(ModelConfig(3, 1, (4, 8, 16)), (16, 16), id="depth2-16x16"),
     pytest.param(ModelConfig(3, 1, (4, 8, 16)), (37, 53), id="depth2-37x53"),
@@ -63,7 +67,7 @@ def test_train_forward_and_running_statistics(config, size, framework, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_train_statistics_gradients_and_steps(framework, dtype):
-    config, size = ModelConfig(3, 1, (4, 8, 16)), (37, 53)
+    config, size = TRAIN_CONFIG, TRAIN_SIZE
     report = assert_report_passes(check(random_checkpoint(config, seed=2), framework, dtype, "train", size))
     trainable = [p.name for p in param_specs(config) if not p.is_buffer]
     buffers = [p.name for p in param_specs(config) if p.is_buffer]
@@ -81,9 +85,9 @@ def test_train_statistics_gradients_and_steps(framework, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_fit(framework, dtype):
-    config = ModelConfig(3, 1, (4, 8, 16))
+    config = TRAIN_CONFIG
     report = assert_report_passes(
-        check(random_checkpoint(config, seed=3), framework, dtype, "fit", (19, 22), steps=4, optimizer="adam")
+        check(random_checkpoint(config, seed=3), framework, dtype, "fit", TRAIN_SIZE, steps=4, optimizer="adam")
     )
     quantities = [r.quantity for r in report.results]
     assert quantities[:4] == [f"loss/step{k}" for k in range(1, 5)]
@@ -95,10 +99,9 @@ def test_fit(framework, dtype):
 
 def test_fit_float64_ten_steps_sgd_and_the_curve():
     """float64 stays within 1e-10 after 10 steps; the loss really moves."""
-    config = ModelConfig(2, 1, (4, 8, 16))
     for framework in FRAMEWORKS:
         report = check(
-            random_checkpoint(config, seed=4), framework, "float64", "fit", (16, 20), steps=10, optimizer="sgd"
+            random_checkpoint(TRAIN_CONFIG, seed=4), framework, "float64", "fit", TRAIN_SIZE, steps=10, optimizer="sgd"
         )
         assert_report_passes(report)
         assert max(r.rel_diff for r in report.results) <= 1e-10

@@ -12,20 +12,22 @@ import pytest
 
 import impl_keras
 import weights_convert
-from impl_keras.runner import BACKENDS, Call, run_batch_in_backend
+from impl_keras.runner import BACKENDS, Call
+from tests import shared_runs
 from tests.harness import assert_matches, judge, reference_and_noise
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.harness import parity
 from weights_convert.harness.compare import first_failure
 
-CONFIG = ModelConfig(3, 2, (4, 8, 16))  # odd input size below: floors in the pools, pads in the decoder
+# Depth 2 at an odd size: floors in the pools, pads in the decoder. The model and batch that
+# test_parity_all's training rows run too: their Keras calls are these, answered from this run.
+CONFIG, CHECKPOINT = shared_runs.SMALL_CONFIG, shared_runs.SMALL_CHECKPOINT
 DEEPER = ModelConfig(2, 1, (4, 8, 16, 32))
-CHECKPOINT = random_checkpoint(CONFIG, seed=1, dtype="float64")
 DEEPER_CHECKPOINT = random_checkpoint(DEEPER, seed=2, dtype="float64")
-INPUTS = parity.Inputs(*parity.make_inputs(CONFIG, 2, (19, 13)))
+INPUTS = parity.Inputs(*parity.make_inputs(CONFIG, 2, shared_runs.SMALL_SIZE))
 DEEPER_INPUTS = parity.Inputs(*parity.make_inputs(DEEPER, 1, (24, 17)))
-FIT_INPUTS = parity.Inputs(*parity.make_inputs(CONFIG, 2, (19, 13), steps=3))
+FIT_INPUTS = parity.Inputs(*parity.make_inputs(CONFIG, 2, shared_runs.SMALL_SIZE, steps=3))
 DTYPES = ["float64", "float32", "mixed_bfloat16"]
 
 # One parameter changed on the Keras side only: the comparison must fail and name its block.
@@ -92,7 +94,7 @@ def keras_runs(table):
                 name: keras_calls(source, inputs, run, dtype) for name, (source, _, inputs, run, dtype) in table.items()
             }
             flat = [call for calls in batches.values() for call in calls]
-            outputs = iter(run_batch_in_backend(backend, flat))
+            outputs = iter(shared_runs.run_batch(backend, flat))
             runs[backend] = {
                 name: parity.merge(parity.calls_for(table[name][3], table[name][2]), [next(outputs) for _ in calls])
                 for name, calls in batches.items()

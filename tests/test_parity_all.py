@@ -8,11 +8,23 @@ import pytest
 
 import impl_flax.runner
 import weights_convert
+from tests import shared_runs
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
-from weights_convert.harness import cli
+from weights_convert.harness import cli, keras_worker
 
 ALL_TARGETS = {("torch", "torch"), ("flax", "flax"), ("keras", "tensorflow"), ("keras", "jax"), ("keras", "torch")}
+SMALL_SIZE = ["--size", *map(str, shared_runs.SMALL_SIZE)]
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path, monkeypatch):
+    """``shared_runs.SMALL_CHECKPOINT`` as a file, and Keras calls answered from the session's record:
+    the training rows' Keras calls are those test_keras_parity runs (see ``tests.shared_runs``)."""
+    monkeypatch.setattr(keras_worker, "run_batch_in_backend", shared_runs.run_batch)
+    path = tmp_path / "small.safetensors"
+    weights_convert.write(shared_runs.SMALL_CHECKPOINT, path)
+    return path
 
 
 def run_json(capsys, *args):
@@ -36,11 +48,9 @@ def test_article_checkpoint_float64_everywhere(capsys, reference_dir):
     assert max(r["rel_diff"] for r in report["results"]) <= 1e-10
 
 
-def test_train_float64_everywhere(capsys, tmp_path):
+def test_train_float64_everywhere(capsys, small_checkpoint):
     """Running statistics, gradients and one SGD and one Adam step, in every framework and backend."""
-    path = tmp_path / "small.safetensors"
-    weights_convert.write(random_checkpoint(ModelConfig(2, 1, (4, 8, 16)), seed=8), path)
-    code, report = run_json(capsys, "parity", path, "--mode", "train", "--dtype", "float64", "--size", "11", "14")
+    code, report = run_json(capsys, "parity", small_checkpoint, "--mode", "train", "--dtype", "float64", *SMALL_SIZE)
     failing = [r["quantity"] for r in report["results"] if not r["passed"]]
     assert code == 0 and report["passed"], failing[:10]
     rows = report["results"]
@@ -58,10 +68,8 @@ def test_train_float64_everywhere(capsys, tmp_path):
         pytest.param(["--mode", "train", "--dtype", "mixed_bfloat16"], id="train-mixed_bfloat16"),
     ],
 )
-def test_fit_and_mixed_precision_everywhere(capsys, tmp_path, args):
-    path = tmp_path / "small.safetensors"
-    weights_convert.write(random_checkpoint(ModelConfig(2, 1, (4, 8, 16)), seed=8), path)
-    code, report = run_json(capsys, "parity", path, *args, "--size", "13", "10")
+def test_fit_and_mixed_precision_everywhere(capsys, small_checkpoint, args):
+    code, report = run_json(capsys, "parity", small_checkpoint, *args, *SMALL_SIZE)
     failing = [(r["framework"], r["backend"], r["quantity"]) for r in report["results"] if not r["passed"]]
     assert code == 0 and report["passed"], failing[:10]
     assert {(r["framework"], r["backend"]) for r in report["results"]} == ALL_TARGETS
