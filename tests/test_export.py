@@ -6,6 +6,8 @@ Each format is exported once per module (exporters take seconds); the SavedModel
 this process when its Keras backend is TensorFlow, else in one subprocess that has it.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -157,12 +159,21 @@ def test_missing_package_names_the_extra(source, tmp_path):
 PARITY_TARGETS = ("onnx", "pt2", "torchscript", "savedmodel", "jaxexport")
 
 
-def test_parity_over_every_export_target_at_odd_size_and_two_batches():
-    """``parity.check`` with the five export targets: each exported once, each with output and
-    mask rows at the run's 2x13x11 input and at batch 1 (the export traced batch 2), all passing
-    within the framework rows' noise-relative bounds."""
+def test_parity_over_every_export_target_at_odd_size_and_two_batches(exported, monkeypatch):
+    """``parity.check`` with the five export targets: each with output and mask rows at the run's
+    2x13x11 input and at batch 1 (the export traced batch 2), all passing within the framework rows'
+    noise-relative bounds. The files are this module's float32 exports of the same checkpoint
+    (``exported``; exporting takes seconds per format), copied where the parity run writes each."""
+    import shutil
+
     from weights_convert.harness import parity
 
+    def copy_module_export(checkpoint, path, *, dtype, check):
+        assert checkpoint is CHECKPOINT and (dtype, check) == ("float32", False)
+        made, _ = exported[Path(path).suffix, dtype]
+        (shutil.copytree if made.is_dir() else shutil.copyfile)(made, path)
+
+    monkeypatch.setattr(export, "export", copy_module_export)
     report = parity.check(CHECKPOINT, frameworks=PARITY_TARGETS, size=(13, 11), batch=2)
     assert report.passed, parity.format_table(report)
     quantities = ["output", "mask", "batch1/output", "batch1/mask"]
