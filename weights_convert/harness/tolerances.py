@@ -71,6 +71,19 @@ TOLERANCES = {
 
 NOISY_PRECISIONS = ("float32", "mixed_bfloat16")
 
+# Rows that are shown but do not gate at the NOISY_PRECISIONS: a resumed fit's optimizer slots
+# (``parity --resume-at``). A slot is a running sum of the last gradients (or of their squares),
+# and a gradient taken at a trained state flips with any single ReLU or max-pool decision that
+# float32 rounding takes the other way: one output channel's kernel gradient moves by up to ~1e-3
+# of the gradient's scale. Measured: Flax float32, ModelConfig(3, 1, (8, 16, 32)) at 37x53, at its
+# own state after 2 Adam steps, off float64 by 3.9e-4 on 70 entries of one kernel, where torch and
+# the NumPy float32 reference agree with float64 to 1e-7 and Flax itself does at every one-ulp
+# dithered neighbour; exp_avg then differs by 3.9e-5 against a measured noise of 7.3e-8. The
+# reference's noise runs only see such a flip by chance, so no noise-relative bound holds for these
+# rows; the parameters and losses after the step, which Adam's normalisation and the learning rate
+# damp, gate instead, and in float64 the slots gate at 1e-10 like every row.
+INFORMATIONAL_AT_REDUCED_PRECISION = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
 
 def tolerance(precision: str, noise: float | None = None) -> float:
     """The bound of one row at ``precision`` given its measured ``noise`` (unused by fixed bounds)."""
