@@ -115,13 +115,23 @@ def _name_and_hyper(optimizer) -> tuple[str, dict]:
     config = optimizer.get_config()
     if not isinstance(config["learning_rate"], float | int):
         raise UnsupportedOptimizer("a learning-rate schedule has no canonical form; a constant learning rate is")
+    lr = _learning_rate(optimizer, config["learning_rate"])
     if isinstance(optimizer, TorchSGD):
         hyper = {"momentum": config["momentum"], "nesterov": config["nesterov"]}
-        return "sgd", hyperparameters("sgd", lr=float(config["learning_rate"]), **hyper)
+        return "sgd", hyperparameters("sgd", lr=lr, **hyper)
     name = "adamw" if isinstance(optimizer, TorchAdamW) else "adam"
-    hyper = {"lr": float(config["learning_rate"]), "b1": config["beta_1"], "b2": config["beta_2"]}
+    hyper = {"lr": lr, "b1": config["beta_1"], "b2": config["beta_2"]}
     hyper.update(eps=config["epsilon"], weight_decay=float(config["weight_decay"] or 0.0))
     return name, hyperparameters(name, **hyper)
+
+
+def _learning_rate(optimizer, value) -> float:
+    """The learning rate the optimizer was made with. Keras keeps it in a ``floatx`` variable, and a
+    float32 one reads back rounded (1e-3 as 0.0010000000474974513): the shortest decimal that
+    rounds to that float32 is the value it stands for. A float64 variable holds it exactly."""
+    if keras.backend.standardize_dtype(optimizer.learning_rate.dtype) == "float32":
+        return float(str(np.float32(value)))
+    return float(value)
 
 
 def _slot_variables(optimizer, name: str, hyper: dict) -> dict:

@@ -26,7 +26,7 @@ from impl_keras.training import (
 from tests.test_formats_base_install import h5_layout
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
-from weights_convert.core.optimizer_state import OptimizerState, hyperparameters, slot_names
+from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, hyperparameters, slot_names
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 
@@ -252,3 +252,29 @@ def test_l2_weight_decay_to_keras_is_refused_in_one_line_and_nothing_is_written(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "Keras cannot express adam with weight_decay=0.1" in error, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l2.safetensors"]
+
+
+def test_a_float32_keras_optimizer_keeps_the_learning_rate_it_was_made_with():
+    """Keras holds a float32 model's learning rate in a float32 variable (1e-3 reads back as
+    0.0010000000474974513); the canonical state keeps the 1e-3 it was made with."""
+    import keras
+
+    from impl_keras.io import from_checkpoint
+    from impl_keras.training import make_optimizer, optimizer_state
+
+    model = from_checkpoint(random_checkpoint(ModelConfig(channels=(4, 8)), seed=0), "float32")
+    optimizer = make_optimizer("adamw", "float32", lr=1e-3)
+    assert keras.backend.standardize_dtype(optimizer.learning_rate.dtype) == "float32"
+    assert float(optimizer.get_config()["learning_rate"]) != 1e-3
+    assert optimizer_state(model, optimizer).hyper["lr"] == 1e-3
+
+
+def test_a_learning_rate_float32_cannot_hold_is_refused_for_a_float32_keras_file(tmp_path):
+    checkpoint = random_checkpoint(CONFIG, seed=0).astype("float32")
+    state = OptimizerState("adam", hyperparameters("adam", lr=0.1 + 1e-12), 0, {})
+    path = tmp_path / "t.keras"
+    with pytest.raises(UnsupportedOptimizer, match="keeps the learning rate in float32, which cannot hold lr=0.1000"):
+        weights_convert.write(Checkpoint(checkpoint.config, checkpoint.tensors, optimizer=state), path)
+    assert not path.exists()
+    weights_convert.write(Checkpoint(checkpoint.config, checkpoint.astype("float64").tensors, optimizer=state), path)
+    assert weights_convert.read(path).optimizer.hyper["lr"] == 0.1 + 1e-12

@@ -221,6 +221,11 @@ def _read_optimizer(f, source: str, config: ModelConfig, name: str, hyper: dict)
     if expected_checksum is not None and expected_checksum != _checksum(values):
         raise CheckpointError(f"{source}: corrupt: the optimizer variables do not match the checksum in its attributes")
     step, lr = int(values[0]), values[1]
+    if lr.dtype == np.float32:
+        # Keras' get_config reads a float32 learning-rate variable back rounded (1e-3 as
+        # 0.0010000000474974513); the shortest decimal that rounds to it is the value it stands for,
+        # as impl_keras.training reads it.
+        hyper = {**hyper, "lr": float(str(np.float32(hyper["lr"])))}
     if lr != np.asarray(hyper["lr"]).astype(lr.dtype):
         raise CheckpointError(
             f"{source}: the learning-rate variable holds {lr.item()!r}, the compiled optimizer {hyper['lr']!r}"
@@ -370,7 +375,7 @@ def model_config(checkpoint: Checkpoint) -> dict:
         },
         "registered_name": REGISTERED_NAME,
         "build_config": {"input_shape": [None, None, None, config.in_channels]},
-        "compile_config": {} if checkpoint.optimizer is None else compile_config(checkpoint.optimizer),
+        "compile_config": {} if checkpoint.optimizer is None else compile_config(checkpoint),
     }
 
 
@@ -383,14 +388,17 @@ def check_expressible(state: OptimizerState) -> None:
         )
 
 
-def compile_config(state: OptimizerState) -> dict:
+def compile_config(checkpoint: Checkpoint) -> dict:
     """``compile_config`` as ``model.compile(optimizer=impl_keras.training.make_optimizer(...),
     loss="mean_squared_error")`` and ``model.save`` write it: the optimizer as Keras serializes the
-    registered class (its ``get_config``), then the compile settings."""
+    registered class (its ``get_config``, the learning rate as its variable holds it), then the
+    compile settings."""
+    state = checkpoint.optimizer
     check_expressible(state)
     class_name, module, keras_name = OPTIMIZER_CLASSES[state.name]
     hyper = state.hyper
-    settings = {"name": keras_name, "learning_rate": hyper["lr"], "weight_decay": None, **PLAIN_SETTINGS}
+    lr = float(keras_learning_rate(hyper["lr"], checkpoint))
+    settings = {"name": keras_name, "learning_rate": lr, "weight_decay": None, **PLAIN_SETTINGS}
     if state.name == "sgd":
         settings.update(momentum=hyper["momentum"], nesterov=hyper["nesterov"])
     else:
@@ -413,8 +421,7 @@ def optimizer_variables(checkpoint: Checkpoint) -> list[np.ndarray]:
     makes them."""
     state = checkpoint.optimizer
     check_expressible(state)
-    lr_dtype = np.float64 if policy_dtype(checkpoint) == "float64" else np.float32
-    variables = [np.asarray(state.step or 0, np.int64), np.asarray(state.hyper["lr"], lr_dtype)]
+    variables = [np.asarray(state.step or 0, np.int64), keras_learning_rate(state.hyper["lr"], checkpoint)]
     order = [slot for slot in KERAS_SLOTS[state.name] if slot in slot_names(state.name, state.hyper)]
     for spec in param_specs(checkpoint.config):
         if spec.is_buffer:
@@ -423,6 +430,21 @@ def optimizer_variables(checkpoint: Checkpoint) -> list[np.ndarray]:
             value = state.slots[slot][spec.name] if state.slots else np.zeros_like(checkpoint.tensors[spec.name])
             variables.append(rule(spec).to_channels_last(np.asarray(value)))
     return variables
+
+
+def keras_learning_rate(lr: float, checkpoint: Checkpoint) -> np.ndarray:
+    """The learning-rate variable Keras keeps for ``lr``: float64 in a float64 model, else float32
+    (its ``floatx``), read back as the shortest decimal that rounds to it (``_read_optimizer``). A
+    learning rate that this does not give back exactly cannot be held by such a model: refused."""
+    if policy_dtype(checkpoint) == "float64":
+        return np.asarray(lr, np.float64)
+    variable = np.asarray(lr, np.float32)
+    if float(str(variable[()])) != lr:
+        raise UnsupportedOptimizer(
+            f"a {policy_dtype(checkpoint)} Keras model keeps the learning rate in float32, which cannot hold "
+            f"lr={lr!r} (it reads back as {float(str(variable[()]))!r}); write .safetensors, .pt, .msgpack or .orbax"
+        )
+    return variable
 
 
 def policy_dtype(checkpoint: Checkpoint) -> str:
