@@ -62,9 +62,13 @@ def test_destination_that_appears_during_a_write_is_kept(tmp_path, monkeypatch, 
 
 
 SLOW_WRITER = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import weights_convert
+
+# Python's own SIGINT handler, also where the parent ignores SIGINT (a shell's background job
+# starts so, and Python then keeps ignoring it).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.formats import format_for
