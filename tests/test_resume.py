@@ -56,6 +56,22 @@ def test_every_ordered_pair_and_optimizer_resumes_exactly_in_float64(checkpoint)
     assert report.passed, parity.format_table(report)
 
 
+def test_every_keras_backend_resumes_from_and_into_every_framework(checkpoint):
+    """All five targets (torch, Flax, Keras on TensorFlow, JAX and PyTorch; the backends other than
+    this process's in one subprocess per phase): 25 ordered pairs, Adam, float64."""
+    report = parity.check(
+        checkpoint,
+        frameworks=("torch", "flax", "keras"),
+        keras_backends=("tensorflow", "jax", "torch"),
+        dtype="float64",
+        optimizer="adam",
+        **RUN,
+    )
+    names = ("torch", "flax", "keras-tensorflow", "keras-jax", "keras-torch")
+    assert set(_pairs(report)) == {f"resume/{a}->{b}/adam" for a in names for b in names}
+    assert report.passed, parity.format_table(report)
+
+
 def test_a_continuation_that_restarts_the_step_count_fails_where_it_resumes(checkpoint, monkeypatch):
     """torch resuming with Adam's step count back at 0 (its bias correction restarts): the pairs
     that continue in torch fail from the first parameter updated after the move (every loss is
