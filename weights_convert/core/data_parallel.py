@@ -74,14 +74,12 @@ def starting_state(checkpoint, optimizer: str):
     """The ``OptimizerState`` a training loop starts from: a training checkpoint's own, whose
     optimizer must be ``optimizer`` (a ValueError saying both otherwise), or a fresh ``optimizer``
     (step 0, no slots) with ``training_hyperparameters``."""
+    from weights_convert.core.optim import check_training
     from weights_convert.core.optimizer_state import OptimizerState
 
+    check_training(checkpoint, optimizer)
     state = checkpoint.optimizer
-    if state is None:
-        return OptimizerState(optimizer, training_hyperparameters(optimizer), 0, {})
-    if state.name != optimizer:
-        raise ValueError(f"the training checkpoint's optimizer is {state.name}, but the training run names {optimizer}")
-    return state
+    return OptimizerState(optimizer, training_hyperparameters(optimizer), 0, {}) if state is None else state
 
 
 def with_optimizer(checkpoint, optimizer: str):

@@ -51,11 +51,11 @@ def state_results(state) -> dict:
 
 
 def check_training(checkpoint, optimizer: str, save_to=None) -> None:
-    """What a runner's ``fit`` checks of the ``Checkpoint`` it starts from: a training checkpoint's
-    optimizer must be ``optimizer``, and ``save_to`` needs a training checkpoint (a ValueError saying
-    what is wrong otherwise)."""
+    """What a runner's ``fit`` and a training loop (``core.data_parallel.starting_state``) check of
+    the ``Checkpoint`` they start from: a training checkpoint's optimizer must be ``optimizer``, and
+    ``save_to`` needs a training checkpoint (a ValueError saying what is wrong otherwise)."""
     state = checkpoint.optimizer
     if state is not None and state.name != optimizer:
-        raise ValueError(f"the training checkpoint's optimizer is {state.name}, but the fit names {optimizer}")
+        raise ValueError(f"the training checkpoint's optimizer is {state.name}, but the run names {optimizer}")
     if state is None and save_to is not None:
         raise ValueError("save_to saves a training checkpoint: the fit must start from one (with optimizer state)")
