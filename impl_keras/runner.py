@@ -281,13 +281,11 @@ class _Trainer:
         _assign(self.optimizer.variables, self.initial)
 
     def restore(self, checkpoint: Checkpoint) -> None:
-        """The optimizer's state (step count and slots) from training checkpoint ``checkpoint``, which
-        the model already holds: copied from the optimizer that ``from_training_checkpoint`` restores,
-        built over the same variables in the same order."""
+        """The optimizer's state (step count and slots) from training checkpoint ``checkpoint``, whose
+        tensors the model already holds (after ``reset()``: slots left at zeros where it has none)."""
         from impl_keras import training
 
-        _, restored = training.from_training_checkpoint(checkpoint, self.model.dtype_policy.name)
-        _assign(self.optimizer.variables, [v.value for v in restored.variables])
+        training.assign_optimizer_state(self.model, self.optimizer, checkpoint.optimizer)
 
     def step(self, x, target):
         """One training step on the model and the optimizer; returns (loss, gradients)."""

@@ -176,19 +176,26 @@ def from_training_checkpoint(
     if state is None:
         raise CheckpointError("the checkpoint holds no optimizer state (a weights-only checkpoint)")
     model = from_checkpoint(checkpoint, dtype)
-    variable_dtype = model.dtype_policy.variable_dtype
-    optimizer = make_optimizer(state.name, variable_dtype, **state.hyper)
+    optimizer = make_optimizer(state.name, model.dtype_policy.variable_dtype, **state.hyper)
     optimizer.build(model.trainable_variables)
-    optimizer.iterations.assign(state.step or 0)
-    if state.slots:
-        specs = {s.name: s for s in param_specs(model.config)}
-        by_id = {id(v): n for n, v in keras_variables(model).items()}
-        names = [by_id[id(v)] for v in model.trainable_variables]
-        for slot, variables in _slot_variables(optimizer, state.name, state.hyper).items():
-            for name, variable in zip(names, variables, strict=True):
-                value = np.asarray(state.slots[slot][name]).astype(variable_dtype)
-                variable.assign(rule(specs[name]).to_channels_last(value))
+    assign_optimizer_state(model, optimizer, state)
     return model, optimizer
+
+
+def assign_optimizer_state(model: AttentionUNet, optimizer, state: OptimizerState) -> None:
+    """Set ``optimizer`` (built over ``model.trainable_variables``, of ``state``'s kind) to
+    ``state``: its step count and every slot. A state without slots (a fresh optimizer) leaves the
+    slots as they are: the zeros of a freshly built optimizer."""
+    optimizer.iterations.assign(state.step or 0)
+    if not state.slots:
+        return
+    specs = {s.name: s for s in param_specs(model.config)}
+    by_id = {id(v): n for n, v in keras_variables(model).items()}
+    names = [by_id[id(v)] for v in model.trainable_variables]
+    for slot, variables in _slot_variables(optimizer, state.name, state.hyper).items():
+        for name, variable in zip(names, variables, strict=True):
+            value = np.asarray(state.slots[slot][name]).astype(variable.dtype)
+            variable.assign(rule(specs[name]).to_channels_last(value))
 
 
 def save_training(model: AttentionUNet, optimizer, path, *, force: bool = False) -> None:
