@@ -394,21 +394,32 @@ def merge(calls, outputs: list[dict]) -> dict:
 
 
 def run_calls(impl: Target, checkpoint: Checkpoint, calls) -> list[dict]:
-    """Run ``calls`` (see ``calls_for``) with the implementation ``impl``. Keras runs them all in
-    one process of the requested backend (a subprocess unless it is this one's)."""
-    common = {"device": impl.device, "dtype": impl.dtype}
+    """Run ``calls`` (see ``calls_for``) with the implementation ``impl`` (``run_jobs``), or, for a
+    data-parallel fit, on its devices (``weights_convert.harness.data_parallel``)."""
     if any(dp.is_data_parallel(kwargs) for *_, kwargs in calls):
+        common = {"device": impl.device, "dtype": impl.dtype}
         return [dp.fit(impl.framework, checkpoint, x, t, **kwargs, **common) for _, x, t, kwargs in calls]
+    return run_jobs(impl, [(function, checkpoint, x, target, kwargs) for function, x, target, kwargs in calls])
+
+
+def run_jobs(impl: Target, jobs) -> list[dict]:
+    """Each ``(function, checkpoint or its path, x, target or None, keyword arguments)`` run by the
+    runner of ``impl`` at its device and dtype. Keras runs them all in one process of the requested
+    backend (a subprocess unless it is this one's)."""
+    common = {"device": impl.device, "dtype": impl.dtype}
     if impl.framework == "keras":
         from weights_convert.harness.keras_worker import Call, run_batch_in_backend
 
-        batch = [Call(function, checkpoint, x, target, {**kwargs, **common}) for function, x, target, kwargs in calls]
+        batch = [
+            Call(function, checkpoint, x, target, {**kwargs, **common})
+            for function, checkpoint, x, target, kwargs in jobs
+        ]
         return run_batch_in_backend(impl.backend, batch)
     runner = runner_of(impl.framework)
     with matmul_precision(impl):
         return [
             getattr(runner, function)(checkpoint, x, *([] if target is None else [target]), **kwargs, **common)
-            for function, x, target, kwargs in calls
+            for function, checkpoint, x, target, kwargs in jobs
         ]
 
 

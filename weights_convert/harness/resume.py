@@ -13,16 +13,15 @@ and optimizer state (``weights_convert.core.optim.state_results``) after the las
 The optimizers are the training checkpoints' (``weights_convert.core.optimizer_state.DEFAULTS``):
 SGD with momentum 0.9, Adam, and AdamW with decoupled weight decay 0.01, so that step counts,
 moments and momentum buffers all cross the framework boundary. Each target's runner does the
-training (its ``fit`` from a training checkpoint); Keras under a backend other than this process's
-runs in one subprocess per phase for every optimizer and pair (``weights_convert.harness.keras_worker``).
+training (its ``fit`` from a training checkpoint, through ``parity.run_jobs``); Keras under a
+backend other than this process's runs in one subprocess per phase for every optimizer and pair
+(``weights_convert.harness.keras_worker``).
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
@@ -57,6 +56,7 @@ def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimiz
     the module doc): ``loss/step<k>`` for k = 1..len(xs), then what the ``to`` target's ``fit``
     returns after the last step. ``checkpoint`` is in the targets' parameter dtype."""
     from weights_convert.formats.io import convert, write
+    from weights_convert.harness.parity import run_jobs
 
     head, tail = (xs[:resume_at], ys[:resume_at]), (xs[resume_at:], ys[resume_at:])
     results = {}
@@ -71,8 +71,8 @@ def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimiz
             jobs = []
             for name in optimizers:
                 saved[name, source] = _file(tmp, f"{name}-{_slug(source)}", source)
-                jobs.append((starts[name], *head, {"optimizer": name, "save_to": str(saved[name, source])}))
-            first.update(zip(((name, source) for name in optimizers), _fit(source, jobs), strict=True))
+                jobs.append(("fit", starts[name], *head, {"optimizer": name, "save_to": str(saved[name, source])}))
+            first.update(zip(((name, source) for name in optimizers), run_jobs(source, jobs), strict=True))
         for target in targets:
             say(f"{_name(target)}: load_training from every target, {len(tail[0])} more steps")
             jobs, keys = [], []
@@ -80,9 +80,9 @@ def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimiz
                 for source in targets:
                     moved = _file(tmp, f"{name}-{_slug(source)}-to-{_slug(target)}", target)
                     convert(saved[name, source], moved)
-                    jobs.append((moved, *tail, {"optimizer": name}))
+                    jobs.append(("fit", moved, *tail, {"optimizer": name}))
                     keys.append((name, source, target))
-            for key, continued in zip(keys, _fit(target, jobs), strict=True):
+            for key, continued in zip(keys, run_jobs(target, jobs), strict=True):
                 results[key] = _joined(first[key[:2]], continued, resume_at)
     return results
 
@@ -98,19 +98,3 @@ def _joined(first: dict, continued: dict, resume_at: int) -> dict:
         if key.startswith("loss/step"):
             losses[f"loss/step{resume_at + int(key.removeprefix('loss/step'))}"] = value
     return losses | {k: v for k, v in continued.items() if not k.startswith("loss/")}
-
-
-def _fit(target, jobs) -> list[dict]:
-    """The runner's ``fit`` of ``target`` for each ``(checkpoint path, xs, targets, kwargs)``; Keras
-    runs them in one process of its backend."""
-    from weights_convert.harness import parity
-
-    common = {"device": target.device, "dtype": target.dtype}
-    if target.framework == "keras":
-        from weights_convert.harness.keras_worker import Call, run_batch_in_backend
-
-        calls = [Call("fit", path, np.asarray(x), np.asarray(y), {**kwargs, **common}) for path, x, y, kwargs in jobs]
-        return run_batch_in_backend(target.backend, calls)
-    runner = parity.runner_of(target.framework)
-    with parity.matmul_precision(target):
-        return [runner.fit(path, x, y, **kwargs, **common) for path, x, y, kwargs in jobs]
