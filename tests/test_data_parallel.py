@@ -8,10 +8,6 @@ The frameworks run in ONE subprocess (``SESSION``): JAX takes its number of host
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,13 +15,13 @@ import numpy as np
 import pytest
 
 import weights_convert
+from tests.sessions import run_jax_session
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli, parity, reference
 from weights_convert.harness.parity import make_inputs
 from weights_convert.harness.tolerances import TOLERANCES, tolerance
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(channels=(4, 8))
 DEVICES, BATCH, SIZE, STEPS = 2, 4, (16, 16), 3
 
@@ -78,25 +74,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def session(tiny_checkpoint, tmp_path_factory) -> tuple[dict, str]:
     """(the results of ``SESSION``, its stderr)."""
     work = tmp_path_factory.mktemp("data_parallel_session")
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_ENABLE_X64": "1",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
-    process = subprocess.run(
-        [sys.executable, "-c", SESSION, str(tiny_checkpoint), str(work)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    line = next(line for line in process.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT ")), process.stderr
+    return run_jax_session(SESSION, tiny_checkpoint, work, devices=DEVICES)
 
 
 def _inputs():

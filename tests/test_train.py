@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 from PIL import Image
 
 import weights_convert
+from tests.sessions import run_jax_session
 from weights_convert.core.data_parallel import training_hyperparameters
 from weights_convert.core.optimizer_state import OptimizerState
 from weights_convert.core.random_init import random_checkpoint
@@ -25,7 +23,6 @@ from weights_convert.harness import cli
 from weights_convert.harness.tolerances import TOLERANCES
 from weights_convert.harness.train import PngFolder, SyntheticSegmentation, read_png, write_png
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ModelConfig(channels=(4, 8))
 
 
@@ -253,25 +250,8 @@ def resumed_runs(tmp_path_factory) -> tuple[Path, dict, str]:
     work = tmp_path_factory.mktemp("train_resume")
     start = work / "start.safetensors"
     weights_convert.write(random_checkpoint(TINY, seed=4), start)
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_ENABLE_X64": "1",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
-    process = subprocess.run(
-        [sys.executable, "-c", RESUME_SESSION, str(start), str(work)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    line = next(line for line in process.stdout.splitlines() if line.startswith("RESULT "))
-    return work, json.loads(line.removeprefix("RESULT ")), process.stderr
+    results, stderr = run_jax_session(RESUME_SESSION, start, work, devices=2)
+    return work, results, stderr
 
 
 def _training_quantities(path) -> tuple[dict, int]:
