@@ -104,9 +104,9 @@ def test_export_of_other_weights_fails_the_check(exported):
     assert not export.check_file(path, other, dtype="float64").passed
 
 
-def test_cli_failed_check_writes_nothing(source, tmp_path, monkeypatch, capsys):
-    """An export whose file computes something else (one weight changed) is refused: exit 1, the
-    FAILED verdict on stdout, no file."""
+@pytest.fixture
+def flax_exports_other_weights(monkeypatch):
+    """``impl_flax.export.export`` writing other weights than it is given (one bias moved by 0.01)."""
     import impl_flax.export
 
     real_export = impl_flax.export.export
@@ -117,6 +117,11 @@ def test_cli_failed_check_writes_nothing(source, tmp_path, monkeypatch, capsys):
         real_export(other, path, dtype)
 
     monkeypatch.setattr(impl_flax.export, "export", export_other_weights)
+
+
+def test_cli_failed_check_writes_nothing(source, tmp_path, flax_exports_other_weights, capsys):
+    """An export whose file computes something else (one weight changed) is refused: exit 1, the
+    FAILED verdict on stdout, no file."""
     dst = tmp_path / "model.jaxexport"
     assert cli.main(["export", str(source), str(dst)]) == 1
     out = capsys.readouterr().out.strip()
@@ -188,19 +193,10 @@ def test_parity_over_every_export_target_at_odd_size_and_two_batches(exported, m
     }
 
 
-def test_parity_of_an_export_of_other_weights_fails_at_output(monkeypatch):
+def test_parity_of_an_export_of_other_weights_fails_at_output(flax_exports_other_weights):
     """An export that writes other weights (one bias moved) fails its parity row, named ``output``."""
-    import impl_flax.export
     from weights_convert.harness import parity
 
-    real_export = impl_flax.export.export
-
-    def export_other_weights(checkpoint, path, dtype):
-        other = checkpoint.astype("float32")
-        other.tensors["output.bias"] = other.tensors["output.bias"] + 0.01
-        real_export(other, path, dtype)
-
-    monkeypatch.setattr(impl_flax.export, "export", export_other_weights)
     report = parity.check(CHECKPOINT, frameworks=("jaxexport",), size=(13, 11), batch=2)
     assert not report.passed
     assert report.first_drift() == {"jaxexport cpu float32": "output"}
