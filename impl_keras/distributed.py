@@ -162,12 +162,12 @@ def train(
             if trajectory:
                 path.update({f"trajectory/step{k}/{n}": v for n, v in trainer.parameters().items()})
             if on_step is not None and jax.process_index() == 0:
-                on_step(k, float(_numpy(loss)), lambda: _snapshot(model, trainer, checkpoint))
+                on_step(k, float(_numpy(loss)), lambda: _snapshot(model, trainer))
         results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
         results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
         results.update({f"state/{name}": value for name, value in _state(model).items()})
         if resumed:
-            results.update(state_results(_snapshot(model, trainer, checkpoint).optimizer))
+            results.update(state_results(_snapshot(model, trainer).optimizer))
     return results | path
 
 
@@ -186,12 +186,12 @@ def _train_one_device(checkpoint, data, steps, dtype, device, resumed, trajector
             if trajectory:
                 path.update({f"trajectory/step{k}/{n}": v for n, v in trainer.parameters().items()})
             if on_step is not None:
-                on_step(k, float(_numpy(loss)), lambda: _snapshot(model, trainer, checkpoint))
+                on_step(k, float(_numpy(loss)), lambda: _snapshot(model, trainer))
         results = {f"loss/step{k}": _numpy(loss) for k, loss in enumerate(losses, start=1)}
         results.update({f"param/{name}": value for name, value in trainer.parameters().items()})
         results.update({f"state/{name}": value for name, value in _state(model).items()})
         if resumed:
-            results.update(state_results(_snapshot(model, trainer, checkpoint).optimizer))
+            results.update(state_results(_snapshot(model, trainer).optimizer))
     return results | path
 
 
@@ -208,18 +208,12 @@ def _restored_trainer(model, checkpoint: Checkpoint, resumed: bool):
     return trainer
 
 
-def _snapshot(model, trainer, checkpoint: Checkpoint) -> Checkpoint:
+def _snapshot(model, trainer) -> Checkpoint:
     """The model and its optimizer's state as a training checkpoint (the replicated variables'
-    values: the whole state), with the hyperparameters of the run (``checkpoint``'s): Keras keeps
-    the learning rate in a variable of the model's dtype, and reads back a float32 one rounded
-    (1e-3 as 0.0010000000474974513), which a continued run would otherwise inherit."""
-    import dataclasses
-
+    values: the whole state)."""
     from impl_keras.training import to_training_checkpoint
 
-    snapshot = to_training_checkpoint(model, trainer.optimizer)
-    state = dataclasses.replace(snapshot.optimizer, hyper=dict(checkpoint.optimizer.hyper))
-    return dataclasses.replace(snapshot, optimizer=state)
+    return to_training_checkpoint(model, trainer.optimizer)
 
 
 def _sharded(distribution, tensor):
