@@ -77,12 +77,14 @@ def fit(
         return train(checkpoint, data, steps=data.steps, **settings)
     if device != "cpu":
         raise ValueError(f"data parallel {data_parallel} needs as many {device} devices; JAX sees {_devices(device)}")
-    from weights_convert.formats import jobs
+    from weights_convert import processes
 
-    env = {"XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
-    return jobs.fit_in_subprocess(
-        "impl_flax.distributed", checkpoint, data, settings, env, f"Flax on {data_parallel} host devices"
+    env = processes.environment(XLA_FLAGS=processes.host_devices_flag(data_parallel))
+    call = processes.Call("fit", checkpoint, data.xs, data.targets, settings)
+    [results] = processes.run_calls(
+        "impl_flax.distributed", [call], env=env, what=f"Flax on {data_parallel} host devices"
     )
+    return results
 
 
 def train(
@@ -193,11 +195,16 @@ def _local_step(mesh: Mesh):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry of ``fit`` (``weights_convert.formats.jobs.serve_fits``):
+    """Subprocess entry of ``fit`` (``weights_convert.processes.serve_calls``):
     ``python -m impl_flax.distributed JOB_DIR``."""
-    from weights_convert.formats import jobs
+    from weights_convert.processes import serve_calls
 
-    return jobs.serve_fits(sys.argv[1:] if argv is None else argv, train, "python -m impl_flax.distributed JOB_DIR")
+    return serve_calls(sys.argv[1:] if argv is None else argv, _serve_fit, "python -m impl_flax.distributed JOB_DIR")
+
+
+def _serve_fit(call) -> dict:
+    data = ArrayBatches(call.x, call.target)
+    return train(call.checkpoint, data, steps=data.steps, **call.kwargs)
 
 
 if __name__ == "__main__":

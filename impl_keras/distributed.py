@@ -67,7 +67,7 @@ def fit(
     trajectory=False,
 ) -> dict:
     """``impl_keras.runner.fit`` on ``data_parallel`` devices: step k trains on ``xs[k-1]``, sharded."""
-    from impl_keras.runner import current_backend
+    from weights_convert.core.extras import current_keras_backend as current_backend
 
     data = ArrayBatches(xs, targets)
     settings = {"dtype": dtype, "device": device, "optimizer": optimizer, "data_parallel": data_parallel}
@@ -76,12 +76,14 @@ def fit(
         return train(checkpoint, data, steps=data.steps, **settings)
     if device != "cpu":
         raise ValueError(f"Keras data parallel on {device}: run it in a KERAS_BACKEND=jax process that sees the GPUs")
-    from weights_convert.formats import jobs
+    from weights_convert import processes
 
-    env = {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1", "XLA_FLAGS": jobs.host_devices_flag(data_parallel)}
-    return jobs.fit_in_subprocess(
-        "impl_keras.distributed", checkpoint, data, settings, env, f"Keras/JAX on {data_parallel} host devices"
-    )
+    flags = processes.host_devices_flag(data_parallel)
+    env = processes.environment(KERAS_BACKEND="jax", JAX_ENABLE_X64="1", XLA_FLAGS=flags)
+    call = processes.Call("fit", checkpoint, data.xs, data.targets, settings)
+    what = f"Keras/JAX on {data_parallel} host devices"
+    [results] = processes.run_calls("impl_keras.distributed", [call], env=env, what=what)
+    return results
 
 
 def _runs_here(device: str, data_parallel: int, dtype: str) -> bool:
@@ -282,14 +284,18 @@ def _local_gradients(model, device: str, data_parallel: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry of ``fit`` (``weights_convert.formats.jobs.serve_fits``):
+    """Subprocess entry of ``fit`` (``weights_convert.processes.serve_calls``):
     ``KERAS_BACKEND=jax python -m impl_keras.distributed JOB_DIR``."""
-    from weights_convert.formats import jobs
+    from weights_convert.processes import serve_calls
 
     os.environ.setdefault("KERAS_BACKEND", "jax")  # before train imports Keras
-    return jobs.serve_fits(
-        sys.argv[1:] if argv is None else argv, train, "KERAS_BACKEND=jax python -m impl_keras.distributed JOB_DIR"
-    )
+    usage = "KERAS_BACKEND=jax python -m impl_keras.distributed JOB_DIR"
+    return serve_calls(sys.argv[1:] if argv is None else argv, _serve_fit, usage)
+
+
+def _serve_fit(call) -> dict:
+    data = ArrayBatches(call.x, call.target)
+    return train(call.checkpoint, data, steps=data.steps, **call.kwargs)
 
 
 if __name__ == "__main__":

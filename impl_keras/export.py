@@ -15,8 +15,6 @@ Keras' backend is fixed when it is imported, so a process on another backend exp
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +24,6 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint
 
 SUFFIXES = (".savedmodel",)
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def export_savedmodel(model, path) -> None:
@@ -43,7 +40,7 @@ EXPORTERS = {".savedmodel": export_savedmodel}
 def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
     """Write ``checkpoint``'s model at ``dtype`` (float32 or float64) in the format named by
     ``path``'s suffix: in this process under the TensorFlow backend, else in a subprocess that has it."""
-    from impl_keras.runner import current_backend
+    from weights_convert.core.extras import current_keras_backend as current_backend
 
     suffix = Path(path).suffix
     if suffix not in EXPORTERS:
@@ -60,17 +57,15 @@ def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
 
 def _export_in_subprocess(checkpoint: Checkpoint, path, dtype: str) -> None:
     from weights_convert.formats.io import write
+    from weights_convert.processes import environment, run_module
 
     with tempfile.TemporaryDirectory(prefix="keras-export-") as tmp:
         source = Path(tmp) / "checkpoint.safetensors"
         write(checkpoint, source)
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        command = [sys.executable, "-m", "impl_keras.export", str(source), str(path), "--dtype", dtype]
-        process = subprocess.run(command, env=env, capture_output=True, text=True)
-    if process.returncode != 0:
-        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the SavedModel export under TensorFlow failed (exit {process.returncode}): {last}")
+        what = "the SavedModel export under TensorFlow"
+        run_module(
+            "impl_keras.export", source, path, "--dtype", dtype, env=environment(KERAS_BACKEND="tensorflow"), what=what
+        )
 
 
 def run(path, x: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ eager ``.backward()``. The optimizers are ``keras.optimizers.SGD`` and ``impl_ke
 (Keras' Adam with torch's update at every step).
 
 The backend is fixed when Keras is imported, so ``run_in_backend`` / ``run_batch_in_backend``
-(``weights_convert.harness.keras_worker``, re-exported here) run these functions under any backend:
+(``weights_convert.harness.keras_worker``) run these functions under any backend:
 in this process when it already has that backend, otherwise in one ``KERAS_BACKEND=<backend>
 python -m impl_keras.runner JOB_DIR`` subprocess per batch, whose entry point (``main``) is here.
 """
@@ -35,21 +35,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.frameworks import KERAS_BACKENDS
 from weights_convert.core.optim import check_fit_batches, check_optimizer, check_training, state_results
-from weights_convert.harness.keras_worker import (  # noqa: F401  (the calls' API, re-exported)
-    BACKENDS,
-    FUNCTIONS,
-    Call,
-    current_backend,
-    read_job,
-    run_batch_in_backend,
-    run_in_backend,
-)
+from weights_convert.processes import Call, serve_calls
 
 STATE_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -377,7 +369,7 @@ def _gradients(model):
             return loss.detach(), [v.value.grad for v in variables]
 
         return gradients
-    raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {BACKENDS}")
+    raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {KERAS_BACKENDS}")
 
 
 def _optimizer(name: str, dtype: str = "float32"):
@@ -455,15 +447,9 @@ def run_call(call: Call) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: run ``<dir>/job.json`` and write ``<dir>/result_<i>.npz``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m impl_keras.runner JOB_DIR", file=sys.stderr)
-        return 2
-    tmp = Path(argv[0])
-    for i, call in enumerate(read_job(tmp)):
-        np.savez(tmp / f"result_{i}.npz", **run_call(call))
-    return 0
+    """Subprocess entry (``weights_convert.processes.serve_calls``): run ``<dir>/job.json`` and
+    write ``<dir>/result_<i>.npz``."""
+    return serve_calls(sys.argv[1:] if argv is None else argv, run_call, "python -m impl_keras.runner JOB_DIR")
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ from impl_torch.training import make_optimizer, optimizer_state, to_training_che
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, shard, with_optimizer
 from weights_convert.core.optim import state_results
-from weights_convert.formats.jobs import load_arrays
 from weights_convert.formats.torch_format import torch_optimizer_state
+from weights_convert.processes import load_arrays
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -4,12 +4,11 @@ as data-parallel work on one CPU needs (JAX reads the device count when it start
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from weights_convert.formats.jobs import host_devices_flag
+from weights_convert.processes import environment, host_devices_flag
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,15 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 def run_jax_session(script: str, *args, devices: int) -> tuple[dict, str]:
     """(the JSON of the script's ``RESULT <json>`` line, its stderr) of ``python -c script *args``
     with ``devices`` CPU host devices; a failed run fails the test with the end of its stderr."""
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_ENABLE_X64": "1",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": host_devices_flag(devices),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
+    env = environment(
+        KERAS_BACKEND="jax", JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu", XLA_FLAGS=host_devices_flag(devices)
+    )
     process = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True, timeout=600
     )

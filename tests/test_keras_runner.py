@@ -8,11 +8,11 @@ keeps the compilation of each training step short; ``test_keras_parity`` covers 
 import numpy as np
 import pytest
 
-from impl_keras.runner import BACKENDS, Call, run_batch_in_backend
 from impl_torch import runner as torch_runner
 from tests.conftest import rel_error
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.harness.keras_worker import BACKENDS, Call, run_batch_in_backend
 from weights_convert.harness.tolerances import TOLERANCES
 
 CONFIG = ModelConfig(3, 1, (4, 8))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 # importable module -> (the package's name in messages, the extra that installs it)
 PACKAGES = {
@@ -137,3 +138,13 @@ def default_keras_backend() -> str:
         if not missing(KERAS_BACKEND_PACKAGES[backend]):
             return backend
     return "tensorflow"
+
+
+def current_keras_backend() -> str:
+    """The backend of this process: Keras' own if imported, else the one importing ``impl_keras``
+    would pick (``default_keras_backend``)."""
+    if "keras" in sys.modules:
+        import keras
+
+        return keras.backend.backend()
+    return default_keras_backend()

@@ -468,7 +468,7 @@ def _prepare_jax(args) -> None:
     backend when data-parallel (``keras.distribution``), and x64 for Keras in float64."""
     if args.framework == "torch":
         return
-    from weights_convert.formats.jobs import host_devices_flag
+    from weights_convert.processes import host_devices_flag
 
     if args.device == "cpu" and args.data_parallel > 1 and "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = host_devices_flag(args.data_parallel)
