@@ -179,11 +179,12 @@ def test_frameworks_in_their_own_processes(capsys, monkeypatch):
     """The GPU layout, on the CPU: torch runs in a worker subprocess, not in this process (where it
     would fail here), and workers never preallocate GPU memory."""
     pytest.importorskip("torch")
+    from weights_convert.harness.bench import torch_rows
 
     def not_here(settings):
         raise AssertionError("torch ran in the parent process")
 
-    monkeypatch.setattr(bench, "bench_torch", not_here)
+    monkeypatch.setattr(torch_rows, "rows", not_here)
     settings = bench.Settings(ModelConfig(channels=(4, 8, 16)), 2, (16, 24), repeats=1, warmup=1, modes=("forward",))
     settings = dataclasses.replace(settings, variants=("eager",))
     report = bench.run(settings, ("torch",), sgemm_n=128, isolate=True)
@@ -214,7 +215,7 @@ def test_precisions_per_dtype_and_device():
 def test_gpu_bench_every_precision(capsys):
     """On a GPU: strict float32 and tf32 rows (JAX traced at "highest", then at its default), and
     bfloat16 rows, each framework in its own process, every ceiling measured."""
-    if not bench._matmul_candidates("float32", "gpu"):
+    if not bench.ceilings.matmul_candidates("float32", "gpu"):
         pytest.skip("no GPU visible to torch or jax")
     args = ["--device", "gpu", "--frameworks", "torch,flax,keras", "--keras-backends", "jax,torch"]
     args += ["--variants", "eager,nnx.jit,jit_compile", "--modes", "forward"]
@@ -239,7 +240,7 @@ def test_gpu_bench_every_precision(capsys):
 
 
 def test_missing_framework_is_a_row_not_a_crash(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_missing", lambda module: module in ("flax", "keras"))
+    monkeypatch.setattr(bench.workers, "missing", lambda module: module in ("flax", "keras"))
     report = run_bench(capsys, "--frameworks", "flax,keras", "--modes", "forward")
     assert [(r["framework"], r["median_ms"]) for r in report["results"]] == [("flax", None), ("keras", None)]
     assert all("not installed" in r["error"] for r in report["results"])
@@ -272,7 +273,7 @@ def test_bad_usage_is_one_line_and_exit_2(capsys, args, message):
 
 
 def test_no_gpu_is_one_line_and_exit_2(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_matmul_candidates", lambda ceiling, device: [])
+    monkeypatch.setattr(bench.ceilings, "matmul_candidates", lambda ceiling, device: [])
     assert cli.main(["bench", "--device", "gpu", "--config", TINY, "--size", "8", "8"]) == 2
     error = "attention-unet bench: error: --device gpu: neither torch nor jax sees a GPU here"
     assert capsys.readouterr().err.strip() == error

@@ -1,0 +1,92 @@
+"""PyTorch's rows: eager, channels_last, torch.compile and both, each an eval forward and a training step.
+
+The model is ``impl_torch.io.from_checkpoint`` of the seeded weights in the run's dtype
+("mixed_bfloat16": float32 parameters under bfloat16 autocast), its optimizer
+``impl_torch.training.make_optimizer``'s. Imported only where torch is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from impl_torch.io import from_checkpoint
+from impl_torch.training import make_optimizer
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.harness.bench.matmul_settings import torch_scope, torch_setting
+from weights_convert.harness.bench.rows import error_rows, run_variants
+from weights_convert.harness.bench.settings import MODES, OPTIMIZER, OPTIMIZER_HYPER, VARIANTS, Settings, inputs
+
+# variant -> (memory format of the model and its data, whether the model runs through torch.compile)
+OPTIONS = {
+    "eager": (torch.contiguous_format, False),
+    "channels_last": (torch.channels_last, False),
+    "torch.compile": (torch.contiguous_format, True),
+    "torch.compile+channels_last": (torch.channels_last, True),
+}
+
+
+def rows(settings: Settings) -> list[dict]:
+    if settings.device == "gpu" and not torch.cuda.is_available():
+        return error_rows("torch", "torch", settings, "--device gpu: torch sees no CUDA device")
+    device = torch.device("cuda" if settings.device == "gpu" else "cpu")
+    weights = random_checkpoint(settings.config, seed=0)
+    x, target = inputs(settings, channels_last=False)
+
+    def timed(mode: str, memory_format, compiled: bool):
+        def build_step():
+            model = from_checkpoint(weights, settings.dtype).to(device=device, memory_format=memory_format)
+            run = torch.compile(model) if compiled else model
+            x_on, target_on = (on_device(a, device, memory_format) for a in (x, target))
+            if mode == "forward":
+                return forward_step(run, x_on)
+            optimizer = make_optimizer(model, OPTIMIZER, **OPTIMIZER_HYPER)
+            return train_step(run, optimizer, x_on, target_on)
+
+        return build_step
+
+    variants = {name: {mode: timed(mode, *OPTIONS[name]) for mode in MODES} for name in VARIANTS["torch"]}
+    return run_variants("torch", "torch", settings, variants, torch_scope, torch_setting)
+
+
+def on_device(array, device: torch.device, memory_format) -> torch.Tensor:
+    return torch.from_numpy(array).to(device).contiguous(memory_format=memory_format)
+
+
+def device_sync(device: torch.device):
+    """What waits for a step's work on ``device``: CUDA runs asynchronously, the CPU does not."""
+    if device.type == "cuda":
+        return lambda _: torch.cuda.synchronize()
+    return lambda _: None
+
+
+def forward_step(model, x):
+    """(step, sync) of one eval forward of ``model`` (the module or its compiled form); the step
+    returns the logits."""
+    model.eval()
+
+    def step():
+        with torch.inference_mode():
+            return model(x)
+
+    return step, device_sync(x.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step: the one piece a trainer adapter (loss and gradients, optimizer step) replaces.
+
+
+def train_step(model, optimizer, x, target):
+    """(step, sync) of one train-mode step of ``model`` (the module or its compiled form) with
+    ``optimizer`` (over its parameters): MSE loss, backward, optimizer step; the step returns the loss."""
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        # Under mixed precision the logits are bfloat16: the loss is taken in float32 (the target's dtype).
+        loss = F.mse_loss(model(x).to(target.dtype), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, device_sync(x.device)
