@@ -5,8 +5,8 @@ independent NumPy reference exactly as ``attention-unet parity`` judges them (th
 from __future__ import annotations
 
 from weights_convert.harness import parity
-from weights_convert.harness.compare import Row, assert_rows_pass
-from weights_convert.harness.tolerances import NOISY_PRECISIONS
+from weights_convert.harness.parity.compare import Row, assert_rows_pass
+from weights_convert.harness.parity.tolerances import NOISY_PRECISIONS
 
 
 def reference_and_noise(checkpoint, inputs: parity.Inputs, run: parity.Run, dtype: str) -> tuple[dict, dict | None]:

@@ -20,7 +20,7 @@ from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli, parity, reference
 from weights_convert.harness.parity import make_inputs
-from weights_convert.harness.tolerances import TOLERANCES, tolerance
+from weights_convert.harness.parity.tolerances import TOLERANCES, tolerance
 
 TINY = ModelConfig(channels=(4, 8))
 DEVICES, BATCH, SIZE, STEPS = 2, 4, (16, 16), 3

@@ -16,7 +16,7 @@ from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.formats.io import write
 from weights_convert.harness import cli, export
-from weights_convert.harness.tolerances import tolerance
+from weights_convert.harness.parity.tolerances import tolerance
 
 CONFIG = ModelConfig(3, 2, (4, 8, 16))  # depth 2: min size 4; checked at 2x37x53 and 1x7x5
 CHECKPOINT = random_checkpoint(CONFIG, seed=3)

@@ -14,7 +14,7 @@ from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.flax_layout import nnx_path
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs, parameter_count
-from weights_convert.harness.tolerances import TOLERANCES, tolerance
+from weights_convert.harness.parity.tolerances import TOLERANCES, tolerance
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 # Eager JAX compiles every op for every new shape: the eager tests share one input shape.

@@ -10,7 +10,7 @@ from impl_torch import runner as torch_runner
 from tests.conftest import rel_error
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
-from weights_convert.harness.tolerances import TOLERANCES
+from weights_convert.harness.parity.tolerances import TOLERANCES
 
 # One level and one batch shape for every test here: each new shape or config compiles the training
 # step again (seconds of XLA time each). The odd size pads after upsampling, forward and backward.

@@ -16,7 +16,7 @@ from tests.harness import assert_matches, assert_report_passes, judge, reference
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.harness import parity
-from weights_convert.harness.compare import first_failure
+from weights_convert.harness.parity.compare import first_failure
 
 FRAMEWORKS = ["torch", "flax"]
 DTYPES = ["float64", "float32", "mixed_bfloat16"]

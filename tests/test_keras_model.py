@@ -24,7 +24,7 @@ from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.optim import OPTIMIZERS
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, parameter_count
-from weights_convert.harness.tolerances import TOLERANCES
+from weights_convert.harness.parity.tolerances import TOLERANCES
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 REPO = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ from tests.harness import assert_matches, judge, reference_and_noise
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.harness import parity
-from weights_convert.harness.compare import first_failure
 from weights_convert.harness.keras_worker import BACKENDS, Call
+from weights_convert.harness.parity.compare import first_failure
 
 # Depth 2 at an odd size: floors in the pools, pads in the decoder. The model and batch that
 # test_parity_all's training rows run too: their Keras calls are these, answered from this run.

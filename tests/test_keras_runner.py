@@ -13,7 +13,7 @@ from tests.conftest import rel_error
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.harness.keras_worker import BACKENDS, Call, run_batch_in_backend
-from weights_convert.harness.tolerances import TOLERANCES
+from weights_convert.harness.parity.tolerances import TOLERANCES
 
 CONFIG = ModelConfig(3, 1, (4, 8))
 CHECKPOINT = random_checkpoint(CONFIG, seed=11, dtype="float64")

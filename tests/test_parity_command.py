@@ -11,7 +11,7 @@ import weights_convert
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli, parity
-from weights_convert.harness.tolerances import tolerance
+from weights_convert.harness.parity.tolerances import tolerance
 
 SMALL = ModelConfig(3, 2, (4, 8, 16))
 

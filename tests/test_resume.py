@@ -139,7 +139,7 @@ def test_the_command_runs_resumes_and_refuses_what_it_cannot_run(checkpoint, tmp
 def test_the_reference_continues_a_training_checkpoint_like_an_uninterrupted_run(checkpoint):
     """Splitting the reference's own run at K, through ``OptimizerState``, changes nothing."""
     from weights_convert.harness import reference
-    from weights_convert.harness.resume import start
+    from weights_convert.harness.parity.inputs import start
 
     tensors = checkpoint.astype("float64").tensors
     xs, ys = parity.make_inputs(TINY, 2, (16, 16), 0, STEPS)

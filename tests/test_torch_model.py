@@ -8,7 +8,7 @@ from tests.conftest import rel_error
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, parameter_count
 from weights_convert.harness import reference
-from weights_convert.harness.tolerances import TOLERANCES, tolerance
+from weights_convert.harness.parity.tolerances import TOLERANCES, tolerance
 
 
 def run(model, x, dtype=torch.float64):

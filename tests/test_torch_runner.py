@@ -10,7 +10,7 @@ from tests.conftest import rel_error
 from weights_convert.core.optim import OPTIMIZERS
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
-from weights_convert.harness.tolerances import TOLERANCES
+from weights_convert.harness.parity.tolerances import TOLERANCES
 
 CONFIG = ModelConfig(3, 1, (4, 8, 16))
 STEPS = 3

@@ -20,7 +20,7 @@ from weights_convert.core.optimizer_state import OptimizerState
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli
-from weights_convert.harness.tolerances import TOLERANCES
+from weights_convert.harness.parity.tolerances import TOLERANCES
 from weights_convert.harness.train import PngFolder, SyntheticSegmentation, read_png, write_png
 
 TINY = ModelConfig(channels=(4, 8))

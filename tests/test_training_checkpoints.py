@@ -18,8 +18,8 @@ from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, hyperparameters, reference_step
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
+from weights_convert.harness.parity.tolerances import TOLERANCES
 from weights_convert.harness.reference import Optimizer as ReferenceOptimizer
-from weights_convert.harness.tolerances import TOLERANCES
 
 CONFIG = ModelConfig(channels=(4, 8))
 TOLERANCE = TOLERANCES["float64"]

@@ -23,7 +23,7 @@ The check (``check``) runs the exported file in its own runtime on seeded inputs
 batch 2 at an odd size, and batch 1 at another size, neither the batch nor the size traced at
 export) and compares its logits with the float64 NumPy reference (``weights_convert.harness.reference``),
 as the parity command compares a framework's output: float64 files to 1e-10; float32 files within
-the noise-relative float32 bound of ``weights_convert.harness.tolerances``, the noise measured on
+the noise-relative float32 bound of ``weights_convert.harness.parity.tolerances``, the noise measured on
 the same input from the reference computed in float32; plus the mask row (logit > 0 agrees on
 every pixel decided beyond the bound).
 """
@@ -38,7 +38,9 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.extras import require
 from weights_convert.core.spec import ModelConfig
-from weights_convert.harness.compare import Row, compare, rel_diff
+from weights_convert.harness import reference
+from weights_convert.harness.parity.compare import Row, compare, mask_row, rel_diff
+from weights_convert.harness.parity.inputs import make_inputs
 
 DTYPES = ("float32", "float64")
 
@@ -231,9 +233,6 @@ class ReferenceCase:
 def reference_cases(checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0):
     """The ``ReferenceCase`` of each (batch, height, width) of ``cases`` (default ``check_cases``),
     on seeded inputs (seed ``seed + k`` for the k-th case), computed once for any number of files."""
-    from weights_convert.harness import reference
-    from weights_convert.harness.parity import make_inputs
-
     config = checkpoint.config
     exact = checkpoint.astype("float64").tensors
     references = []
@@ -251,8 +250,6 @@ def reference_cases(checkpoint: Checkpoint, *, dtype: str = "float32", cases=Non
 def judge_file(path, references, *, dtype: str = "float32") -> ExportCheck:
     """Run the exported file ``path`` on each ``ReferenceCase`` of ``references`` and compare its
     output and mask with the float64 reference; a runtime that fails is an ``ExportError`` naming why."""
-    from weights_convert.harness.parity import mask_row
-
     fmt = format_for(path)
     results = []
     for case in references:

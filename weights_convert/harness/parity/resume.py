@@ -7,34 +7,64 @@ Every target trains K steps from one training checkpoint (the model and a fresh 
 every target's native format, the target's own included, and training continues there for the
 remaining N - K steps from the restored optimizer. Each ordered pair ``<from>-><to>`` then has the
 losses of all N steps (the first K from ``<from>``'s run), and the parameters, running statistics
-and optimizer state (``weights_convert.core.optim.state_results``) after the last step, compared by
-``parity.check`` with the reference's uninterrupted run of the same optimizer.
+and optimizer state (``weights_convert.core.optim.state_results``) after the last step, judged
+(``judge_pairs``) against the reference's uninterrupted run of the same optimizer, which starts
+from the same training checkpoint (``parity.inputs.start``). Its rows are ``resume/<from>-><to>/<optimizer>/...``; the
+optimizer slots gate in float64 only (``tolerances.INFORMATIONAL_AT_REDUCED_PRECISION``).
 
 The optimizers are the training checkpoints' (``weights_convert.core.optimizer_state.DEFAULTS``):
 SGD with momentum 0.9, Adam, and AdamW with decoupled weight decay 0.01, so that step counts,
 moments and momentum buffers all cross the framework boundary. Each target's runner does the
-training (its ``fit`` from a training checkpoint, through ``parity.run_jobs``); Keras under a
+training (its ``fit`` from a training checkpoint, through ``runners.run_jobs``); Keras under a
 backend other than this process's runs in one subprocess per phase for every optimizer and pair
 (``weights_convert.harness.keras_worker``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+from weights_convert.core.precisions import NOISY, param_dtype
+from weights_convert.formats.io import convert, write
+from weights_convert.harness.parity.compare import group_of
+from weights_convert.harness.parity.inputs import Inputs, start
+from weights_convert.harness.parity.judging import judge, result
+from weights_convert.harness.parity.noise import measure_noise
+from weights_convert.harness.parity.request import Run, Target
+from weights_convert.harness.parity.runners import compute_reference, loss_curve, run_jobs
+from weights_convert.harness.parity.tolerances import INFORMATIONAL_AT_REDUCED_PRECISION
 
 # The format each framework's own training checkpoints take (``save_training`` writes it natively).
 NATIVE_FORMATS = {"torch": ".pt", "flax": ".orbax", "keras": ".keras"}
 
 
-def start(checkpoint: Checkpoint, optimizer: str) -> Checkpoint:
-    """The training checkpoint every run starts from: ``checkpoint``'s tensors and a fresh
-    ``optimizer`` (step 0, no slots) with its canonical hyperparameters."""
-    state = OptimizerState(optimizer, hyperparameters(optimizer), 0, {})
-    return Checkpoint(checkpoint.config, checkpoint.tensors, optimizer=state)
+def judge_pairs(targets: list[Target], checkpoint: Checkpoint, inputs: Inputs, run: Run, say):
+    """(results, loss curves, the reference's curve of each optimizer) of a fit with
+    ``run.resume_at``: for each optimizer the reference's uninterrupted run and its noise, then
+    every ordered pair of the (strict) ``targets`` judged against it."""
+    dtype = targets[0].dtype
+    references, noises = {}, {}
+    for name in run.optimizers:
+        single = dataclasses.replace(run, optimizers=(name,))
+        say(f"reference: numpy float64, {name}")
+        references[name] = compute_reference(checkpoint, inputs, single)
+        noisy = dtype in NOISY
+        noises[name] = measure_noise(checkpoint, inputs, single, dtype, references[name], say) if noisy else None
+    strict = [target for target in targets if target.precision == "strict"]
+    parameters = checkpoint.astype(param_dtype(dtype))
+    pairs = train_pairs(strict, parameters, inputs.x, inputs.target, run.resume_at, run.optimizers, say)
+    results, outputs = [], {}
+    shown_only = INFORMATIONAL_AT_REDUCED_PRECISION if dtype in NOISY else ()
+    for (name, source, target), actual in pairs.items():
+        prefix = f"resume/{pair_label(source, target)}/{name}"
+        for row, informational in judge(actual, references[name], target, noises[name]):
+            informational = informational or group_of(row.quantity) in shown_only
+            results.append(result(target, "fit", row, f"{prefix}/{row.quantity}", informational))
+        outputs[prefix] = loss_curve(actual, run)
+    return results, outputs, {name: loss_curve(reference, run) for name, reference in references.items()}
 
 
 def pair_label(source, target) -> str:
@@ -55,9 +85,6 @@ def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimiz
     """``(optimizer, from target, to target) -> results`` of every ordered pair of ``targets`` (see
     the module doc): ``loss/step<k>`` for k = 1..len(xs), then what the ``to`` target's ``fit``
     returns after the last step. ``checkpoint`` is in the targets' parameter dtype."""
-    from weights_convert.formats.io import convert, write
-    from weights_convert.harness.parity import run_jobs
-
     head, tail = (xs[:resume_at], ys[:resume_at]), (xs[resume_at:], ys[resume_at:])
     results = {}
     with tempfile.TemporaryDirectory(prefix="attention-unet-resume-") as tmp:

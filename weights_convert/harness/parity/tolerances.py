@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from weights_convert.core.precisions import NOISY
+
 
 @dataclasses.dataclass(frozen=True)
 class NoiseBound:
@@ -69,7 +71,7 @@ TOLERANCES = {
     "float64_reordered": 1e-14,
 }
 
-NOISY_PRECISIONS = ("float32", "mixed_bfloat16")
+NOISY_PRECISIONS = NOISY  # the precisions whose bounds are relative to the measured noise
 
 # Rows that are shown but do not gate at the NOISY_PRECISIONS: a resumed fit's optimizer slots
 # (``parity --resume-at``). A slot is a running sum of the last gradients (or of their squares),

@@ -4,7 +4,11 @@ the first failing row names the block where two implementations start to drift.
 
 At a reduced precision each row also carries its *noise*: how far the reference computed at that
 precision is from the float64 one (``parity.measure_noise``), which sets the row's bound
-(``weights_convert.harness.tolerances``).
+(``weights_convert.harness.parity.tolerances``).
+
+The quantities fall into groups by the first segment of their name (``grad/``, ``state/``,
+``step/``, ..., the block outputs in ``block``); the gradient and each optimizer slot are one
+vector each, scaled by their largest entry (``group_scale``), for their noise and their rows alike.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.harness.tolerances import tolerance as bound_for
+from weights_convert.core.optimizer_state import DEFAULTS as TRAINING_OPTIMIZERS
+from weights_convert.core.optimizer_state import slot_names
+from weights_convert.harness.parity.tolerances import tolerance as bound_for
+
+# The row groups of the training checkpoints' optimizer slots (a resumed fit's ``momentum_buffer/``, ...).
+SLOT_NAMES = tuple(
+    dict.fromkeys(slot for name, hyper in TRAINING_OPTIMIZERS.items() for slot in slot_names(name, hyper))
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +70,7 @@ def compare(
     ``actual`` or of the wrong shape fails with an infinite difference. ``scale`` replaces each
     quantity's own max|ref| when the quantities are parts of one vector (the gradient).
 
-    The bound is ``tolerance`` if given, else the dtype's (``weights_convert.harness.tolerances``); below
+    The bound is ``tolerance`` if given, else the dtype's (``weights_convert.harness.parity.tolerances``); below
     float64 that needs ``noise``, each row's measured noise level (``parity.measure_noise``), and
     each row's bound is relative to it."""
     rows = []
@@ -72,6 +83,42 @@ def compare(
             max_abs, rel = float("inf"), float("inf")
         rows.append(Row(name, max_abs, rel, row_tolerance, bool(rel <= row_tolerance), row_noise))
     return rows
+
+
+def mask_row(output, reference: np.ndarray, bound: float, dtype: str) -> Row:
+    """Thresholded masks (logit > 0) must agree on every pixel whose |reference logit| exceeds the
+    output row's bound (relative, so times the output's scale). The row reports the disagreeing
+    pixels among those (max_abs_diff), their fraction (rel_diff), and the fraction of all pixels
+    whose masks agree (agree)."""
+    if np.shape(output) != np.shape(reference):
+        return Row("mask", float("inf"), float("inf"), 0.0, False, agree=0.0)
+    scale = float(np.max(np.abs(reference))) if dtype == "float64" else max(1.0, float(np.max(np.abs(reference))))
+    decided = np.abs(reference) > bound * scale
+    differ = (np.asarray(output) > 0) != (reference > 0)
+    disagree = int(np.count_nonzero(differ & decided))
+    agree = 1.0 - float(np.mean(differ))
+    return Row("mask", float(disagree), disagree / max(1, int(decided.sum())), 0.0, disagree == 0, agree=agree)
+
+
+def group_of(name: str) -> str:
+    """The row group of quantity ``name``: its first segment, or ``block`` for a block output."""
+    return name.split("/", 1)[0] if "/" in name else "block"
+
+
+def by_group(reference: dict) -> dict[str, dict]:
+    """The reference's quantities by group, groups in order of first appearance."""
+    groups: dict[str, dict] = {}
+    for name, value in reference.items():
+        groups.setdefault(group_of(name), {})[name] = value
+    return groups
+
+
+def group_scale(group: str, quantities: dict) -> float | None:
+    """The gradient is one vector: its rows are scaled by its largest entry (see ``judging.judge``);
+    so is each optimizer slot, a running sum of gradients (or of their squares)."""
+    if group == "grad" or group in SLOT_NAMES:
+        return max(float(np.max(np.abs(v))) for v in quantities.values())
+    return None
 
 
 def first_failure(rows: list[Row]) -> str | None:

@@ -1,0 +1,69 @@
+"""What every implementation and the reference start from: the seeded input and training target
+(``make_inputs``), the seeded default weights (``default_checkpoint``), and the training checkpoint
+of a resumed fit (``start``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+from weights_convert.core.random_init import random_checkpoint
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Seeded data: one batch ``x`` / ``target`` (eval and train), or one per step (fit: stacked)."""
+
+    x: np.ndarray
+    target: np.ndarray
+
+
+def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: int = 0, steps: int | None = None):
+    """Seeded input in [0, 1] (NCHW): smooth blobs plus noise, so that masks and difference maps
+    are readable; and a regression target for the training loss. With ``steps``, one batch per
+    step (seeds ``seed``, ``seed + 1``, ...) stacked on a new first axis.
+
+    Values are float32-representable, so every precision starts from the same numbers and the
+    rounding of the input is not counted as error."""
+    if steps is not None:
+        batches = [make_inputs(config, batch, size, seed + k) for k in range(steps)]
+        return tuple(np.stack(arrays) for arrays in zip(*batches, strict=True))
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    x = 0.2 * rng.uniform(0.0, 1.0, (batch, config.in_channels, h, w))
+    for n in range(batch):
+        for _ in range(4):
+            cy, cx, radius = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.25)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+            x[n] += 0.8 * blob * rng.uniform(0.3, 1.0, (config.in_channels, 1, 1))
+    target = rng.normal(0.0, 1.0, (batch, config.out_channels, h, w))
+    # Scaled into [0, 1], not clipped: a clipped plateau makes windows of exactly equal values, and
+    # a 2x2 max pool over exact ties routes its gradient by rounding order, not by the mathematics.
+    x = x / np.max(x, axis=(1, 2, 3), keepdims=True)
+    return x.astype(np.float32).astype(np.float64), target.astype(np.float32).astype(np.float64)
+
+
+def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:
+    """Seeded random weights of the default config with non-trivial BatchNorm statistics. Given
+    the input ``x``, the output bias is shifted so that the logits straddle 0 and the mask
+    comparison has pixels on both sides."""
+    checkpoint = random_checkpoint(ModelConfig(), seed=0)
+    if x is not None:
+        logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
+        median = np.median(logits, axis=(0, 2, 3)).astype(checkpoint.tensors["output.bias"].dtype)
+        checkpoint.tensors["output.bias"] = checkpoint.tensors["output.bias"] - median
+    return checkpoint
+
+
+def start(checkpoint: Checkpoint, optimizer: str) -> Checkpoint:
+    """The training checkpoint a resumed fit starts from, in every target and the reference:
+    ``checkpoint``'s tensors and a fresh ``optimizer`` (step 0, no slots) with its canonical
+    hyperparameters."""
+    state = OptimizerState(optimizer, hyperparameters(optimizer), 0, {})
+    return Checkpoint(checkpoint.config, checkpoint.tensors, optimizer=state)
