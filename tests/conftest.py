@@ -7,14 +7,26 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = Path(os.environ.get("ATTENTION_UNET_REFERENCE", REPO.parent / "shared" / "reference"))
+# The article's own checkpoint, input and outputs, committed with the tests (see its README.md).
+REFERENCE = REPO / "tests" / "data" / "reference"
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    # No skip: CI runs with ../shared beside the clone, and a missing reference must fail loudly.
-    assert REFERENCE.is_dir(), f"reference files not found at {REFERENCE} (set ATTENTION_UNET_REFERENCE)"
+    # No skip: the files are part of the repository, and a missing one must fail loudly.
+    assert (REFERENCE / "article_state_dict.pt").is_file(), f"reference files not found in {REFERENCE}"
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def article_safetensors(reference_dir, tmp_path_factory) -> Path:
+    """The article checkpoint as ``.safetensors``, converted from ``article_state_dict.pt`` once per
+    session: the twin is derived, never stored (tests/test_convert.py checks the conversion)."""
+    import weights_convert
+
+    path = tmp_path_factory.mktemp("reference") / "article_state_dict.safetensors"
+    weights_convert.convert(reference_dir / "article_state_dict.pt", path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -63,9 +63,9 @@ def test_float64_matches_independent_numpy(config, size):
     assert rel_error(actual, reference.forward(checkpoint.tensors, x)["output"]) <= TOLERANCES["float64"]
 
 
-def test_numpy_reference_matches_article(reference_dir, reference_input):
+def test_numpy_reference_matches_article(reference_dir, reference_input, article_safetensors):
     """The independent NumPy pass itself reproduces the article's float64 output."""
-    tensors = weights_convert.read(reference_dir / "article_state_dict.safetensors").tensors
+    tensors = weights_convert.read(article_safetensors).tensors
     expected = np.load(reference_dir / "output_eval_float64.npy")
     assert rel_error(reference.forward(tensors, reference_input)["output"], expected) <= TOLERANCES["reference_float64"]
 
