@@ -26,7 +26,8 @@ from impl_flax.model import AttentionUNet, check_dtype
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import nnx_path
 from weights_convert.core.layouts import rule
-from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, counted_state, hyperparameters
+from weights_convert.core.optim import UnsupportedOptimizer, hyperparameters
+from weights_convert.core.optimizer_state import OptimizerState, counted_state
 from weights_convert.core.spec import param_specs
 
 # optax state field -> canonical slot

@@ -31,7 +31,8 @@ from impl_keras.io import check_dtype, from_checkpoint, keras_variables, to_chec
 from impl_keras.model import AttentionUNet, TorchAdam, serializable
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
-from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, counted_state, hyperparameters
+from weights_convert.core.optim import UnsupportedOptimizer, hyperparameters
+from weights_convert.core.optimizer_state import OptimizerState, counted_state
 from weights_convert.core.spec import param_specs
 
 

@@ -10,13 +10,14 @@ import weights_convert
 from impl_torch.io import from_checkpoint, precision, to_checkpoint
 from impl_torch.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+from weights_convert.core.optim import hyperparameters
+from weights_convert.core.optimizer_state import OptimizerState
 from weights_convert.formats.torch_format import canonical_optimizer_state, torch_optimizer_state
 
 
 def make_optimizer(model: AttentionUNet, name: str = "adam", **hyper) -> torch.optim.Optimizer:
     """``torch.optim.SGD`` / ``Adam`` / ``AdamW`` over ``model.parameters()`` with the canonical
-    hyperparameters of ``name`` (``weights_convert.core.optimizer_state.DEFAULTS``) and ``hyper``."""
+    hyperparameters of ``name`` (the registry, ``weights_convert.core.optim``) and ``hyper``."""
     hyper = hyperparameters(name, **hyper)
     if name == "sgd":
         return torch.optim.SGD(

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from weights_convert.core.errors import CheckpointError
+from weights_convert.core.optimizer_state import OptimizerState
 from weights_convert.core.spec import LISTED_NAMES, ModelConfig, capped, infer_config, param_specs
-
-if TYPE_CHECKING:
-    from weights_convert.core.optimizer_state import OptimizerState
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, written or trusted; the message is one line for the user."""
 
 
 @dataclasses.dataclass

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from weights_convert.core.optim import PRESETS, preset
+
 BATCHNORM_MODES = ("sync", "local")
 
 
@@ -50,24 +52,15 @@ class ArrayBatches:
         return self.xs[step], self.targets[step]
 
 
-# The optimizers of ``attention-unet train`` and of the data-parallel fits, as canonical
-# hyperparameters (``weights_convert.core.optimizer_state``): the parity checks' plain SGD (lr 0.1,
-# no momentum) and Adam (eps 1e-5), both ``weights_convert.core.optim.OPTIMIZERS``, and AdamW with
-# the same Adam constants and its default decoupled decay.
-TRAINING_OPTIMIZERS = ("sgd", "adam", "adamw")
+# The optimizers of ``attention-unet train`` and of the data-parallel fits: the registry's "train"
+# preset (``weights_convert.core.optim.PRESETS``).
+TRAINING_OPTIMIZERS = tuple(PRESETS["train"])
 
 
 def training_hyperparameters(name: str) -> dict:
-    """The canonical hyperparameters of training optimizer ``name`` (``TRAINING_OPTIMIZERS``); a
+    """The canonical hyperparameters of training optimizer ``name`` (``preset("train", name)``); a
     ValueError naming the choices otherwise."""
-    from weights_convert.core.optim import OPTIMIZERS
-    from weights_convert.core.optimizer_state import hyperparameters
-
-    if name not in TRAINING_OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(TRAINING_OPTIMIZERS)}, got {name!r}")
-    if name == "sgd":
-        return hyperparameters("sgd", lr=OPTIMIZERS["sgd"]["lr"], momentum=0.0)
-    return hyperparameters(name)
+    return preset("train", name)
 
 
 def starting_state(checkpoint, optimizer: str):

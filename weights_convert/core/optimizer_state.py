@@ -13,9 +13,10 @@ The canonical definitions are ``torch.optim``'s (with ``dampening=0``, ``maximiz
 
 In a file the slots are tensors ``optimizer/<slot>/<canonical parameter name>`` in the parameter's
 canonical layout (OIHW kernels), and the rest is ``OptimizerState.header()``, a small JSON object.
-A fresh optimizer (step 0) has no slots. ``FRAMEWORK_DIFFERENCES`` lists where PyTorch, optax and
-Keras differ from one another and how each maps onto this form; ``UnsupportedOptimizer`` refuses,
-in one line, a setting a framework cannot express.
+A fresh optimizer (step 0) has no slots (``fresh_state``). ``FRAMEWORK_DIFFERENCES`` lists where
+PyTorch, optax and Keras differ from one another and how each maps onto this form;
+``UnsupportedOptimizer`` refuses, in one line, a setting a framework cannot express. The names,
+hyperparameters, their checks and the slot names are the registry's (``weights_convert.core.optim``).
 """
 
 from __future__ import annotations
@@ -25,40 +26,35 @@ import json
 
 import numpy as np
 
-from weights_convert.core.checkpoint import CheckpointError
-from weights_convert.core.optim import OPTIMIZERS
+from weights_convert.core.errors import CheckpointError
+from weights_convert.core.optim import (
+    DEFAULTS,
+    OPTIMIZER_NAMES,
+    UnsupportedOptimizer,
+    check_hyper,
+    hyperparameters,
+    preset,
+    slot_names,
+)
 from weights_convert.core.spec import ModelConfig, capped, param_specs
 
-PREFIX = "optimizer/"
+# The optimizer registry's names (``weights_convert.core.optim``) that readers of a state use with it.
+__all__ = [
+    "DEFAULTS",
+    "FRAMEWORK_DIFFERENCES",
+    "OPTIMIZER_NAMES",
+    "PREFIX",
+    "OptimizerState",
+    "UnsupportedOptimizer",
+    "counted_state",
+    "fresh_state",
+    "hyperparameters",
+    "reference_step",
+    "slot_names",
+    "split_tensors",
+]
 
-# Every hyperparameter of each optimizer, with the value a fresh optimizer of that name gets. The
-# learning rates and Adam's betas and eps are the parity checks' (``weights_convert.core.optim``).
-DEFAULTS = {
-    "sgd": {
-        "lr": OPTIMIZERS["sgd"]["lr"],
-        "momentum": 0.9,
-        "nesterov": False,
-        "weight_decay": 0.0,
-        "decoupled_weight_decay": False,
-    },
-    "adam": {
-        "lr": OPTIMIZERS["adam"]["lr"],
-        "b1": OPTIMIZERS["adam"]["b1"],
-        "b2": OPTIMIZERS["adam"]["b2"],
-        "eps": OPTIMIZERS["adam"]["eps"],
-        "weight_decay": 0.0,
-        "decoupled_weight_decay": False,
-    },
-    "adamw": {
-        "lr": OPTIMIZERS["adam"]["lr"],
-        "b1": OPTIMIZERS["adam"]["b1"],
-        "b2": OPTIMIZERS["adam"]["b2"],
-        "eps": OPTIMIZERS["adam"]["eps"],
-        "weight_decay": 0.01,
-        "decoupled_weight_decay": True,
-    },
-}
-OPTIMIZER_NAMES = tuple(DEFAULTS)
+PREFIX = "optimizer/"
 
 # Where the frameworks differ, and how each one is mapped onto the canonical (torch) definitions.
 # (topic, PyTorch, optax / Flax NNX, Keras 3, what the mapping does)
@@ -125,47 +121,6 @@ FRAMEWORK_DIFFERENCES = (
 )
 
 
-class UnsupportedOptimizer(CheckpointError):
-    """An optimizer or setting that a framework (or the canonical form) cannot express exactly."""
-
-
-def slot_names(name: str, hyper: dict) -> tuple[str, ...]:
-    """The per-parameter slots of optimizer ``name`` with ``hyper``."""
-    if name == "sgd":
-        return ("momentum_buffer",) if hyper["momentum"] else ()
-    return ("exp_avg", "exp_avg_sq")
-
-
-def hyperparameters(name: str, **overrides) -> dict:
-    """The full hyperparameters of ``name``: its ``DEFAULTS`` with ``overrides``, checked."""
-    if name not in DEFAULTS:
-        raise UnsupportedOptimizer(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}")
-    unknown = sorted(set(overrides) - set(DEFAULTS[name]))
-    if unknown:
-        raise UnsupportedOptimizer(f"{name} has no hyperparameters {unknown}; it has {sorted(DEFAULTS[name])}")
-    hyper = {**DEFAULTS[name], **overrides}
-    _check_hyper(name, hyper, "optimizer")
-    return hyper
-
-
-def _check_hyper(name: str, hyper: dict, source: str) -> None:
-    expected = DEFAULTS[name]
-    if set(hyper) != set(expected):
-        raise CheckpointError(
-            f"{source}: {name} hyperparameters must be exactly {sorted(expected)}, got {sorted(hyper)}"
-        )
-    for key, value in hyper.items():
-        is_flag = isinstance(expected[key], bool)
-        if is_flag and not isinstance(value, bool):
-            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be true or false, got {value!r}")
-        if not is_flag and (isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value)):
-            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be a finite number, got {value!r}")
-    if hyper["decoupled_weight_decay"] != (name == "adamw"):
-        raise CheckpointError(f"{source}: decoupled_weight_decay is true for adamw alone, got {hyper}")
-    if name == "sgd" and hyper["nesterov"] and not hyper["momentum"]:
-        raise UnsupportedOptimizer(f"{source}: SGD with nesterov needs momentum > 0")
-
-
 @dataclasses.dataclass
 class OptimizerState:
     """One optimizer's state: ``name`` (sgd, adam, adamw), ``hyper`` (every key of ``DEFAULTS[name]``),
@@ -214,7 +169,7 @@ class OptimizerState:
             raise CheckpointError(f"{source}: unknown optimizer {self.name!r}; expected one of {OPTIMIZER_NAMES}")
         if not isinstance(self.hyper, dict):
             raise CheckpointError(f"{source}: the {self.name} hyperparameters are not a map")
-        _check_hyper(self.name, self.hyper, source)
+        check_hyper(self.name, self.hyper, source)
         if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0):
             raise CheckpointError(f"{source}: the optimizer step must be a non-negative integer, got {self.step!r}")
         if self.step is None and self.name != "sgd":
@@ -275,6 +230,12 @@ class OptimizerState:
         return (
             f"{self.name} ({hyper}), step {step}, slots {list(slot_names(self.name, self.hyper)) if self.slots else []}"
         )
+
+
+def fresh_state(use: str, name: str) -> OptimizerState:
+    """A fresh optimizer ``name`` (step 0, no slots) with the hyperparameters that preset ``use``
+    gives it (``weights_convert.core.optim.preset``)."""
+    return OptimizerState(name, preset(use, name), 0, {})
 
 
 def counted_state(name: str, hyper: dict, step: int, slots: dict) -> OptimizerState:
