@@ -144,10 +144,7 @@ def make_request(
     fit_optimizer = None if resume_at is not None else optimizer  # a resumed fit has its own optimizers
     optimizers = _optimizers(fit_optimizer, mode)
     _check_shape(size, batch, steps)
-    if device == "gpu":
-        missing = [f for f in frameworks if not gpu_available(f, keras_backends)]
-        if missing:
-            raise ParityError(f"--device gpu: no GPU visible to {', '.join(missing)}")
+    _check_gpu(device, frameworks, keras_backends)
     if resume_at is not None:
         optimizers = _resume_optimizers(resume_at, optimizer, mode, steps, data_parallel, exports)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
@@ -200,6 +197,13 @@ def _check_shape(size, batch: int, steps: int) -> None:
         raise ParityError(f"size must be two positive integers and batch positive, got size {size}, batch {batch}")
     if steps < 1:
         raise ParityError(f"steps must be positive, got {steps}")
+
+
+def _check_gpu(device: str, frameworks, keras_backends) -> None:
+    if device == "gpu":
+        missing = [f for f in frameworks if not gpu_available(f, keras_backends)]
+        if missing:
+            raise ParityError(f"--device gpu: no GPU visible to {', '.join(missing)}")
 
 
 def _resume_optimizers(resume_at: int, optimizer, mode: str, steps: int, data_parallel: int, exports):
