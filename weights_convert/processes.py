@@ -68,13 +68,11 @@ def last_error_line(stderr: str) -> str:
 
 
 def run_module(
-    module: str, *args, env: dict[str, str], what: str, failure=ProcessFailed, stderr=subprocess.PIPE
+    module: str, *args, env: dict[str, str], what: str, failure=ProcessFailed
 ) -> subprocess.CompletedProcess:
-    """``python -m module *args`` with ``env`` (from ``environment``), stdout captured as text;
+    """``python -m module *args`` with ``env`` (from ``environment``), its output captured as text;
     a non-zero exit raises ``failure`` saying ``what`` failed, its exit status and its last error line."""
-    process = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
-    )
+    process = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True, text=True)
     if process.returncode != 0:
         raise failure(f"{what} failed (exit {process.returncode}): {last_error_line(process.stderr or '')}")
     return process

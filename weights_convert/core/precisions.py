@@ -34,16 +34,6 @@ class Precision:
         """Whether the computation is narrower than the parameters (autocast, Flax ``dtype``, a Keras policy)."""
         return self.compute_dtype != self.param_dtype
 
-    @property
-    def noisy(self) -> bool:
-        """Whether parity bounds this precision by its measured rounding noise (not a fixed 1e-10)."""
-        return self.name in NOISY
-
-    @property
-    def jax_matmul_precision(self) -> str:
-        """``jax.default_matmul_precision`` for it: "highest" unless TF32 is allowed."""
-        return "tensorfloat32" if self.tf32 else "highest"
-
 
 PRECISIONS = {
     "float32": Precision("float32", "float32", "float32", tf32=False),
