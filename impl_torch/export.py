@@ -30,6 +30,7 @@ from torch import nn
 from impl_torch.io import from_checkpoint
 from impl_torch.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.spec import expected_input
 
 SUFFIXES = (".onnx", ".pt2", ".torchscript")
 ONNX_OPSET = 20
@@ -40,8 +41,9 @@ OUTPUT_NAME = "logits"
 class ScriptedLogits(nn.Module):
     """``AttentionUNet``'s eval forward (logits only) in a form ``torch.jit.script`` compiles: the
     encoders and decoders in ``nn.ModuleList``s (the model holds them as ``e1``, ``d1``, ...
-    attributes, named for the canonical checkpoint), and the input check with its message
-    prebuilt. Shares the model's blocks, so it computes what ``model(x)`` computes."""
+    attributes, named for the canonical checkpoint), and the input check of
+    ``weights_convert.core.spec.check_input_shape`` with its message prebuilt. Shares the model's
+    blocks, so it computes what ``model(x)`` computes."""
 
     def __init__(self, model: AttentionUNet):
         super().__init__()
@@ -52,7 +54,7 @@ class ScriptedLogits(nn.Module):
         self.head = model.output
         self.in_channels = config.in_channels
         self.min_size = config.min_size
-        self.expected = f"expected input of shape (N, {config.in_channels}, H, W) with H, W >= {config.min_size}"
+        self.expected = expected_input(config, "NCHW")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[2], x.shape[3]) < self.min_size:

@@ -1,7 +1,9 @@
 """Attention U-Net in PyTorch: the reference implementation (ARCHITECTURE.md sections 1-3).
 
 Attribute names reproduce the article's module tree, so ``state_dict()`` keys are the canonical
-parameter names. ``impl_flax/model.py`` and ``impl_keras/model.py`` mirror this file class by class.
+parameter names. ``impl_flax/model.py`` and ``impl_keras/model.py`` mirror this file class by class;
+the layers whose numerics the contract pins (BatchNorm, conv padding, pooling, upsampling, padding to
+the skip) are in ``impl_torch/layers.py``, and the input check is ``core.spec.check_input_shape``.
 
 Precision: the parameters' dtype (``model.to(torch.float64)``) is the compute dtype, unless the model
 is built with ``compute_dtype=torch.bfloat16``: mixed precision, PyTorch's way. The parameters and
@@ -33,22 +35,10 @@ autocast leaves float64 tensors alone, so ``compute_dtype`` only takes effect on
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from weights_convert.core.spec import ModelConfig
-
-# torch's BatchNorm defaults are the contract (eps 1e-5, momentum 0.1, unbiased running variance);
-# spelled out so the three implementations can be read side by side.
-BN_EPS = 1e-5
-BN_MOMENTUM = 0.1
-
-
-def batch_norm(channels: int) -> nn.BatchNorm2d:
-    # Under bfloat16 autocast this takes a bfloat16 input and still computes its statistics in
-    # float32 (torch's mixed-dtype BatchNorm kernels; see the module docstring), so no cast is needed.
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-
+from impl_torch.layers import Upsample2x, batch_norm, conv, max_pool2x2, pad_to
+from weights_convert.core.spec import ModelConfig, check_input_shape
 
 class ConvBlock(nn.Module):
     """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU."""
@@ -56,10 +46,10 @@ class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+            conv(c_in, c_out, 3),
             batch_norm(c_out),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, kernel_size=3, padding=1),
+            conv(c_out, c_out, 3),
             batch_norm(c_out),
             nn.ReLU(inplace=True),
         )
@@ -74,7 +64,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv = ConvBlock(c_in, c_out)
-        self.pool = nn.MaxPool2d(kernel_size=2)
+        self.pool = max_pool2x2()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.conv(x)
@@ -86,31 +76,14 @@ class AttentionGate(nn.Module):
 
     def __init__(self, c_g: int, c_s: int):
         super().__init__()
-        self.Wg = nn.Sequential(nn.Conv2d(c_g, c_s, kernel_size=1), batch_norm(c_s))
-        self.Ws = nn.Sequential(nn.Conv2d(c_s, c_s, kernel_size=1), batch_norm(c_s))
+        self.Wg = nn.Sequential(conv(c_g, c_s, 1), batch_norm(c_s))
+        self.Ws = nn.Sequential(conv(c_s, c_s, 1), batch_norm(c_s))
         self.relu = nn.ReLU(inplace=True)
-        self.output = nn.Sequential(nn.Conv2d(c_s, c_s, kernel_size=1), nn.Sigmoid())
+        self.output = nn.Sequential(conv(c_s, c_s, 1), nn.Sigmoid())
 
     def forward(self, g: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attention = self.output(self.relu(self.Wg(g) + self.Ws(s)))
         return attention * s, attention
-
-
-def upsample2x(x: torch.Tensor) -> torch.Tensor:
-    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1).
-
-    The scale factor is a float for ``torch.jit.script``; with corners aligned the sample positions
-    depend only on the input and output sizes, so it computes exactly what an integer factor does."""
-    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
-
-
-def pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
-
-    Always a pad, even by zero: a branch on the sizes would be frozen into an exported graph at the
-    sizes it was traced with (``torch.export``, the ONNX exporter), and a zero pad is an exact copy."""
-    dh, dw = height - x.shape[-2], width - x.shape[-1]
-    return F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
 
 
 class DecoderBlock(nn.Module):
@@ -118,11 +91,12 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, c_g: int, c_s: int):
         super().__init__()
+        self.up = Upsample2x()
         self.ag = AttentionGate(c_g, c_s)
         self.c1 = ConvBlock(c_g + c_s, c_s)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pad_to(upsample2x(x), skip.shape[-2], skip.shape[-1])
+        x = pad_to(self.up(x), skip.shape[-2], skip.shape[-1])
         gated, attention = self.ag(x, skip)
         return self.c1(torch.cat([x, gated], dim=1)), attention
 
@@ -166,7 +140,7 @@ class AttentionUNet(nn.Module):
         self.b1 = ConvBlock(c[-2], c[-1])
         for j in range(depth):
             setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j]))
-        self.output = nn.Conv2d(c[0], out_channels, kernel_size=1)
+        self.output = conv(c[0], out_channels, 1)
 
     @property
     def encoders(self) -> list[EncoderBlock]:
@@ -177,12 +151,7 @@ class AttentionUNet(nn.Module):
         return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
 
     def check_input(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        expected = f"(N, {cfg.in_channels}, H, W) with H, W >= {cfg.min_size}"
-        if x.ndim != 4:
-            raise ValueError(f"expected input of shape {expected}, got a {x.ndim}-D tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != cfg.in_channels or min(x.shape[2:]) < cfg.min_size:
-            raise ValueError(f"expected input of shape {expected}, got {tuple(x.shape)}")
+        check_input_shape(self.config, x.shape, "NCHW")
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False):
         """Logits of shape (N, out_channels, H, W); with ``return_intermediates`` also a dict of

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 import reprlib
 from collections.abc import Iterator
 
@@ -126,6 +127,43 @@ class ModelConfig:
 
 def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# Where an input's channels sit: PyTorch's NCHW, or the NHWC of Flax and Keras.
+INPUT_LAYOUTS = ("NCHW", "NHWC")
+
+
+def expected_input(config: ModelConfig, layout: str) -> str:
+    """How every implementation's input error begins: the shape the network takes, in ``layout``."""
+    if layout not in INPUT_LAYOUTS:
+        raise ValueError(f"layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
+    c = config.in_channels
+    dims = f"N, {c}, H, W" if layout == "NCHW" else f"N, H, W, {c}"
+    return f"expected input of shape ({dims}) with H, W >= {config.min_size}"
+
+
+def check_input_shape(config: ModelConfig, shape, layout: str) -> None:
+    """Refuse an input shape the network cannot take, with the same ValueError in every
+    implementation: not rank 4, another channel count, or a spatial side below ``config.min_size``.
+
+    Only sizes that are known integers are judged. A symbolic size (``None`` in a Keras trace, a
+    ``jax.export`` or ``torch.export`` symbol) passes without being compared, so no exporter
+    freezes a comparison into its graph or guards on it; the exporters' own constraints bound those
+    sizes (``impl_*/export.py``)."""
+    expected = expected_input(config, layout)
+    shape = tuple(int(d) if _is_known(d) else d for d in shape)
+    if len(shape) != 4:
+        raise ValueError(f"{expected}, got a {len(shape)}-D tensor of shape {shape}")
+    channels, spatial = (shape[1], shape[2:]) if layout == "NCHW" else (shape[3], shape[1:3])
+    wrong_channels = _is_known(channels) and channels != config.in_channels
+    too_small = any(_is_known(d) and d < config.min_size for d in spatial)
+    if wrong_channels or too_small:
+        raise ValueError(f"{expected}, got {shape}")
+
+
+def _is_known(size) -> bool:
+    """Whether a dimension is a concrete integer (Python's or NumPy's), not a symbolic size."""
+    return isinstance(size, numbers.Integral) and not isinstance(size, bool)
 
 
 @dataclasses.dataclass(frozen=True)
