@@ -8,7 +8,8 @@ import numpy as np
 from flax import nnx
 
 import weights_convert
-from impl_flax.model import AttentionUNet, check_dtype, resolve_dtypes
+from impl_flax.layers import check_dtype, resolve_dtypes
+from impl_flax.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import from_nnx, to_nnx
 
@@ -18,7 +19,7 @@ def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
 
     ``dtype`` is "float32", "float64" or "mixed_bfloat16" (float32 parameters and BatchNorm
     statistics, bfloat16 compute; see ``impl_flax.AttentionUNet``). float64 needs JAX's 64-bit mode
-    to be on already (see ``impl_flax.model.resolve_dtypes``).
+    to be on already (see ``impl_flax.layers.resolve_dtypes``).
     """
     compute, param = resolve_dtypes(dtype)
     config = checkpoint.config

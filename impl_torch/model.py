@@ -40,6 +40,7 @@ from torch import nn
 from impl_torch.layers import Upsample2x, batch_norm, conv, max_pool2x2, pad_to
 from weights_convert.core.spec import ModelConfig, check_input_shape
 
+
 class ConvBlock(nn.Module):
     """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU."""
 

@@ -1,0 +1,196 @@
+"""The layers of the Flax model where Flax's defaults are not the contract (ARCHITECTURE.md
+section 3): BatchNorm with torch's semantics, explicit conv padding, max pooling that floors odd
+sizes, the bilinear x2 upsampling with aligned corners and the zero padding to the skip; and the
+precision rule (compute dtype, parameter dtype) every layer is built with.
+
+Activations are NHWC. ``impl_torch/layers.py`` and ``impl_keras/layers.py`` hold the same names.
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from weights_convert.core import upsampling
+
+# torch's BatchNorm contract (eps 1e-5, running average weight 0.1 on the new batch) in Flax's
+# convention, where momentum is the weight kept on the old value: new = 0.9 * old + 0.1 * batch.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+# The precisions a model can be built in, by name: (compute dtype, parameter dtype). "mixed_bfloat16"
+# is Keras' name for the policy; in Flax terms it is dtype=bfloat16, param_dtype=float32.
+PRECISIONS = {
+    "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
+}
+DTYPES = tuple(PRECISIONS)
+
+
+def _dtype_name(dtype) -> str | None:
+    try:
+        return np.dtype(dtype).name  # numpy, jnp and ml_dtypes types, and their names
+    except TypeError:
+        return None
+
+
+def resolve_dtypes(dtype, param_dtype=None) -> tuple[np.dtype, np.dtype]:
+    """(compute dtype, parameter dtype) for a model; float64 only when JAX's 64-bit mode is already on.
+
+    ``dtype`` is a name of ``DTYPES`` or a dtype (float32, float64, bfloat16). ``param_dtype`` defaults
+    to ``dtype`` for float32 and float64, and to float32 for bfloat16 (Flax's default): bfloat16 is a
+    compute dtype only, never a parameter dtype, because optimizer updates and BatchNorm running
+    statistics lose most of their digits in it. Without x64, JAX silently computes a requested float64
+    in float32, so that is refused instead of returning float32 results labelled float64; this never
+    switches x64 on itself.
+    """
+    if isinstance(dtype, str) and dtype in PRECISIONS:
+        compute, default_param = PRECISIONS[dtype]
+    else:
+        compute = _dtype_name(dtype)
+        if compute not in ("float32", "float64", "bfloat16"):
+            raise ValueError(f"dtype must be one of {list(DTYPES)} or jnp.bfloat16, got {dtype!r}")
+        default_param = "float32" if compute == "bfloat16" else compute
+    param = default_param if param_dtype is None else _dtype_name(param_dtype)
+    if compute == "bfloat16" and param != "float32":
+        raise ValueError(f"bfloat16 computes with float32 parameters only (mixed precision), got {param_dtype!r}")
+    if compute != "bfloat16" and param != compute:
+        raise ValueError(f"dtype {compute} needs param_dtype {compute} (or None), got {param_dtype!r}")
+    if compute == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype float64 needs JAX's 64-bit mode, which is off: call jax.config.update('jax_enable_x64', True) "
+            "first or work inside `with jax.enable_x64(True):`"
+        )
+    return np.dtype(compute), np.dtype(param)
+
+
+def check_dtype(dtype, param_dtype=None) -> np.dtype:
+    """The compute dtype of ``resolve_dtypes``, after checking the pair."""
+    return resolve_dtypes(dtype, param_dtype)[0]
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel (last) axis with torch's training semantics.
+
+    ``nnx.BatchNorm`` cannot be used: it stores the biased batch variance in the running variance,
+    while torch stores the unbiased one (times n / (n - 1)), so the two drift apart after the first
+    training step; it also has no ``num_batches_tracked`` counter, and by default computes the
+    variance as E[x^2] - E[x]^2, which cancels digits. This layer normalizes with the biased
+    variance of the centred batch (as torch does), stores the unbiased one, and keeps the counter
+    so that checkpoints round-trip.
+
+    Precision as in ``nnx.BatchNorm``: scale, bias and running statistics are ``param_dtype``; the
+    batch statistics and the normalization are computed in at least float32 (a bfloat16 input is
+    widened first: its 8-bit mantissa cannot hold a mean over thousands of values), and the output
+    is cast to the compute ``dtype``.
+    """
+
+    def __init__(self, num_features: int, *, dtype=jnp.float32, param_dtype=None, use_running_average: bool = False):
+        self.dtype, self.param_dtype = resolve_dtypes(dtype, param_dtype)
+        self.scale = nnx.Param(jnp.ones((num_features,), self.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), self.param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), self.param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), self.param_dtype))
+        # The default integer type: int64 under x64, int32 otherwise (2**31 steps is plenty).
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), int))
+        self.use_running_average = use_running_average
+        self.momentum = BN_MOMENTUM
+        self.epsilon = BN_EPS
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, jnp.promote_types(self.param_dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            n = x.size // x.shape[-1]
+            if n < 2:
+                # torch refuses too: one value per channel has no variance.
+                raise ValueError(f"expected more than 1 value per channel when training, got input shape {x.shape}")
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            stop = jax.lax.stop_gradient
+            m = self.momentum
+            self.mean[...] = stop(m * self.mean[...] + (1 - m) * mean)
+            # torch keeps the unbiased variance in the running average; it normalizes with the biased one.
+            self.var[...] = stop(m * self.var[...] + (1 - m) * var * (n / (n - 1)))
+            self.num_batches_tracked[...] += 1
+        # Folded into one multiply-add per element, as torch's CPU kernel does.
+        alpha = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        return jnp.asarray(x * alpha + (self.bias[...] - mean * alpha), self.dtype)
+
+
+def conv(c_in: int, c_out: int, kernel_size: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    # Explicit symmetric padding: 'SAME' is not torch's padding=1 for every kernel size.
+    pad = kernel_size // 2
+    return nnx.Conv(
+        c_in,
+        c_out,
+        (kernel_size, kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,  # inputs and kernel are cast to it: bfloat16 convolutions under mixed precision
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
+    """torch's ``nn.Sequential`` call: an ``nnx.List`` keeps the layers at torch's indices (so the
+    state paths are the canonical names) but is not callable itself."""
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def max_pool2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pool, stride 2, flooring odd sizes (torch's MaxPool2d(2)): the odd last row and column
+    are dropped first, so the reshape holds with symbolic sizes too."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+# The keras.ops names the shared upsampling rule (weights_convert.core.upsampling) calls, over jax.numpy.
+JNP_OPS = types.SimpleNamespace(
+    arange=jnp.arange,
+    cast=lambda x, dtype: jnp.asarray(x, dtype),
+    floor=jnp.floor,
+    minimum=jnp.minimum,
+    reshape=jnp.reshape,
+    shape=jnp.shape,
+    take=jnp.take,
+)
+
+
+# jitted so that eager callers get one fused kernel per shape rather than a dozen array passes;
+# inside an outer nnx.jit it is simply inlined.
+@jax.jit
+def upsample2x(x: jax.Array) -> jax.Array:
+    """Bilinear x2 with align_corners=True on NHWC: output i samples input i * (n - 1) / (2n - 1).
+
+    ``jax.image.resize`` samples at half-pixel centres instead, a different function; the rule is
+    ``weights_convert.core.upsampling``'s, the Keras model's too. Computed in at least float32, as
+    torch's kernel does for bfloat16 input, and returned in ``x``'s dtype."""
+    return upsampling.upsample2x(JNP_OPS, x, (1, 2), jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _is_concrete(size) -> bool:
+    """Whether a dimension is a known integer (not a symbolic size of ``jax.export``)."""
+    return isinstance(size, (int, np.integer))
+
+
+def pad_to(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+
+    With symbolic sizes (``jax.export``) the pad widths are symbolic too, and it is always a pad."""
+    dh, dw = height - x.shape[1], width - x.shape[2]
+    if _is_concrete(dh) and _is_concrete(dw) and dh == 0 and dw == 0:
+        return x
+    no_pad = (0, 0, 0)
+    widths = (no_pad, (dh // 2, dh - dh // 2, 0), (dw // 2, dw - dw // 2, 0), no_pad)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), widths)
