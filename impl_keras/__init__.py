@@ -19,8 +19,8 @@ if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
         os.environ["KERAS_BACKEND"] = default_keras_backend()
 
 from impl_keras.io import from_checkpoint, load, save, to_checkpoint  # noqa: E402
-from impl_keras.model import AttentionUNet, TorchAdam  # noqa: E402
-from impl_keras.training import load_training, save_training  # noqa: E402
+from impl_keras.model import AttentionUNet  # noqa: E402
+from impl_keras.training import TorchAdam, load_training, save_training  # noqa: E402
 
 __all__ = [
     "AttentionUNet",

@@ -28,7 +28,7 @@ from keras import ops
 
 import weights_convert
 from impl_keras.io import check_dtype, from_checkpoint, keras_variables, to_checkpoint
-from impl_keras.model import AttentionUNet, TorchAdam, serializable
+from impl_keras.model import AttentionUNet, serializable
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
 from weights_convert.core.optim import UnsupportedOptimizer, hyperparameters
@@ -66,6 +66,57 @@ class TorchSGD(keras.optimizers.SGD):
         buf = self.momentums[self._get_variable_index(variable)]
         self.assign(buf, momentum * buf + g)
         self.assign_sub(variable, lr * (g + momentum * buf) if self.nesterov else lr * buf)
+
+
+@serializable
+class TorchAdam(keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` with PyTorch's update (``torch.optim.Adam``) at every step t = 1, 2, ...::
+
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g**2
+        p = p - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+
+    Keras' own Adam adds eps to sqrt(v) *before* the bias correction,
+    p -= lr * sqrt(1 - b2**t) / (1 - b1**t) * m / (sqrt(v) + eps): a different update wherever eps
+    is not negligible next to sqrt(v), and no single rescaled eps matches torch at every step.
+
+    Same arguments, slots (``momentums``, ``velocities``; ``velocity_hats`` with amsgrad, which
+    takes torch's max(v_hat, v) likewise) and state as ``keras.optimizers.Adam``. Keras'
+    ``weight_decay`` is decoupled (AdamW's), torch Adam's is an L2 term in g: it is refused.
+    """
+
+    # Where ``.keras`` archives (``weights_convert.formats.keras_archive_format``) name its module:
+    # Keras writes ``__module__`` into an archive's config, and ``impl_keras.model.TorchAdam`` is it.
+    __module__ = "impl_keras.model"
+
+    def __init__(self, *args, weight_decay=None, **kwargs):
+        if weight_decay:
+            raise ValueError(f"TorchAdam takes no weight_decay (torch Adam's is not Keras'), got {weight_decay!r}")
+        super().__init__(*args, **kwargs)
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+
+        def constant(value):
+            # Through a numpy float64: Keras' TensorFlow backend converts a bare Python float through a
+            # float32 tensor (0.999 -> 0.99900001287 in float64, 1 - b2 off by 1.3e-5 relative).
+            return ops.cast(np.float64(value), dtype)
+
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        t = ops.cast(self.iterations + 1, dtype)
+        b1, b2, eps, one = constant(self.beta_1), constant(self.beta_2), constant(self.epsilon), constant(1)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        self.assign(m, b1 * m + (one - b1) * g)
+        self.assign(v, b2 * v + (one - b2) * ops.square(g))
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            self.assign(v_hat, ops.maximum(v_hat, v))
+            v = v_hat
+        step_size = lr / (one - ops.power(b1, t))
+        denominator = ops.sqrt(v) / ops.sqrt(one - ops.power(b2, t)) + eps
+        self.assign_sub(variable, step_size * m / denominator)
 
 
 @serializable

@@ -19,7 +19,7 @@ import impl_keras
 import weights_convert
 from impl_keras import TorchAdam
 from impl_keras.io import check_dtype, keras_variables, to_checkpoint
-from impl_keras.model import BatchNorm, Upsample2x, pad_to
+from impl_keras.layers import BatchNorm, Upsample2x, pad_to
 from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.optim import OPTIMIZERS
 from weights_convert.core.random_init import random_checkpoint

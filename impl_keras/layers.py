@@ -1,0 +1,249 @@
+"""The layers of the Keras model where Keras' defaults are not the contract (ARCHITECTURE.md
+section 3): BatchNorm with torch's numerics and state, conv padding, max pooling, the bilinear x2
+upsampling with aligned corners and the zero padding to the skip; and the layout helpers, since the
+activations inside the model use the layout the backend's CPU convolutions prefer
+(``default_data_format``) while the model takes and returns NHWC.
+
+Only ``keras.layers`` and ``keras.ops``, so every backend runs them. ``impl_torch/layers.py`` and
+``impl_flax/layers.py`` hold the same names.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import keras
+from keras import layers, ops
+
+from weights_convert.core import upsampling
+
+PACKAGE = "attention_unet"
+
+# torch's BatchNorm numerics are the contract. Keras' defaults differ: eps is 1e-3, and momentum
+# weighs the *old* value (torch's momentum 0.1 is Keras' 0.9).
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+# Keras' Conv2D default. ``impl_keras.io`` builds models whose values come from a checkpoint with
+# "zeros" instead: under JAX a random initializer is compiled once per kernel shape (seconds each).
+KERNEL_INITIALIZER = "glorot_uniform"
+
+
+def serializable(cls):
+    """Registered under one package name, so a saved ``.keras`` file loads with ``safe_mode`` on."""
+    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def check_backend_dtype(dtype: str) -> None:
+    """JAX without x64 silently computes float64 in float32: refuse rather than mislead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns that it truncates the requested dtype
+        available = keras.backend.standardize_dtype(ops.zeros((), dtype=dtype).dtype)
+    if available != dtype:
+        raise ValueError(
+            f"{dtype} is not available under the {keras.backend.backend()} backend (it gives {available}); "
+            "under JAX set JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True) first"
+        )
+
+
+def default_data_format() -> str:
+    """The layout of the activations inside the model.
+
+    Under the torch backend a channels_last Keras convolution copies its input to NCHW and back
+    (40-60% slower than torch's own convolution on CPU), so the model computes in channels_first
+    there; TensorFlow's CPU convolutions need channels_last, and XLA's are fastest with it.
+    """
+    return "channels_first" if keras.backend.backend() == "torch" else "channels_last"
+
+
+def at_least_float32(dtype) -> str:
+    """float64 and float32 as they are; bfloat16 and float16 as float32 (where the model and the
+    loss compute what half precision would round away). Not ``keras.backend.result_type(dtype,
+    "float32")``: under JAX and torch that gives float32 for float64 too."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return dtype if dtype in ("float32", "float64") else "float32"
+
+
+def channel_axis(data_format: str) -> int:
+    return 1 if data_format == "channels_first" else 3
+
+
+def spatial_axes(data_format: str) -> tuple[int, int]:
+    return (2, 3) if data_format == "channels_first" else (1, 2)
+
+
+def build_shape(channels: int, data_format: str) -> tuple:
+    """The build shape of a layer that sees ``channels`` channels at any batch size and resolution."""
+    return (None, channels, None, None) if data_format == "channels_first" else (None, None, None, channels)
+
+
+def with_channels(shape, channels: int, data_format: str) -> tuple:
+    """``shape`` with its channel dimension set to ``channels`` (for ``compute_output_shape``)."""
+    shape = list(shape)
+    shape[channel_axis(data_format)] = channels
+    return tuple(shape)
+
+
+def to_internal(x, data_format: str):
+    """NHWC input in the model's internal layout."""
+    return ops.transpose(x, (0, 3, 1, 2)) if data_format == "channels_first" else x
+
+
+def to_nhwc(x, data_format: str):
+    """An activation of the internal layout as NHWC, the model's output layout on every backend."""
+    return ops.transpose(x, (0, 2, 3, 1)) if data_format == "channels_first" else x
+
+
+@serializable
+class BatchNorm(layers.Layer):
+    """BatchNorm over the channel (last) axis with PyTorch's numerics and state.
+
+    ``keras.layers.BatchNormalization`` is not used: it updates the moving variance with the
+    *biased* batch variance while torch stores the unbiased one (times n / (n - 1)), so the two
+    drift apart after the first training step; and it has no ``num_batches_tracked``, which torch
+    checkpoints carry and which is kept here (+1 per training-mode call) so conversion is lossless.
+
+    Under a mixed policy (``"mixed_bfloat16"``) it computes as ``keras.layers.BatchNormalization``
+    does: the input is upcast to float32 (``statistics_dtype``); batch statistics, normalization
+    and running-statistic updates are float32, and only the output is cast back to the compute
+    dtype. Its weights are created with ``autocast=False`` for that: inside a mixed layer's
+    ``call``, Keras otherwise hands out autocast variables, bfloat16 copies of the float32 values,
+    and ``variable.dtype`` itself reads "bfloat16".
+    """
+
+    def __init__(self, epsilon: float = BN_EPS, momentum: float = BN_MOMENTUM, axis: int = -1, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.momentum = momentum
+        self.axis = axis
+
+    def build(self, input_shape):
+        self.axis = self.axis % len(input_shape)
+        self.reduction_axes = tuple(i for i in range(len(input_shape)) if i != self.axis)
+        self.broadcast_shape = tuple(-1 if i == self.axis else 1 for i in range(len(input_shape)))
+        c = (input_shape[self.axis],)
+        # Not autocast: a bfloat16 copy of gamma or the running statistics would round every use.
+        weight = functools.partial(self.add_weight, shape=c, autocast=False)
+        self.gamma = weight(initializer="ones", name="gamma")
+        self.beta = weight(initializer="zeros", name="beta")
+        self.moving_mean = weight(initializer="zeros", trainable=False, name="moving_mean")
+        self.moving_variance = weight(initializer="ones", trainable=False, name="moving_variance")
+        # "int" is int64 where the backend has it (JAX without x64 has only int32); torch's is int64.
+        self.num_batches_tracked = self.add_weight(
+            shape=(), initializer="zeros", dtype="int", trainable=False, name="num_batches_tracked"
+        )
+
+    @property
+    def statistics_dtype(self) -> str:
+        """The dtype of every computation in ``call``: the compute dtype, or float32 for bfloat16
+        and float16, as Keras' and torch's own BatchNorms do."""
+        return at_least_float32(self.compute_dtype)
+
+    def call(self, x, training=None):
+        x = ops.cast(x, self.statistics_dtype)
+        if training:
+            mean, variance = self.batch_statistics(x)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        # torch's CPU kernel computes x * alpha + (beta - mean * alpha), alpha = gamma / sqrt(var + eps).
+        alpha = self.gamma * ops.rsqrt(variance + self.constant(self.epsilon))
+        shift = self.beta - mean * alpha
+        if self.axis != len(self.broadcast_shape) - 1:
+            alpha, shift = ops.reshape(alpha, self.broadcast_shape), ops.reshape(shift, self.broadcast_shape)
+        return ops.cast(x * alpha + shift, self.compute_dtype)
+
+    def batch_statistics(self, x):
+        """Mean and biased variance of the batch (they normalize it); the running statistics get
+        the unbiased variance, as torch's do."""
+        shape = ops.shape(x)
+        n = 1
+        for i in self.reduction_axes:
+            n = n * shape[i]
+        if isinstance(n, int) and n < 2:
+            raise ValueError(f"expected more than 1 value per channel when training, got input shape {tuple(shape)}")
+        n = ops.cast(n, x.dtype)
+        # sum / n, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
+        mean = ops.sum(x, axis=self.reduction_axes, keepdims=True) / n
+        squares = ops.sum(ops.square(x - mean), axis=self.reduction_axes)
+        mean = ops.reshape(mean, (-1,))
+        variance = squares / n
+        unbiased = squares / (n - 1)
+        keep = self.constant(self.momentum)
+        self.moving_mean.assign(self.moving_mean * keep + mean * (1 - keep))
+        self.moving_variance.assign(self.moving_variance * keep + unbiased * (1 - keep))
+        self.num_batches_tracked.assign(self.num_batches_tracked + 1)
+        return mean, variance
+
+    def constant(self, value: float):
+        # A tensor of ``statistics_dtype``: a bare Python float meets a float64 tensor as a float32
+        # under the torch backend (0.9 -> 0.89999998), which shows in a float64 comparison.
+        return ops.convert_to_tensor(value, dtype=self.statistics_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum, "axis": self.axis}
+
+
+def batch_norm(name: str, dtype, data_format: str) -> BatchNorm:
+    return BatchNorm(BN_EPS, BN_MOMENTUM, axis=channel_axis(data_format), name=name, dtype=dtype)
+
+
+def conv(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer, data_format: str) -> layers.Conv2D:
+    # At stride 1, "same" for a 3x3 kernel is exactly the symmetric pad 1 of the contract.
+    padding = "same" if kernel_size == 3 else "valid"
+    return layers.Conv2D(
+        c_out,
+        kernel_size,
+        padding=padding,
+        data_format=data_format,
+        kernel_initializer=kernel_initializer,
+        name=name,
+        dtype=dtype,
+    )
+
+
+def max_pool2x2(name: str, dtype, data_format: str) -> layers.MaxPooling2D:
+    # 2x2, stride 2, "valid": odd sizes floor, as torch's MaxPool2d(2) does.
+    return layers.MaxPooling2D(pool_size=2, data_format=data_format, name=name, dtype=dtype)
+
+
+@serializable
+class Upsample2x(layers.Layer):
+    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1).
+
+    ``keras.layers.UpSampling2D(interpolation="bilinear")`` and ``tf.image.resize`` sample at
+    half-pixel centres ((i + 0.5) / 2 - 0.5): a different function. The rule is
+    ``weights_convert.core.upsampling``'s, the Flax model's too: computed in at least float32, as
+    torch's kernel does for bfloat16 input, and rounded to the input's dtype once.
+    """
+
+    def __init__(self, data_format="channels_last", **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = data_format
+
+    def call(self, x):
+        return upsampling.upsample2x(ops, x, spatial_axes(self.data_format), at_least_float32(x.dtype))
+
+    def compute_output_shape(self, input_shape):
+        shape = list(input_shape)
+        for axis in spatial_axes(self.data_format):
+            shape[axis] = None if shape[axis] is None else 2 * shape[axis]
+        return tuple(shape)
+
+    def get_config(self):
+        return {**super().get_config(), "data_format": self.data_format}
+
+
+def pad_to(x, height, width, data_format="channels_last"):
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    shape = ops.shape(x)
+    h_axis, w_axis = spatial_axes(data_format)
+    dh, dw = height - shape[h_axis], width - shape[w_axis]
+    if isinstance(dh, int) and isinstance(dw, int) and dh == 0 and dw == 0:
+        return x
+    pad = [[0, 0]] * 4
+    pad[h_axis], pad[w_axis] = [dh // 2, dh - dh // 2], [dw // 2, dw - dw // 2]
+    return ops.pad(x, pad)
