@@ -1,15 +1,18 @@
-"""The NumPy reference's backward, optimizer steps, multi-step fit and reduced precisions: against
-finite differences, against PyTorch float64 autograd and torch.optim, and for plausible rounding
-noise at float32 and mixed bfloat16."""
+"""The NumPy reference's forward against the article's float64 output; its backward, optimizer
+steps, multi-step fit and reduced precisions: against finite differences, against PyTorch float64
+autograd and torch.optim, and for plausible rounding noise at float32 and mixed bfloat16."""
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+import weights_convert
+from tests.conftest import rel_error
 from weights_convert.core.optim import OPTIMIZERS
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.harness import reference
+from weights_convert.harness.parity.tolerances import TOLERANCES
 
 torch = pytest.importorskip("torch")
 from impl_torch.io import from_checkpoint  # noqa: E402
@@ -89,6 +92,13 @@ def torch_fit(ckpt, xs, targets, optimizer):
 
 
 # --- the ops' backward, one at a time ---------------------------------------------------------
+
+
+def test_numpy_reference_matches_article(reference_dir, reference_input, article_safetensors):
+    """The independent NumPy pass itself reproduces the article's float64 output."""
+    tensors = weights_convert.read(article_safetensors).tensors
+    expected = np.load(reference_dir / "output_eval_float64.npy")
+    assert rel_error(reference.forward(tensors, reference_input)["output"], expected) <= TOLERANCES["reference_float64"]
 
 
 def test_op_backwards_are_adjoints():

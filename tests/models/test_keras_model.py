@@ -1,5 +1,7 @@
-"""impl_keras under this process's backend (TensorFlow unless KERAS_BACKEND says otherwise): the
-model's pieces, its Keras behaviour (summary, eval/train, fit), and its files (.weights.h5, .keras)."""
+"""impl_keras under this process's backend (TensorFlow unless KERAS_BACKEND says otherwise), what
+only Keras has: its upsampling against Keras' own, its BatchNorm, its behaviour as a Keras model
+(summary, eval/train, fit), TorchAdam, and its files (.weights.h5, .keras). What the three models
+keep alike is in ``test_model_contract.py``."""
 
 import io
 import json
@@ -19,45 +21,20 @@ import impl_keras
 import weights_convert
 from impl_keras import TorchAdam
 from impl_keras.io import check_dtype, keras_variables, to_checkpoint
-from impl_keras.layers import BatchNorm, Upsample2x, pad_to
+from impl_keras.layers import BatchNorm, Upsample2x
 from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.optim import OPTIMIZERS
 from weights_convert.core.random_init import random_checkpoint
-from weights_convert.core.spec import ModelConfig, parameter_count
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness import reference
 from weights_convert.harness.parity.tolerances import TOLERANCES
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def numpy(x) -> np.ndarray:
     return keras.ops.convert_to_numpy(x)
-
-
-def interpolation_matrix(n: int) -> np.ndarray:
-    """(2n, n) bilinear weights with aligned corners: output i samples input i * (n - 1) / (2n - 1)."""
-    m = np.zeros((2 * n, n))
-    for i in range(2 * n):
-        src = i * (n - 1) / (2 * n - 1)
-        lo = int(np.floor(src))
-        m[i, lo] += 1 - (src - lo)
-        m[i, min(lo + 1, n - 1)] += src - lo
-    return m
-
-
-@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 8), (7, 4)])
-def test_upsample_is_bilinear_with_aligned_corners(size):
-    x = np.random.default_rng(0).normal(size=(2, *size, 3))
-    expected = np.einsum("ih,nhwc,jw->nijc", interpolation_matrix(size[0]), x, interpolation_matrix(size[1]))
-    actual = numpy(Upsample2x(dtype="float64")(x))
-    assert actual.shape == (2, 2 * size[0], 2 * size[1], 3)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-14)
-    # Corners are copied, and torch's align_corners=True agrees.
-    assert np.array_equal(actual[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]])
-    reference = torch.nn.functional.interpolate(
-        torch.from_numpy(x.transpose(0, 3, 1, 2)), scale_factor=2, mode="bilinear", align_corners=True
-    )
-    np.testing.assert_allclose(actual, reference.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-14)
 
 
 def test_keras_upsampling_is_a_different_function():
@@ -66,14 +43,6 @@ def test_keras_upsampling_is_a_different_function():
     ours = numpy(Upsample2x(dtype="float64")(x))
     theirs = numpy(keras.layers.UpSampling2D(interpolation="bilinear", dtype="float64")(x))
     assert np.max(np.abs(ours - theirs)) > 1e-2
-
-
-def test_odd_size_pads_before_and_after():
-    """A 1-pixel difference goes after; a 3-pixel one splits 1 before, 2 after (NHWC)."""
-    padded = numpy(pad_to(np.ones((1, 2, 2, 1)), 5, 3))
-    assert padded.shape == (1, 5, 3, 1)
-    assert padded[0, :, :, 0].sum(axis=1).tolist() == [0, 2, 2, 0, 0]
-    assert padded[0, :, :, 0].sum(axis=0).tolist() == [2, 2, 0]
 
 
 def test_default_model_parameter_count_and_summary():
@@ -92,31 +61,6 @@ def test_layer_paths_are_the_canonical_tree():
     assert "e1/conv/conv/0/kernel" in paths and "d1/ag/Wg/1/moving_variance" in paths
     assert "d2/ag/output/0/bias" in paths and "output/kernel" in paths and "b1/conv/4/num_batches_tracked" in paths
     assert len(keras_variables(model)) == len(model.variables)
-
-
-def test_intermediates_are_named():
-    model = impl_keras.AttentionUNet(channels=(4, 8, 16))
-    out, named = model(np.zeros((1, 9, 11, 3), "float32"), return_intermediates=True)
-    assert list(named) == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"]
-    assert named["e2"].shape == (1, 4, 5, 8) and named["b1"].shape == (1, 2, 2, 16)
-    assert named["d1.ag"].shape == (1, 4, 5, 8) and np.array_equal(numpy(named["output"]), numpy(out))
-
-
-@pytest.mark.parametrize(
-    "shape, fragment",
-    [
-        ((16, 16, 3), "got a 3-D tensor of shape (16, 16, 3)"),
-        ((1, 1, 16, 16, 3), "got a 5-D tensor"),
-        ((1, 16, 16, 4), "expected input of shape (N, H, W, 3) with H, W >= 4, got (1, 16, 16, 4)"),
-        ((1, 3, 16, 3), "got (1, 3, 16, 3)"),
-        ((1, 16, 2, 3), "got (1, 16, 2, 3)"),
-    ],
-)
-def test_bad_input_raises_clear_value_error(shape, fragment):
-    model = impl_keras.AttentionUNet(channels=(4, 8, 16))
-    with pytest.raises(ValueError) as info:
-        model(np.zeros(shape, "float32"))
-    assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
 def test_float64_model():
@@ -158,33 +102,6 @@ def test_fit_trains_in_training_mode(tmp_path):
     model.save_weights(path)
     read = weights_convert.read(path)
     assert all(np.array_equal(read.tensors[k], v) for k, v in after.items())
-
-
-FIELD_CHANGES = [
-    {"in_channels": 4},
-    {"out_channels": 2},
-    {"channels": (4, 8, 32)},
-    {"channels": (4, 12, 16)},
-    {"channels": (6, 8, 16)},
-    {"channels": (4, 8, 16, 32)},
-]
-
-
-@pytest.mark.parametrize("change", FIELD_CHANGES)
-def test_every_argument_reaches_the_model(change):
-    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16))
-    changed = {**base, **change}
-    model = impl_keras.AttentionUNet(**changed)
-    assert model.config == ModelConfig(changed["in_channels"], changed["out_channels"], changed["channels"])
-    count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    assert count == parameter_count(model.config) != parameter_count(ModelConfig(**base))
-    assert model(np.zeros((1, 16, 16, changed["in_channels"]), "float32")).shape == (1, 16, 16, changed["out_channels"])
-
-
-def test_load_rejects_unknown_dtype(reference_dir):
-    message = "dtype must be one of \\['float32', 'float64', 'mixed_bfloat16'\\], got 'int8'"
-    with pytest.raises(ValueError, match=message):
-        impl_keras.load(reference_dir / "article_state_dict.pt", dtype="int8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +151,8 @@ def test_bfloat16_upsampling_samples_at_float32_positions():
     x_bf16 = keras.ops.cast(x, "bfloat16")
     actual = numpy(keras.ops.cast(Upsample2x(dtype="mixed_bfloat16")(x_bf16), "float64"))
     rounded = numpy(keras.ops.cast(x_bf16, "float64"))
-    expected = np.einsum("ih,nhwc,jw->nijc", interpolation_matrix(200), rounded, interpolation_matrix(3))
+    matrix_h, matrix_w = reference.interpolation_matrix(200), reference.interpolation_matrix(3)
+    expected = np.einsum("ih,nhwc,jw->nijc", matrix_h, rounded, matrix_w)
     assert np.max(np.abs(actual - expected)) <= 2.0**-8 * np.max(np.abs(expected))  # one bfloat16 rounding
 
 
@@ -294,22 +212,6 @@ def test_torch_adam_refuses_weight_decay():
 
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-@pytest.mark.parametrize("suffix", [".weights.h5", ".keras", ".safetensors", ".pt"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_save_load_round_trip_is_bit_exact(tmp_path, suffix, dtype):
-    checkpoint = random_checkpoint(SMALL, seed=3, dtype=dtype)
-    model = impl_keras.from_checkpoint(checkpoint, dtype)
-    path = tmp_path / f"model{suffix}"
-    impl_keras.save(model, path)
-    assert sorted(os.listdir(tmp_path)) == [path.name]  # exactly that file, no leftovers
-    loaded = impl_keras.load(path, dtype=dtype)
-    assert loaded.config == model.config
-    for name, value in to_checkpoint(loaded).tensors.items():
-        assert value.dtype == checkpoint.tensors[name].dtype and np.array_equal(value, checkpoint.tensors[name]), name
-    with pytest.raises(CheckpointError, match="already exists"):
-        impl_keras.save(model, path)
 
 
 def test_h5_reader_reads_what_save_weights_writes(tmp_path):

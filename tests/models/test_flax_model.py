@@ -1,3 +1,8 @@
+"""What only the Flax model has: JAX's x64 mode, the NNX tree, its upsampling against
+``jax.image.resize``, its BatchNorm, eval/train switching, msgpack and Orbax files, ``nnx.jit`` and
+optax, and mixed bfloat16 by dtype pairs. What the three models keep alike is in
+``test_model_contract.py``."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,29 +13,17 @@ from flax import nnx
 
 import impl_flax
 import weights_convert
-from impl_flax.model import BatchNorm, pad_to, upsample2x
+from impl_flax.layers import BatchNorm, upsample2x
 from tests.conftest import rel_error
 from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.flax_layout import nnx_path
 from weights_convert.core.random_init import random_checkpoint
-from weights_convert.core.spec import ModelConfig, param_specs, parameter_count
+from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.harness.parity.tolerances import TOLERANCES, tolerance
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
 # Eager JAX compiles every op for every new shape: the eager tests share one input shape.
 X_SHAPE = (2, 9, 11, 2)
-
-
-@pytest.fixture(autouse=True)
-def x64_unchanged():
-    """float64 runs switch x64 on in a scope only; no test may leave it changed."""
-    before = jax.config.jax_enable_x64
-    yield
-    assert jax.config.jax_enable_x64 == before
-
-
-def nhwc(x_nchw):
-    return np.asarray(x_nchw).transpose(0, 2, 3, 1)
 
 
 def nchw(x_nhwc):
@@ -50,27 +43,7 @@ def abstract_model(*args, **kwargs):
     return nnx.eval_shape(lambda: impl_flax.AttentionUNet(*args, **kwargs, rngs=nnx.Rngs(0)))
 
 
-# The article's checkpoint (ARCHITECTURE.md section 6), NHWC on this side.
-
-
-def test_reproduces_article_float32(reference_dir, reference_input):
-    """No noisier than the article's own float32 output: both measured against its float64 output."""
-    model = impl_flax.load(reference_dir / "article_state_dict.pt")
-    expected = np.load(reference_dir / "output_eval_float64.npy")
-    noise = rel_error(np.load(reference_dir / "output_eval_float32.npy"), expected, floor=1.0)
-    actual = nnx.jit(lambda m, x: m(x))(model, nhwc(reference_input))
-    error = rel_error(nchw(actual), expected, floor=1.0)
-    print(f"article float32: noise {noise:.2e}, this model {error:.2e}")
-    assert error <= tolerance("float32", noise)
-
-
-def test_reproduces_article_float64(reference_dir, reference_input):
-    with jax.enable_x64(True):
-        model = impl_flax.load(reference_dir / "article_state_dict.pt", dtype="float64")
-        actual = nnx.jit(lambda m, x: m(x))(model, nhwc(reference_input))
-        assert actual.dtype == jnp.float64
-    expected = np.load(reference_dir / "output_eval_float64.npy")
-    assert rel_error(nchw(actual), expected) <= TOLERANCES["float64"]
+# JAX's 64-bit mode and the NNX tree.
 
 
 def test_float64_without_x64_is_refused_and_x64_stays_off(reference_dir):
@@ -81,12 +54,6 @@ def test_float64_without_x64_is_refused_and_x64_stays_off(reference_dir):
     with pytest.raises(ValueError, match="float64 needs JAX's 64-bit mode"):
         impl_flax.AttentionUNet(channels=(4, 8), dtype=jnp.float64, rngs=nnx.Rngs(0))
     assert not jax.config.jax_enable_x64
-
-
-def test_load_rejects_unknown_dtype(reference_dir):
-    expected = "dtype must be one of \\['float32', 'float64', 'mixed_bfloat16'\\] or jnp.bfloat16, got 'int8'"
-    with pytest.raises(ValueError, match=expected):
-        impl_flax.load(reference_dir / "article_state_dict.pt", dtype="int8")
 
 
 def test_default_model_parameter_count_and_tree():
@@ -100,19 +67,7 @@ def test_default_model_parameter_count_and_tree():
     assert model.d1.ag.Wg[0].kernel.get_value().shape == (1, 1, 512, 256)
 
 
-# Building blocks against their torch definitions.
-
-
-@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 3), (5, 4), (7, 13)])
-def test_upsample_matches_torch_align_corners(size):
-    x = np.random.default_rng(0).normal(size=(2, 3, *size))
-    expected = torch.nn.functional.interpolate(
-        torch.from_numpy(x), scale_factor=2, mode="bilinear", align_corners=True
-    ).numpy()
-    with jax.enable_x64(True):
-        actual = nchw(upsample2x(jnp.asarray(nhwc(x))))
-    assert actual.shape == expected.shape
-    assert rel_error(actual, expected) <= TOLERANCES["float64"]
+# Building blocks: the upsampling's trap, and BatchNorm against torch's.
 
 
 def test_upsample_is_not_half_pixel_resize():
@@ -122,14 +77,6 @@ def test_upsample_is_not_half_pixel_resize():
     assert float(jnp.max(jnp.abs(upsample2x(x) - resized))) > 1e-2
     # align_corners=True keeps the corners: output corners are input corners.
     np.testing.assert_array_equal(upsample2x(x)[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]])
-
-
-def test_odd_size_pads_before_and_after():
-    """A 1-pixel difference goes after; a 3-pixel one splits 1 before, 2 after."""
-    padded = pad_to(jnp.ones((1, 2, 2, 1)), 5, 3)
-    assert padded.shape == (1, 5, 3, 1)
-    assert padded[0, :, :, 0].sum(axis=1).tolist() == [0, 2, 2, 0, 0]
-    assert padded[0, :, :, 0].sum(axis=0).tolist() == [2, 2, 0]
 
 
 def test_batchnorm_trains_like_torch():
@@ -183,72 +130,7 @@ def test_eval_and_train_switch_batchnorm():
     np.testing.assert_array_equal(model(x), model(x))
 
 
-def test_intermediates_are_named():
-    model = small_model()
-    out, named = model(small_input(), return_intermediates=True)
-    assert list(named) == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"] == model.block_names
-    assert named["e2"].shape == (2, 4, 5, 8) and named["b1"].shape == (2, 2, 2, 16)
-    assert named["d1.ag"].shape == (2, 4, 5, 8) and jnp.array_equal(named["output"], out)
-
-
-@pytest.mark.parametrize(
-    "shape, fragment",
-    [
-        ((16, 16, 3), "got a 3-D array of shape (16, 16, 3)"),
-        ((1, 1, 16, 16, 3), "got a 5-D array"),
-        ((1, 16, 16, 4), "expected input of shape (N, H, W, 3) with H, W >= 4, got (1, 16, 16, 4)"),
-        ((1, 3, 16, 3), "got (1, 3, 16, 3)"),
-        ((1, 16, 2, 3), "got (1, 16, 2, 3)"),
-    ],
-)
-def test_bad_input_raises_clear_value_error(shape, fragment):
-    model = abstract_model(channels=(4, 8, 16))
-    with pytest.raises(ValueError) as info:
-        model(jnp.zeros(shape))
-    assert fragment in str(info.value)
-
-
-FIELD_CHANGES = [
-    {"in_channels": 4},
-    {"out_channels": 2},
-    {"channels": (4, 8, 32)},
-    {"channels": (4, 12, 16)},
-    {"channels": (6, 8, 16)},
-    {"channels": (4, 8, 16, 32)},
-]
-
-
-@pytest.mark.parametrize("change", FIELD_CHANGES)
-def test_every_argument_reaches_the_model(change):
-    """A silently ignored argument changes neither the parameter count nor the output."""
-    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16))
-    changed = {**base, **change}
-    model = abstract_model(**changed)
-    assert model.config == ModelConfig(changed["in_channels"], changed["out_channels"], changed["channels"])
-    count = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    assert count == parameter_count(model.config) != parameter_count(ModelConfig(**base))
-    out = nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((1, 16, 16, changed["in_channels"])))
-    assert out.shape == (1, 16, 16, changed["out_channels"])
-
-
 # Checkpoints.
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".msgpack", ".orbax"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_save_load_round_trip_is_bit_exact(tmp_path, suffix, dtype):
-    checkpoint = random_checkpoint(SMALL, seed=3, dtype=dtype)
-    with jax.enable_x64(dtype == "float64"):
-        model = impl_flax.from_checkpoint(checkpoint, dtype)
-        path = tmp_path / f"model{suffix}"
-        impl_flax.save(model, path)
-        loaded = impl_flax.load(path, dtype=dtype)
-        assert loaded.config == model.config
-        assert all(bn.use_running_average for _, bn in nnx.iter_graph(loaded) if isinstance(bn, BatchNorm))
-        saved = impl_flax.to_checkpoint(model).tensors
-        back = impl_flax.to_checkpoint(loaded).tensors
-    for name, value in checkpoint.tensors.items():
-        assert back[name].dtype == saved[name].dtype == value.dtype and np.array_equal(back[name], value), name
 
 
 def test_msgpack_restores_with_flax_serialization(tmp_path):
