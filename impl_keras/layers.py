@@ -238,7 +238,10 @@ class Upsample2x(layers.Layer):
 
 
 def pad_to(x, height, width, data_format="channels_last"):
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after."""
+    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+
+    Known equal sizes return ``x`` itself; a symbolic size (a SavedModel trace) always pads, its
+    widths symbolic too, so the exported graph holds for every size."""
     shape = ops.shape(x)
     h_axis, w_axis = spatial_axes(data_format)
     dh, dw = height - shape[h_axis], width - shape[w_axis]
