@@ -65,7 +65,8 @@ from weights_convert.formats.keras_h5_format import (
     write_optimizer,
     write_weights,
 )
-from weights_convert.formats.safetensors_format import _one_line, checksum
+from weights_convert.formats.safetensors_format import checksum
+from weights_convert.formats.vetting import one_line
 
 # The weights member keeps each tensor's dtype (the config's dtype policy holds them all exactly).
 KEEPS_MIXED_DTYPES = True
@@ -143,7 +144,7 @@ def read(path) -> tuple[dict[str, np.ndarray], ModelConfig, OptimizerState | Non
     except CheckpointError:
         raise
     except Exception as error:  # zipfile and h5py raise BadZipFile, OSError, KeyError, ... on damage
-        raise CheckpointError(f"{path}: not a readable Keras .keras archive ({_one_line(error)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable Keras .keras archive ({one_line(error)[:200]})") from None
     return tensors, config, optimizer
 
 
@@ -269,7 +270,7 @@ def _json_member(archive: zipfile.ZipFile, members: dict, name: str, path):
     try:
         return json.loads(archive.read(info))
     except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: {name} is not JSON ({_one_line(error)[:200]})") from None
+        raise CheckpointError(f"{path}: {name} is not JSON ({one_line(error)[:200]})") from None
 
 
 def _model_config(document, path) -> ModelConfig:
@@ -286,7 +287,7 @@ def _model_config(document, path) -> ModelConfig:
     try:
         return ModelConfig.from_dict({k: config[k] for k in ("in_channels", "out_channels", "channels") if k in config})
     except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: bad config in {CONFIG_MEMBER}: {_one_line(error)[:200]}") from None
+        raise CheckpointError(f"{path}: bad config in {CONFIG_MEMBER}: {one_line(error)[:200]}") from None
 
 
 def _class_names(node, found=None) -> list[str]:

@@ -38,7 +38,8 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import module_path, rule
 from weights_convert.core.spec import LEAVES, ModelConfig, ParamSpec, infer_config, param_specs
-from weights_convert.formats.safetensors_format import _one_line, checksum
+from weights_convert.formats.safetensors_format import checksum
+from weights_convert.formats.vetting import one_line
 
 CHECKSUM_ATTR = "attention_unet_sha256"
 # Each dataset has its own dtype: a checkpoint mixing float dtypes is written exactly.
@@ -183,7 +184,7 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
     except CheckpointError:
         raise
     except Exception as error:  # h5py raises OSError, KeyError, RuntimeError, ... on damaged files
-        raise CheckpointError(f"{path}: not a readable Keras .weights.h5 file ({_one_line(error)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable Keras .weights.h5 file ({one_line(error)[:200]})") from None
 
 
 def read_weights(f, source: str, config: ModelConfig | None = None) -> dict[str, np.ndarray]:
