@@ -91,6 +91,15 @@ def gradients_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> tuple
     return nnx.value_and_grad(loss_fn)(model, x, target)
 
 
+def step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array) -> tuple:
+    """One training step as one function, in place: the loss, its gradients, one update; returns
+    (loss, gradients). The trainer runs it as two programs (``train_step_fn``); the bench times it
+    as one ``nnx.jit`` program and eagerly."""
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, target)
+    optimizer.update(model, grads)
+    return loss, grads
+
+
 @nnx.jit
 def update_fn(model: AttentionUNet, optimizer: nnx.Optimizer, grads: nnx.State) -> None:
     optimizer.update(model, grads)

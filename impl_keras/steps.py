@@ -9,6 +9,7 @@ backend-neutral; the autodiff and the compilation are each backend's own.
   ``optimizer.stateless_apply``, fed the variables' values at every step.
 - PyTorch: eager, ``loss.backward()``, then ``optimizer.apply`` under ``torch.no_grad()``.
 
+``VARIANTS`` lists the other ways a step can be compiled on each backend (the bench times them).
 Two compiled functions, the gradients (``gradients``, one per model, shared by every optimizer) and
 the update (one per optimizer), each compiled once: Keras' trainer fuses them into one, but
 compiling the backward pass is the slow part (tens of seconds under XLA on a CPU), and the parity
@@ -23,6 +24,38 @@ import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.frameworks import KERAS_BACKENDS
+
+# backend -> how a step can be compiled, the trainer's first: Keras' own ``compile`` options
+# (``run_eagerly``; TensorFlow's ``tf.function`` without XLA; ``jit_compile``: XLA, ``jax.jit``,
+# ``torch.compile``), which the bench times one by one.
+VARIANTS = {
+    "tensorflow": ("tf.function", "eager", "jit_compile"),
+    "jax": ("jit_compile", "eager"),
+    "torch": ("eager", "jit_compile"),
+}
+
+
+def compiled(function, variant: str | None = None):
+    """``function`` compiled as ``variant`` of this backend (``VARIANTS``; None: the trainer's)."""
+    import keras
+
+    backend = keras.backend.backend()
+    variant = variant or VARIANTS[backend][0]
+    if variant not in VARIANTS[backend]:
+        raise ValueError(f"Keras on {backend} runs a step as one of {list(VARIANTS[backend])}, got {variant!r}")
+    if variant == "eager":
+        return function
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, autograph=False, jit_compile=variant == "jit_compile")
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    import torch
+
+    return torch.compile(function)
 
 
 def to_result(value) -> np.ndarray:
@@ -77,7 +110,7 @@ class Steps:
     """One optimizer over ``model.trainable_variables`` and the training step on this backend
     (the module docstring says how each backend runs it)."""
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, variant: str | None = None):
         import keras
 
         from impl_keras.io import keras_variables
@@ -88,11 +121,11 @@ class Steps:
         self.variables = model.trainable_variables
         self.names = [by_id[id(v)] for v in self.variables]
         self.specs = {s.name: s for s in param_specs(model.config)}
-        self.gradients = gradients(model)
+        self.gradients = gradients(model, variant)
         self.optimizer = optimizer
         self.optimizer.build(self.variables)  # before any tracing: a tf.function must not create variables
         self.initial = [keras.ops.convert_to_numpy(v.value) for v in self.optimizer.variables]
-        self.apply = getattr(self, f"_{keras.backend.backend()}_apply")()
+        self.apply = getattr(self, f"_{keras.backend.backend()}_apply")(variant)
 
     def reset(self) -> None:
         """The optimizer's state as when it was created (Adam's t back to 0, moments zero)."""
@@ -121,26 +154,22 @@ class Steps:
         """Every trainable tensor now (``canonical``)."""
         return self.canonical([v.value for v in self.variables])
 
-    def _tensorflow_apply(self):
-        import tensorflow as tf
-
+    def _tensorflow_apply(self, variant):
         optimizer, variables = self.optimizer, self.variables
-        return tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables, strict=True)), autograph=False)
+        return compiled(lambda grads: optimizer.apply_gradients(zip(grads, variables, strict=True)), variant)
 
-    def _jax_apply(self):
-        import jax
-
+    def _jax_apply(self, variant):
         optimizer, variables = self.optimizer, self.variables
-        compiled = jax.jit(optimizer.stateless_apply)
+        stateless_apply = compiled(optimizer.stateless_apply, variant)
 
         def apply(grads):
-            values, state = compiled([v.value for v in optimizer.variables], grads, [v.value for v in variables])
+            values, state = stateless_apply([v.value for v in optimizer.variables], grads, [v.value for v in variables])
             assign(variables, values)
             assign(optimizer.variables, state)
 
         return apply
 
-    def _torch_apply(self):
+    def _torch_apply(self, variant):
         import torch
 
         optimizer, variables = self.optimizer, self.variables
@@ -153,7 +182,7 @@ class Steps:
 
 
 @functools.lru_cache(maxsize=8)
-def gradients(model):
+def gradients(model, variant: str | None = None):
     """``(x, target) -> (loss, gradients)``: one train-mode forward, which updates the running
     statistics, and the gradients of the loss in ``model.trainable_variables`` order. Keras has no
     backend-neutral gradient API, so each backend's own autodiff is used here (the model itself is
@@ -170,7 +199,7 @@ def gradients(model):
                 loss = mse_loss(model(x, training=True), target)
             return loss, tape.gradient(loss, variables)
 
-        return tf.function(gradients, autograph=False)
+        return compiled(gradients, variant)
     if backend == "jax":
         import jax
 
@@ -178,10 +207,10 @@ def gradients(model):
             output, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
             return mse_loss(output, target), non_trainable
 
-        compiled = jax.jit(jax.value_and_grad(loss_and_state, has_aux=True))
+        value_and_grad = compiled(jax.value_and_grad(loss_and_state, has_aux=True), variant)
 
         def gradients(x, target):
-            (loss, state), grads = compiled(*jax_state(model), x, target)
+            (loss, state), grads = value_and_grad(*jax_state(model), x, target)
             assign(model.non_trainable_variables, state)
             return loss, grads
 
@@ -194,5 +223,5 @@ def gradients(model):
             loss.backward()
             return loss.detach(), [v.value.grad for v in variables]
 
-        return gradients
+        return compiled(gradients, variant)
     raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {KERAS_BACKENDS}")
