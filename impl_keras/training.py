@@ -33,6 +33,7 @@ from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
 from weights_convert.core.optim import UnsupportedOptimizer, hyperparameters
 from weights_convert.core.optimizer_state import OptimizerState, counted_state
+from weights_convert.core.precisions import param_dtype
 from weights_convert.core.spec import param_specs
 
 
@@ -94,7 +95,7 @@ def make_optimizer(name: str = "adam", dtype: str = "float32", **hyper) -> keras
             f"(L2), Keras' weight_decay is always decoupled; use adamw, or weight_decay=0"
         )
     floatx = keras.config.floatx()
-    keras.config.set_floatx("float32" if dtype == "mixed_bfloat16" else dtype)
+    keras.config.set_floatx(param_dtype(dtype))
     try:
         if name == "sgd":
             return TorchSGD(learning_rate=hyper["lr"], momentum=hyper["momentum"], nesterov=hyper["nesterov"])

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from weights_convert.core.frameworks import FRAMEWORKS
-from weights_convert.core.precisions import DTYPES
+from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation
 from weights_convert.harness.train.progress import Progress
@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
         )
     optimizer = state.name if state is not None else args.optimizer or "adam"
     first_step = (state.step or 0) if state is not None else 0  # torch SGD counts no steps: from 0
-    checkpoint = checkpoint.astype("float32" if args.dtype == "mixed_bfloat16" else args.dtype)
+    checkpoint = checkpoint.astype(param_dtype(args.dtype))
     config = checkpoint.config
     if args.data:
         try:
