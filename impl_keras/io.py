@@ -13,10 +13,10 @@ import numpy as np
 import weights_convert
 from impl_keras.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.keras_layout import keras_path
 from weights_convert.core.layouts import rule
 from weights_convert.core.precisions import precision
 from weights_convert.core.spec import param_specs
-from weights_convert.formats.keras_h5_format import keras_path
 
 
 def check_dtype(dtype) -> str:

@@ -31,9 +31,9 @@ import zipfile
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.keras_layout import MODEL_NAME, PACKAGE, policy_dtype
 from weights_convert.core.optimizer_state import OptimizerState
 from weights_convert.core.spec import ModelConfig, param_specs
-from weights_convert.formats.keras_layout import MODEL_NAME, PACKAGE, policy_dtype
 from weights_convert.formats.keras_optimizer import (
     compile_config,
     compiled_optimizer,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.formats.keras_layout import dataset_paths, keras_path, stored_shape
+from weights_convert.core.keras_layout import dataset_paths, keras_path, stored_shape
 from weights_convert.formats.keras_weights import CHECKSUM_ATTR, read_weights, write_weights
 from weights_convert.formats.vetting import one_line
 

@@ -32,6 +32,7 @@ import json
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.keras_layout import PACKAGE, policy_dtype, stored_shape
 from weights_convert.core.layouts import rule
 from weights_convert.core.optimizer_state import (
     OptimizerState,
@@ -41,7 +42,6 @@ from weights_convert.core.optimizer_state import (
     slot_names,
 )
 from weights_convert.core.spec import ModelConfig, ParamSpec, param_specs
-from weights_convert.formats.keras_layout import PACKAGE, policy_dtype, stored_shape
 from weights_convert.formats.keras_weights import dataset_value, optimizer_datasets, write_optimizer
 from weights_convert.formats.safetensors_format import checksum
 

@@ -19,9 +19,9 @@ import math
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.keras_layout import canonical_shape, dataset_paths, keras_layers, stored_shape
 from weights_convert.core.layouts import rule
 from weights_convert.core.spec import ModelConfig, ParamSpec, infer_config, param_specs
-from weights_convert.formats.keras_layout import canonical_shape, dataset_paths, keras_layers, stored_shape
 from weights_convert.formats.safetensors_format import checksum
 
 CHECKSUM_ATTR = "attention_unet_sha256"
