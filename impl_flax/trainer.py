@@ -171,70 +171,32 @@ class FlaxTrainer:
         return to_training_checkpoint(*distributed.local_copies(self.model, self.optimizer))
 
 
-def train(
-    checkpoint: Checkpoint,
-    data,
-    *,
-    steps: int,
-    optimizer="sgd",
-    dtype="float32",
-    device="cpu",
-    data_parallel=1,
-    batchnorm="sync",
-    trajectory=False,
-    on_step=None,
-) -> dict:
-    """``steps`` training steps on ``data`` in this process (see the module docstring)."""
-    settings = loop.Settings(dtype, device, data_parallel, batchnorm)
-    record = {"trajectory": trajectory, "on_step": on_step}
-    return loop.run(
-        FlaxTrainer(settings), loop.job(checkpoint, data, steps=steps, optimizer=optimizer, settings=settings, **record)
-    )
+def train(checkpoint: Checkpoint, data, **options) -> dict:
+    """``steps`` training steps on ``data`` in this process (the options of
+    ``weights_convert.core.loop.train_job``)."""
+    job = loop.train_job(checkpoint, data, **options)
+    return loop.run(FlaxTrainer(job.settings), job, weights_convert.write)
 
 
-def fit(
-    checkpoint,
-    xs,
-    targets,
-    *,
-    dtype="float32",
-    device="cpu",
-    optimizer="sgd",
-    trajectory=False,
-    save_to=None,
-    data_parallel=1,
-    batchnorm="sync",
-    use="train",
-) -> dict:
-    """``len(xs)`` steps of one optimizer, step k on ``xs[k - 1]`` against ``targets[k - 1]`` (the
-    loop's results); ``checkpoint`` a ``Checkpoint`` or a path; ``use`` as in ``impl_torch.trainer.fit``."""
+def fit(checkpoint, xs, targets, **options) -> dict:
+    """``len(xs)`` steps of one optimizer, step k on ``xs[k - 1]`` against ``targets[k - 1]``
+    (``weights_convert.core.loop.fit_job``'s options); ``checkpoint`` a ``Checkpoint`` or a path.
+    On a CPU where JAX sees fewer than D devices, in a subprocess that does (the module docstring)."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = weights_convert.read(checkpoint)
-    settings = loop.Settings(dtype, device, data_parallel, batchnorm)
-    record = {"trajectory": trajectory, "use": use}
-    job = loop.fit_job(checkpoint, xs, targets, optimizer=optimizer, settings=settings, save_to=save_to, **record)
-    if data_parallel <= len(distributed.devices(device)):
-        return _run_fit(job, save_to)
-    if device != "cpu" or save_to is not None:
+    job = loop.fit_job(checkpoint, xs, targets, **options)
+    devices, device = job.settings.data_parallel, job.settings.device
+    if devices <= len(distributed.devices(device)):
+        return loop.run(FlaxTrainer(job.settings), job, weights_convert.write)
+    if device != "cpu" or job.save_to is not None:
         raise ValueError(
-            f"data parallel {data_parallel} needs as many {device} devices; JAX sees {distributed.devices(device)}"
+            f"data parallel {devices} needs as many {device} devices; JAX sees {distributed.devices(device)}"
         )
     from weights_convert import processes
 
-    env = processes.environment(XLA_FLAGS=processes.host_devices_flag(data_parallel))
-    call = processes.Call("fit", checkpoint, xs, targets, {**vars(settings), "optimizer": optimizer, **record})
-    what = f"Flax on {data_parallel} host devices"
-    [results] = processes.run_calls("impl_flax.trainer", [call], env=env, what=what)
-    return results
-
-
-def _run_fit(job: loop.Job, save_to) -> dict:
-    trainer = FlaxTrainer(job.settings)
-    results = loop.run(trainer, job)
-    if save_to is not None:
-        with trainer.scope():
-            weights_convert.write(trainer.snapshot(), save_to)
-    return results
+    env = processes.environment(XLA_FLAGS=processes.host_devices_flag(devices))
+    what = f"Flax on {devices} host devices"
+    return processes.fit_in_subprocess("impl_flax.trainer", checkpoint, xs, targets, options, env=env, what=what)
 
 
 def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
@@ -244,19 +206,14 @@ def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cp
 
 def main(argv: list[str] | None = None) -> int:
     """Subprocess entry of ``fit`` (``weights_convert.processes.serve_calls``):
-    ``python -m impl_flax.trainer JOB_DIR``."""
+    ``python -m impl_flax.trainer JOB_DIR``; the fit runs here, handed off no further."""
     from weights_convert.processes import serve_calls
 
-    return serve_calls(sys.argv[1:] if argv is None else argv, _serve_fit, "python -m impl_flax.trainer JOB_DIR")
+    def run_fit(call) -> dict:
+        job = loop.fit_job(call.checkpoint, call.x, call.target, **call.kwargs)
+        return loop.run(FlaxTrainer(job.settings), job)
 
-
-def _serve_fit(call) -> dict:
-    """A fit handed to this process, whose JAX sees the devices (no further hand-off)."""
-    kwargs = dict(call.kwargs)
-    optimizer = kwargs.pop("optimizer")
-    settings = loop.Settings(**{k: kwargs.pop(k) for k in ("dtype", "device", "data_parallel", "batchnorm")})
-    job = loop.fit_job(call.checkpoint, call.x, call.target, optimizer=optimizer, settings=settings, **kwargs)
-    return _run_fit(job, None)
+    return serve_calls(sys.argv[1:] if argv is None else argv, run_fit, "python -m impl_flax.trainer JOB_DIR")
 
 
 if __name__ == "__main__":

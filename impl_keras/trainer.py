@@ -204,61 +204,37 @@ class KerasTrainer:
         return to_training_checkpoint(self.model, self.steps.optimizer)
 
 
-def train(
-    checkpoint: Checkpoint,
-    data,
-    *,
-    steps: int,
-    optimizer="sgd",
-    dtype="float32",
-    device="cpu",
-    data_parallel=1,
-    batchnorm="sync",
-    trajectory=False,
-    on_step=None,
-) -> dict:
-    """``steps`` training steps on ``data`` in this process (see the module docstring)."""
-    settings = loop.Settings(dtype, device, data_parallel, batchnorm)
-    record = {"trajectory": trajectory, "on_step": on_step}
-    job = loop.job(checkpoint, data, steps=steps, optimizer=optimizer, settings=settings, **record)
-    return loop.run(KerasTrainer(settings), job)
+def train(checkpoint: Checkpoint, data, **options) -> dict:
+    """``steps`` training steps on ``data`` in this process (the options of
+    ``weights_convert.core.loop.train_job``)."""
+    import weights_convert
+
+    job = loop.train_job(checkpoint, data, **options)
+    return loop.run(KerasTrainer(job.settings), job, weights_convert.write)
 
 
-def fit(
-    checkpoint,
-    xs,
-    targets,
-    *,
-    dtype="float32",
-    device="cpu",
-    optimizer="sgd",
-    trajectory=False,
-    save_to=None,
-    data_parallel=1,
-    batchnorm="sync",
-    use="train",
-) -> dict:
-    """``len(xs)`` steps of one optimizer, step k on ``xs[k - 1]`` against ``targets[k - 1]`` (the
-    loop's results); ``use`` as in ``impl_torch.trainer.fit``."""
+def fit(checkpoint, xs, targets, **options) -> dict:
+    """``len(xs)`` steps of one optimizer, step k on ``xs[k - 1]`` against ``targets[k - 1]``
+    (``weights_convert.core.loop.fit_job``'s options); ``checkpoint`` a ``Checkpoint`` or a path.
+    D > 1 where this process cannot run it: in a JAX subprocess (the module docstring)."""
     import weights_convert
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = weights_convert.read(checkpoint)
-    settings = loop.Settings(dtype, device, data_parallel, batchnorm)
-    record = {"trajectory": trajectory, "use": use}
-    job = loop.fit_job(checkpoint, xs, targets, optimizer=optimizer, settings=settings, save_to=save_to, **record)
-    if data_parallel == 1 or _runs_here(device, data_parallel, dtype):
-        return _run_fit(job, save_to)
-    if device != "cpu" or save_to is not None:
-        raise ValueError(f"Keras data parallel on {device}: run it in a KERAS_BACKEND=jax process that sees the GPUs")
+    job = loop.fit_job(checkpoint, xs, targets, **options)
+    settings = job.settings
+    if settings.data_parallel == 1 or _runs_here(settings.device, settings.data_parallel, settings.dtype):
+        return loop.run(KerasTrainer(settings), job, weights_convert.write)
+    if settings.device != "cpu" or job.save_to is not None:
+        raise ValueError(
+            f"Keras data parallel on {settings.device}: run it in a KERAS_BACKEND=jax process that sees the GPUs"
+        )
     from weights_convert import processes
 
-    flags = processes.host_devices_flag(data_parallel)
+    flags = processes.host_devices_flag(settings.data_parallel)
     env = processes.environment(KERAS_BACKEND="jax", JAX_ENABLE_X64="1", XLA_FLAGS=flags)
-    call = processes.Call("fit", checkpoint, xs, targets, {**vars(settings), "optimizer": optimizer, **record})
-    what = f"Keras/JAX on {data_parallel} host devices"
-    [results] = processes.run_calls("impl_keras.trainer", [call], env=env, what=what)
-    return results
+    what = f"Keras/JAX on {settings.data_parallel} host devices"
+    return processes.fit_in_subprocess("impl_keras.trainer", checkpoint, xs, targets, options, env=env, what=what)
 
 
 def _runs_here(device: str, data_parallel: int, dtype: str) -> bool:
@@ -276,16 +252,6 @@ def _runs_here(device: str, data_parallel: int, dtype: str) -> bool:
     return enough and (dtype != "float64" or bool(jax.config.jax_enable_x64))
 
 
-def _run_fit(job: loop.Job, save_to) -> dict:
-    trainer = KerasTrainer(job.settings)
-    results = loop.run(trainer, job)
-    if save_to is not None:
-        import weights_convert
-
-        weights_convert.write(trainer.snapshot(), save_to)
-    return results
-
-
 def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
     """One step of a fresh ``optimizer`` on ``(x, target)``: ``grad/<name>``, ``step/<name>``."""
     import weights_convert
@@ -297,21 +263,19 @@ def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimize
 
 def main(argv: list[str] | None = None) -> int:
     """Subprocess entry of ``fit`` (``weights_convert.processes.serve_calls``):
-    ``KERAS_BACKEND=jax python -m impl_keras.trainer JOB_DIR``."""
+    ``KERAS_BACKEND=jax python -m impl_keras.trainer JOB_DIR``; the fit runs here, handed off no
+    further."""
     from weights_convert.processes import serve_calls
 
     os.environ.setdefault("KERAS_BACKEND", "jax")  # before the fit imports Keras
-    usage = "KERAS_BACKEND=jax python -m impl_keras.trainer JOB_DIR"
-    return serve_calls(sys.argv[1:] if argv is None else argv, _serve_fit, usage)
 
+    def run_fit(call) -> dict:
+        job = loop.fit_job(call.checkpoint, call.x, call.target, **call.kwargs)
+        return loop.run(KerasTrainer(job.settings), job)
 
-def _serve_fit(call) -> dict:
-    """A fit handed to this process, which runs it (no further hand-off)."""
-    kwargs = dict(call.kwargs)
-    optimizer = kwargs.pop("optimizer")
-    settings = loop.Settings(**{k: kwargs.pop(k) for k in ("dtype", "device", "data_parallel", "batchnorm")})
-    job = loop.fit_job(call.checkpoint, call.x, call.target, optimizer=optimizer, settings=settings, **kwargs)
-    return _run_fit(job, None)
+    return serve_calls(
+        sys.argv[1:] if argv is None else argv, run_fit, "KERAS_BACKEND=jax python -m impl_keras.trainer JOB_DIR"
+    )
 
 
 if __name__ == "__main__":

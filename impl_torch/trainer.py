@@ -132,29 +132,7 @@ class TorchTrainer:
 def run(job: loop.Job, rank: int = 0, world: int = 1, local_rank: int = 0, init_method: str | None = None) -> dict:
     """The loop as rank ``rank`` of ``world`` (inside a process group when ``init_method`` is given)."""
     with distributed.process_group(rank, world, local_rank, job.settings.device, init_method):
-        return loop.run(TorchTrainer(job.settings, rank, world, local_rank), job)
-
-
-def train(
-    checkpoint: Checkpoint,
-    data,
-    *,
-    steps: int,
-    optimizer="sgd",
-    dtype="float32",
-    device="cpu",
-    data_parallel=1,
-    batchnorm="sync",
-    trajectory=False,
-    on_step=None,
-) -> dict:
-    """``steps`` training steps on ``data`` (see the module docstring); rank 0's results (an empty
-    dict in torchrun's other processes)."""
-    settings = loop.Settings(dtype, device, data_parallel, batchnorm)
-    job = loop.job(
-        checkpoint, data, steps=steps, optimizer=optimizer, settings=settings, trajectory=trajectory, on_step=on_step
-    )
-    return launch(job)
+        return loop.run(TorchTrainer(job.settings, rank, world, local_rank), job, weights_convert.write)
 
 
 def launch(job: loop.Job) -> dict:
@@ -170,37 +148,19 @@ def launch(job: loop.Job) -> dict:
     return distributed.spawn(run, job, world, job.settings.device)
 
 
-def fit(
-    checkpoint,
-    xs,
-    targets,
-    *,
-    dtype="float32",
-    device="cpu",
-    optimizer="sgd",
-    trajectory=False,
-    save_to=None,
-    data_parallel=1,
-    batchnorm="sync",
-    use="train",
-) -> dict:
-    """``len(xs)`` steps of one optimizer, step k on ``xs[k - 1]`` against ``targets[k - 1]`` (the
-    loop's results); ``checkpoint`` a ``Checkpoint`` or a path; ``use``: the registry preset of a
-    fresh optimizer (``weights_convert.core.loop.job``)."""
+def train(checkpoint: Checkpoint, data, **options) -> dict:
+    """``steps`` training steps on ``data`` (the options of ``weights_convert.core.loop.train_job``:
+    steps, optimizer, dtype, device, data_parallel, batchnorm, trajectory, on_step); rank 0's
+    results (an empty dict in torchrun's other processes)."""
+    return launch(loop.train_job(checkpoint, data, **options))
+
+
+def fit(checkpoint, xs, targets, **options) -> dict:
+    """``len(xs)`` steps of one optimizer, step k on ``xs[k - 1]`` against ``targets[k - 1]``
+    (``weights_convert.core.loop.fit_job``'s options); ``checkpoint`` a ``Checkpoint`` or a path."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = weights_convert.read(checkpoint)
-    settings = loop.Settings(dtype, device, data_parallel, batchnorm)
-    record = {"trajectory": trajectory, "save_to": save_to, "use": use}
-    job = loop.fit_job(checkpoint, xs, targets, optimizer=optimizer, settings=settings, **record)
-    if save_to is None:
-        return launch(job)
-    if data_parallel > 1:
-        raise ValueError("save_to saves a fit on one device; a data-parallel run saves through on_step")
-    with distributed.process_group(0, 1, 0, device, None):
-        trainer = TorchTrainer(settings)
-        results = loop.run(trainer, job)
-        weights_convert.write(trainer.snapshot(), save_to)
-    return results
+    return launch(loop.fit_job(checkpoint, xs, targets, **options))
 
 
 def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:

@@ -100,25 +100,54 @@ class Job:
     resumed: bool  # the caller's checkpoint held the optimizer state: its state is part of the results
     trajectory: bool = False
     on_step: object = None  # ``(step, loss, snapshot) -> None``, called in the main process
+    save_to: object = None  # where the main process saves the training checkpoint after the last step
 
 
-def job(
-    checkpoint: Checkpoint, data, *, steps: int, optimizer: str, settings: Settings, use: str = "train", **record
+def train_job(
+    checkpoint: Checkpoint,
+    data,
+    *,
+    steps: int,
+    optimizer: str = "sgd",
+    dtype: str = "float32",
+    device: str = "cpu",
+    data_parallel: int = 1,
+    batchnorm: str = "sync",
+    trajectory: bool = False,
+    on_step=None,
+    save_to=None,
+    use: str = "train",
 ) -> Job:
     """The ``Job`` of ``steps`` steps on ``data`` from ``checkpoint``: its own optimizer, which
     ``optimizer`` must name, or a fresh ``optimizer`` of registry preset ``use`` ("train", or
-    "parity" for the parity checks' two); ``record``: ``trajectory``, ``on_step``."""
-    check_data_parallel(settings.data_parallel, settings.batchnorm, len(data.batch(0)[0]))
+    "parity" for the parity checks' two); the ``Settings``; what to record; ``save_to``, which
+    needs a training checkpoint."""
+    from weights_convert.core.optim import check_training
+
+    settings = Settings(dtype, device, data_parallel, batchnorm)
+    check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
+    check_training(checkpoint, optimizer, save_to)
     resumed = checkpoint.optimizer is not None
-    return Job(with_optimizer(checkpoint, optimizer, use), data, steps, settings, resumed, **record)
+    return Job(with_optimizer(checkpoint, optimizer, use), data, steps, settings, resumed, trajectory, on_step, save_to)
+
+
+def fit_job(checkpoint: Checkpoint, xs, targets, **options) -> Job:
+    """The ``Job`` of a fit on stacked batches: step k trains on ``xs[k - 1]`` against
+    ``targets[k - 1]`` (shapes (steps, N, C, H, W) and (steps, N, out_channels, H, W));
+    ``options`` as ``train_job``'s but ``steps`` and ``on_step``."""
+    from weights_convert.core.data_parallel import ArrayBatches
+
+    data = ArrayBatches(xs, targets)
+    return train_job(checkpoint, data, steps=data.steps, **options)
 
 
 def prefixed(prefix: str, tensors: dict) -> dict:
     return {f"{prefix}/{name}": value for name, value in tensors.items()}
 
 
-def run(trainer: Trainer, job: Job) -> dict:
-    """The loop: ``job.steps`` steps of ``trainer`` (see the module docstring for the results)."""
+def run(trainer: Trainer, job: Job, write=None) -> dict:
+    """The loop: ``job.steps`` steps of ``trainer`` (see the module docstring for the results);
+    with ``job.save_to``, ``write(checkpoint, path)`` then saves the training checkpoint there."""
     with trainer.scope():
         trainer.start(job.checkpoint, job.resumed)
         losses, path = [], {}
@@ -135,6 +164,8 @@ def run(trainer: Trainer, job: Job) -> dict:
         results |= prefixed("param", trainer.parameters()) | prefixed("state", trainer.statistics())
         if job.resumed:
             results |= state_results(trainer.snapshot().optimizer)
+        if job.save_to is not None:
+            write(trainer.snapshot(), job.save_to)
     return results | path
 
 
@@ -145,15 +176,3 @@ def one_step(trainer: Trainer, checkpoint: Checkpoint, x, target, optimizer: str
         trainer.start(with_optimizer(checkpoint.weights_only(), optimizer, "parity"), resumed=False)
         _, gradients = trainer.step(x, target)
         return prefixed("grad", trainer.gradients(gradients)) | prefixed("step", trainer.parameters())
-
-
-def fit_job(checkpoint: Checkpoint, xs, targets, *, optimizer: str, settings: Settings, **record) -> Job:
-    """The ``Job`` of a fit on stacked batches: step k trains on ``xs[k - 1]`` against
-    ``targets[k - 1]`` (shapes (steps, N, C, H, W) and (steps, N, out_channels, H, W)).
-    ``record``: ``trajectory``, and ``save_to``, which needs a training checkpoint."""
-    from weights_convert.core.data_parallel import ArrayBatches
-    from weights_convert.core.optim import check_training
-
-    data = ArrayBatches(xs, targets)
-    check_training(checkpoint, optimizer, record.pop("save_to", None))
-    return job(checkpoint, data, steps=data.steps, optimizer=optimizer, settings=settings, **record)
