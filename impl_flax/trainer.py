@@ -25,6 +25,7 @@ command's TF32 rows run inside ``jax.default_matmul_precision("tensorfloat32")``
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import jax
@@ -78,26 +79,30 @@ def canonical(state: nnx.State, config: ModelConfig) -> dict:
     return {p.name: tensors[p.name] for p in param_specs(config) if p.name in tensors}
 
 
-def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean squared error over all elements. Under mixed precision the logits are bfloat16: the loss
-    is taken in the target's dtype (float32, the parameter dtype), as torch autocast and Keras'
-    mixed policy do."""
-    return jnp.mean((jnp.asarray(model(x), target.dtype) - target) ** 2)
+# weights_convert.core.loop.LOSSES, in JAX: (logits, target) -> the loss.
+LOSSES = {"mse": lambda output, target: jnp.mean((output - target) ** 2)}
 
 
-@nnx.jit
-def gradients_fn(model: AttentionUNet, x: jax.Array, target: jax.Array) -> tuple[jax.Array, nnx.State]:
+def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array, loss: str = "mse") -> jax.Array:
+    """The loss (``LOSSES``) of a forward of ``model`` on ``x``. Under mixed precision the logits are
+    bfloat16: the loss is taken in the target's dtype (float32, the parameter dtype), as torch
+    autocast and Keras' mixed policy do."""
+    return LOSSES[loss](jnp.asarray(model(x), target.dtype), target)
+
+
+@functools.partial(nnx.jit, static_argnames="loss")
+def gradients_fn(model: AttentionUNet, x: jax.Array, target: jax.Array, loss: str = "mse") -> tuple:
     """The loss and its gradients from a train-mode forward, which updates the running statistics."""
-    return nnx.value_and_grad(loss_fn)(model, x, target)
+    return nnx.value_and_grad(loss_fn)(model, x, target, loss)
 
 
-def step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array) -> tuple:
+def step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array, loss: str = "mse") -> tuple:
     """One training step as one function, in place: the loss, its gradients, one update; returns
     (loss, gradients). The trainer runs it as two programs (``train_step_fn``); the bench times it
     as one ``nnx.jit`` program and eagerly."""
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, target)
+    value, grads = nnx.value_and_grad(loss_fn)(model, x, target, loss)
     optimizer.update(model, grads)
-    return loss, grads
+    return value, grads
 
 
 @nnx.jit
@@ -106,7 +111,7 @@ def update_fn(model: AttentionUNet, optimizer: nnx.Optimizer, grads: nnx.State) 
 
 
 def train_step_fn(
-    model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array
+    model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array, loss: str = "mse"
 ) -> tuple[jax.Array, nnx.State]:
     """One training step, in place: ``gradients_fn``, then one optimizer update. Returns (loss,
     gradients). Two compiled programs, not one: compiling the backward pass is the slow part
@@ -114,9 +119,9 @@ def train_step_fn(
     by every optimizer, while each optimizer compiles only its small update. Under a sharded
     batch ("sync" BatchNorm) XLA partitions the BatchNorm means into per-device sums and an
     all-reduce: the statistics are the global batch's."""
-    loss, grads = gradients_fn(model, x, target)
+    value, grads = gradients_fn(model, x, target, loss)
     update_fn(model, optimizer, grads)
-    return loss, grads
+    return value, grads
 
 
 class FlaxTrainer:
@@ -134,12 +139,12 @@ class FlaxTrainer:
         self.feed = precision(settings.dtype).param_dtype
         self.model, self.optimizer = from_training_checkpoint(checkpoint, settings.dtype)
         self.mesh = None
-        self.step_fn = train_step_fn
+        self.step_fn = functools.partial(train_step_fn, loss=settings.loss)
         if settings.data_parallel > 1:
             self.mesh = distributed.mesh(settings.device, settings.data_parallel)
             distributed.replicate(self.mesh, self.model, self.optimizer)
             if settings.batchnorm == "local":
-                self.step_fn = distributed.local_step(self.mesh, loss_fn)
+                self.step_fn = distributed.local_step(self.mesh, functools.partial(loss_fn, loss=settings.loss))
 
     def step(self, x, target):
         x, target = (self._feed(a) for a in (x, target))

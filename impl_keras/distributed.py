@@ -82,7 +82,7 @@ def distributed_model(config, dtype: str, device: str, data_parallel: int):
 
 
 @functools.lru_cache(maxsize=8)
-def local_gradients(model, device: str, data_parallel: int):
+def local_gradients(model, device: str, data_parallel: int, loss: str = "mse"):
     """``(x, target) -> (loss, gradients)`` with per-device BatchNorm statistics over the first
     ``data_parallel`` devices: the mean loss and gradients, device 0's running statistics assigned
     to the model. One per model, compiled once."""
@@ -91,28 +91,28 @@ def local_gradients(model, device: str, data_parallel: int):
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from impl_keras.steps import assign, jax_state, mse_loss
+    from impl_keras.steps import assign, jax_state, loss_value
 
     def per_device(trainable, non_trainable, x, target):
         def loss_and_state(trainable, non_trainable):
             output, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
-            return mse_loss(output, target), non_trainable
+            return loss_value(output, target, loss), non_trainable
 
         # Each device's own gradient: the replicated variables as a per-device value (else the
         # transpose of their broadcast would already sum the gradients over the devices).
         trainable = jax.lax.pcast(trainable, AXIS, to="varying")
-        (loss, state), grads = jax.value_and_grad(loss_and_state, has_aux=True)(trainable, non_trainable)
+        (value, state), grads = jax.value_and_grad(loss_and_state, has_aux=True)(trainable, non_trainable)
         # Device 0's statistics on every device: a sum to which the others contribute zeros.
         first = jax.lax.axis_index(AXIS) == 0
         state = [jax.lax.psum(jnp.where(first, v, jnp.zeros_like(v)), AXIS) for v in state]
-        return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS), state
+        return jax.lax.pmean(value, AXIS), jax.lax.pmean(grads, AXIS), state
 
     mesh = Mesh(np.array(jax.devices(device)[:data_parallel]), (AXIS,))
     compiled = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=P()))
 
     def gradients(x, target):
-        loss, grads, state = compiled(*jax_state(model), x, target)
+        value, grads, state = compiled(*jax_state(model), x, target)
         assign(model.non_trainable_variables, state)
-        return loss, grads
+        return value, grads
 
     return gradients

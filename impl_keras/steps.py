@@ -75,16 +75,26 @@ def canonical(spec, value) -> np.ndarray:
     return rule(spec).from_channels_last(to_result(value))
 
 
-def mse_loss(output, target):
-    """mean((output - target)**2) in float32 at least: bfloat16 logits are cast first."""
+def mse(output, target):
+    """mean((output - target)**2)."""
+    from keras import ops
+
+    # sum / size, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
+    return ops.sum(ops.square(output - target)) / ops.cast(ops.size(output), output.dtype)
+
+
+# weights_convert.core.loop.LOSSES, in Keras: (logits, target) -> the loss.
+LOSSES = {"mse": mse}
+
+
+def loss_value(output, target, loss: str = "mse"):
+    """The loss (``LOSSES``) in float32 at least: bfloat16 logits are cast first."""
     from keras import ops
 
     from impl_keras.model import at_least_float32
 
     output = ops.cast(output, at_least_float32(output.dtype))
-    target = ops.cast(target, output.dtype)
-    # sum / size, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
-    return ops.sum(ops.square(output - target)) / ops.cast(ops.size(output), output.dtype)
+    return LOSSES[loss](output, ops.cast(target, output.dtype))
 
 
 def jax_state(model) -> tuple[list, list]:
@@ -97,20 +107,20 @@ def assign(variables, values) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def steps(model, optimizer: str, hyper: tuple) -> Steps:
-    """One ``Steps`` per (model, optimizer, hyperparameters ``hyper`` as items): its functions are
-    traced or compiled once, and every later run on the model reuses them after ``reset()``."""
+def steps(model, optimizer: str, hyper: tuple, loss: str = "mse") -> Steps:
+    """One ``Steps`` per (model, optimizer, hyperparameters ``hyper`` as items, loss): its functions
+    are traced or compiled once, and every later run on the model reuses them after ``reset()``."""
     from impl_keras import training
 
     dtype = model.dtype_policy.variable_dtype
-    return Steps(model, training.make_optimizer(optimizer, dtype, **dict(hyper)))
+    return Steps(model, training.make_optimizer(optimizer, dtype, **dict(hyper)), loss=loss)
 
 
 class Steps:
     """One optimizer over ``model.trainable_variables`` and the training step on this backend
     (the module docstring says how each backend runs it)."""
 
-    def __init__(self, model, optimizer, variant: str | None = None):
+    def __init__(self, model, optimizer, variant: str | None = None, loss: str = "mse"):
         import keras
 
         from impl_keras.io import keras_variables
@@ -121,7 +131,7 @@ class Steps:
         self.variables = model.trainable_variables
         self.names = [by_id[id(v)] for v in self.variables]
         self.specs = {s.name: s for s in param_specs(model.config)}
-        self.gradients = gradients(model, variant)
+        self.gradients = gradients(model, variant, loss)
         self.optimizer = optimizer
         self.optimizer.build(self.variables)  # before any tracing: a tf.function must not create variables
         self.initial = [keras.ops.convert_to_numpy(v.value) for v in self.optimizer.variables]
@@ -182,7 +192,7 @@ class Steps:
 
 
 @functools.lru_cache(maxsize=8)
-def gradients(model, variant: str | None = None):
+def gradients(model, variant: str | None = None, loss: str = "mse"):
     """``(x, target) -> (loss, gradients)``: one train-mode forward, which updates the running
     statistics, and the gradients of the loss in ``model.trainable_variables`` order. Keras has no
     backend-neutral gradient API, so each backend's own autodiff is used here (the model itself is
@@ -196,8 +206,8 @@ def gradients(model, variant: str | None = None):
 
         def gradients(x, target):
             with tf.GradientTape() as tape:
-                loss = mse_loss(model(x, training=True), target)
-            return loss, tape.gradient(loss, variables)
+                value = loss_value(model(x, training=True), target, loss)
+            return value, tape.gradient(value, variables)
 
         return compiled(gradients, variant)
     if backend == "jax":
@@ -205,23 +215,23 @@ def gradients(model, variant: str | None = None):
 
         def loss_and_state(trainable, non_trainable, x, target):
             output, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
-            return mse_loss(output, target), non_trainable
+            return loss_value(output, target, loss), non_trainable
 
         value_and_grad = compiled(jax.value_and_grad(loss_and_state, has_aux=True), variant)
 
         def gradients(x, target):
-            (loss, state), grads = value_and_grad(*jax_state(model), x, target)
+            (value, state), grads = value_and_grad(*jax_state(model), x, target)
             assign(model.non_trainable_variables, state)
-            return loss, grads
+            return value, grads
 
         return gradients
     if backend == "torch":
 
         def gradients(x, target):
             model.zero_grad()  # set to None: no accumulation across steps
-            loss = mse_loss(model(x, training=True), target)
-            loss.backward()
-            return loss.detach(), [v.value.grad for v in variables]
+            value = loss_value(model(x, training=True), target, loss)
+            value.backward()
+            return value.detach(), [v.value.grad for v in variables]
 
         return compiled(gradients, variant)
     raise ValueError(f"unsupported Keras backend {backend!r}; expected one of {KERAS_BACKENDS}")

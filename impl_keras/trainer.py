@@ -159,9 +159,11 @@ class KerasTrainer:
             self.stack.enter_context(self.distribution.scope())
             assign_checkpoint(self.model, checkpoint)
             if settings.batchnorm == "local":
-                self.local = distributed.local_gradients(self.model, settings.device, settings.data_parallel)
+                self.local = distributed.local_gradients(
+                    self.model, settings.device, settings.data_parallel, settings.loss
+                )
         state = checkpoint.optimizer
-        self.steps = keras_steps.steps(self.model, state.name, tuple(state.hyper.items()))
+        self.steps = keras_steps.steps(self.model, state.name, tuple(state.hyper.items()), settings.loss)
         self.steps.reset()
         if resumed:
             self.steps.restore(checkpoint)

@@ -58,13 +58,15 @@ def buffers(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in BUFFERS}
 
 
+# weights_convert.core.loop.LOSSES, in PyTorch: (logits, target) -> the loss.
+LOSSES = {"mse": lambda output, target: torch.mean((output - target) ** 2)}
+
+
 def backward(module: nn.Module, loss: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One train-mode forward of ``module`` (updating the running statistics) and the gradients of
     ``loss`` (``"mse"``: mean((output - target)**2)) in the parameters' ``.grad``; returns the loss."""
-    if loss != "mse":
-        raise ValueError(f"loss must be 'mse', got {loss!r}")
     # Under mixed precision the logits are bfloat16: the loss is taken in float32 (the target's dtype).
-    value = torch.mean((module(x).to(target.dtype) - target) ** 2)
+    value = LOSSES[loss](module(x).to(target.dtype), target)
     value.backward()
     return value.detach()
 
@@ -106,9 +108,8 @@ class TorchTrainer:
     def step(self, x, target):
         x, target = (shard(np.asarray(a), self.rank, self.world) for a in (x, target))
         dtype = self.settings.dtype
-        loss = train_step_once(
-            self.module, self.optimizer, to_tensor(x, dtype, self.device), to_tensor(target, dtype, self.device)
-        )
+        x, target = (to_tensor(a, dtype, self.device) for a in (x, target))
+        loss = train_step_once(self.module, self.optimizer, x, target, self.settings.loss)
         if self.world > 1:
             loss = distributed.mean_over_processes(loss)
         return loss, None

@@ -20,8 +20,9 @@ returns, from the main process:
 gives the model and the optimizer's whole state as a canonical training ``Checkpoint``. Other
 processes of a data-parallel run (torch DDP's ranks above 0) return an empty dict.
 
-The loss is the trainer's (mean squared error of the logits against the target, taken in at least
-float32), the one the NumPy reference differentiates by hand.
+The loss is a setting (``LOSSES``; today "mse", the mean squared error of the logits against the
+target, taken in at least float32, the one the NumPy reference differentiates by hand): a new loss
+is one function in each trainer and one in the reference.
 """
 
 from __future__ import annotations
@@ -38,20 +39,27 @@ from weights_convert.core.frameworks import DEVICES
 from weights_convert.core.optim import state_results
 from weights_convert.core.precisions import precision
 
+# The losses every trainer computes, by name (each framework's trainer has one function per loss):
+# "mse", the mean over all elements of (logits - target)**2, taken in at least float32.
+LOSSES = ("mse",)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How a trainer runs: the precision (``core.precisions.DTYPES``), the device, and the data
+    """How a trainer runs: the precision (``core.precisions.DTYPES``), the device, the data
     parallelism (D devices, each taking one consecutive 1/D of every batch; the BatchNorm mode of
-    ``core.data_parallel``)."""
+    ``core.data_parallel``) and the loss (``LOSSES``)."""
 
     dtype: str = "float32"
     device: str = "cpu"
     data_parallel: int = 1
     batchnorm: str = "sync"
+    loss: str = "mse"
 
     def __post_init__(self):
         precision(self.dtype)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         check_data_parallel(self.data_parallel, self.batchnorm)
@@ -113,6 +121,7 @@ def train_job(
     device: str = "cpu",
     data_parallel: int = 1,
     batchnorm: str = "sync",
+    loss: str = "mse",
     trajectory: bool = False,
     on_step=None,
     save_to=None,
@@ -124,7 +133,7 @@ def train_job(
     needs a training checkpoint."""
     from weights_convert.core.optim import check_training
 
-    settings = Settings(dtype, device, data_parallel, batchnorm)
+    settings = Settings(dtype, device, data_parallel, batchnorm, loss)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
     check_training(checkpoint, optimizer, save_to)
     resumed = checkpoint.optimizer is not None
