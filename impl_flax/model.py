@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# DTYPES and check_dtype: impl_flax.runner and impl_flax.training import them from here.
-from impl_flax.layers import DTYPES as DTYPES
 from impl_flax.layers import BatchNorm, conv, max_pool2x2, pad_to, resolve_dtypes, sequential, upsample2x
+
+# impl_flax.training imports it from here.
 from impl_flax.layers import check_dtype as check_dtype
 from weights_convert.core.spec import ModelConfig, check_input_shape
 

@@ -13,20 +13,18 @@ import numpy as np
 import weights_convert
 from impl_keras.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
+from weights_convert.core.keras_layout import keras_path
 from weights_convert.core.layouts import rule
+from weights_convert.core.precisions import precision
 from weights_convert.core.spec import param_specs
-from weights_convert.formats.keras_h5_format import keras_path
-
-# "mixed_bfloat16" is Keras' mixed-precision policy: float32 variables, bfloat16 computation.
-DTYPES = ("float32", "float64", "mixed_bfloat16")
 
 
 def check_dtype(dtype) -> str:
-    """``dtype`` as a name, one of ``DTYPES``."""
+    """``dtype`` as a precision name of ``weights_convert.core.precisions.DTYPES`` (a Keras dtype
+    policy's name: "mixed_bfloat16" is Keras' own mixed policy, float32 variables and bfloat16
+    computation)."""
     name = dtype if isinstance(dtype, str) else getattr(dtype, "name", dtype)
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    return name
+    return precision(name).name
 
 
 def keras_variables(model: AttentionUNet) -> dict:

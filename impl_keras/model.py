@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-# at_least_float32 and serializable: impl_keras.runner and impl_keras.training import them from here.
+# at_least_float32 and serializable: impl_keras.steps and impl_keras.training import them from here.
 from impl_keras.layers import (
     KERNEL_INITIALIZER,
     Upsample2x,
@@ -281,14 +281,3 @@ class AttentionUNet(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), **self.config.to_dict()}
-
-
-def __getattr__(name: str):
-    """``impl_keras.model.TorchAdam``, the module ``.keras`` archives name for it and the one
-    ``impl_keras.runner`` imports it from; it is defined in ``impl_keras.training``, imported here
-    only when asked for (``impl_keras/__init__.py`` has imported it by then)."""
-    if name == "TorchAdam":
-        from impl_keras.training import TorchAdam
-
-        return TorchAdam
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

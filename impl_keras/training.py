@@ -33,6 +33,7 @@ from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
 from weights_convert.core.optim import UnsupportedOptimizer, hyperparameters
 from weights_convert.core.optimizer_state import OptimizerState, counted_state
+from weights_convert.core.precisions import param_dtype
 from weights_convert.core.spec import param_specs
 
 
@@ -85,8 +86,9 @@ class TorchAdam(keras.optimizers.Adam):
     ``weight_decay`` is decoupled (AdamW's), torch Adam's is an L2 term in g: it is refused.
     """
 
-    # Where ``.keras`` archives (``weights_convert.formats.keras_archive_format``) name its module:
-    # Keras writes ``__module__`` into an archive's config, and ``impl_keras.model.TorchAdam`` is it.
+    # The module ``.keras`` archives name for it (``weights_convert.formats.keras_optimizer``), where
+    # it was defined first: Keras writes ``__module__`` into an archive's config, so ``model.save``
+    # writes the archive weights_convert writes. Keras finds the class by its registered name.
     __module__ = "impl_keras.model"
 
     def __init__(self, *args, weight_decay=None, **kwargs):
@@ -145,7 +147,7 @@ def make_optimizer(name: str = "adam", dtype: str = "float32", **hyper) -> keras
             f"(L2), Keras' weight_decay is always decoupled; use adamw, or weight_decay=0"
         )
     floatx = keras.config.floatx()
-    keras.config.set_floatx("float32" if dtype == "mixed_bfloat16" else dtype)
+    keras.config.set_floatx(param_dtype(dtype))
     try:
         if name == "sgd":
             return TorchSGD(learning_rate=hyper["lr"], momentum=hyper["momentum"], nesterov=hyper["nesterov"])

@@ -7,16 +7,17 @@ import torch
 
 import weights_convert
 from impl_torch.model import AttentionUNet
+from weights_convert.core import precisions as core_precisions
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.formats.torch_format import from_numpy, to_numpy
 
-# The precisions a model can be loaded in, by name: (parameter dtype, compute dtype). None computes in
-# the parameters' dtype; "mixed_bfloat16" (Keras' name for the policy) is float32 parameters under
-# bfloat16 autocast.
+# The precisions a model can be loaded in (``weights_convert.core.precisions``), as torch dtypes:
+# (parameter dtype, compute dtype). None computes in the parameters' dtype; "mixed_bfloat16" is
+# float32 parameters under bfloat16 autocast.
 PRECISIONS = {
-    "float32": (torch.float32, None),
-    "float64": (torch.float64, None),
-    "mixed_bfloat16": (torch.float32, torch.bfloat16),
+    name: (getattr(torch, p.param_dtype), getattr(torch, p.compute_dtype) if p.mixed else None)
+    for name, p in core_precisions.PRECISIONS.items()
+    if name in core_precisions.DTYPES
 }
 DTYPES = {name: param for name, (param, compute) in PRECISIONS.items() if compute is None}
 
@@ -25,9 +26,7 @@ def precision(dtype) -> tuple[torch.dtype, torch.dtype | None]:
     """(parameter dtype, compute dtype or None) for a name of ``PRECISIONS`` or a torch float dtype."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype, None
-    if dtype not in PRECISIONS:
-        raise ValueError(f"dtype must be one of {sorted(PRECISIONS)}, got {dtype!r}")
-    return PRECISIONS[dtype]
+    return PRECISIONS[core_precisions.precision(dtype).name]
 
 
 def torch_dtype(dtype) -> torch.dtype:

@@ -53,11 +53,16 @@ def from_training_checkpoint(
     if checkpoint.optimizer is None:
         raise CheckpointError("the checkpoint holds no optimizer state (a weights-only checkpoint)")
     model = from_checkpoint(checkpoint, dtype).to(device).train()
+    return model, restored_optimizer(model, checkpoint)
+
+
+def restored_optimizer(model: AttentionUNet, checkpoint: Checkpoint) -> torch.optim.Optimizer:
+    """Training checkpoint ``checkpoint``'s optimizer over ``model.parameters()``, its state
+    restored (``load_state_dict`` casts the slots to each parameter's dtype and device)."""
     state = checkpoint.optimizer
     optimizer = make_optimizer(model, state.name, **state.hyper)
-    # load_state_dict casts the slots to each parameter's dtype and device.
     optimizer.load_state_dict(torch_optimizer_state(state, checkpoint.config))
-    return model, optimizer
+    return optimizer
 
 
 def save_training(model: AttentionUNet, optimizer: torch.optim.Optimizer, path, *, force: bool = False) -> None:

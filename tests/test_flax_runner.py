@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from impl_flax import runner
+from impl_flax import runner, trainer
 from impl_torch import runner as torch_runner
 from tests.conftest import rel_error
 from weights_convert.core.random_init import random_checkpoint
@@ -90,8 +90,8 @@ def test_fit_compiles_the_step_once(monkeypatch):
         traced.append(1)
         return original(*args)
 
-    original = runner.loss_fn
-    monkeypatch.setattr(runner, "loss_fn", loss_fn)
+    original = trainer.loss_fn
+    monkeypatch.setattr(trainer, "loss_fn", loss_fn)
     checkpoint = checkpoint64().astype("float32")
     for _ in range(2):
         runner.fit(checkpoint, *fit_data(), dtype="float32", optimizer="adam")

@@ -153,6 +153,13 @@ def run_calls(module: str, calls: list[Call], *, env: dict[str, str], what: str,
         return [load_arrays(Path(tmp) / f"result_{i}.npz") for i in range(len(calls))]
 
 
+def fit_in_subprocess(module: str, checkpoint, xs, targets, options: dict, *, env: dict[str, str], what: str) -> dict:
+    """A trainer's ``fit(checkpoint, xs, targets, **options)`` in one ``python -m <module> JOB_DIR``
+    subprocess started with ``env`` (where JAX must start with other devices or another backend)."""
+    [results] = run_calls(module, [Call("fit", checkpoint, xs, targets, options)], env=env, what=what)
+    return results
+
+
 def serve_calls(argv: list[str], run_call, usage: str) -> int:
     """The subprocess side of ``run_calls``: ``run_call(call)`` for every call of ``<dir>/job.json``,
     results to ``<dir>/result_<i>.npz``. Exit status 2 with ``usage`` on stderr unless ``argv`` is

@@ -63,21 +63,21 @@ def training_hyperparameters(name: str) -> dict:
     return preset("train", name)
 
 
-def starting_state(checkpoint, optimizer: str):
+def starting_state(checkpoint, optimizer: str, use: str = "train"):
     """The ``OptimizerState`` a training loop starts from: a training checkpoint's own, whose
     optimizer must be ``optimizer`` (a ValueError saying both otherwise), or a fresh ``optimizer``
-    (step 0, no slots) with ``training_hyperparameters``."""
+    (step 0, no slots) with the hyperparameters of registry preset ``use`` (``core.optim.PRESETS``)."""
     from weights_convert.core.optim import check_training
     from weights_convert.core.optimizer_state import OptimizerState
 
     check_training(checkpoint, optimizer)
     state = checkpoint.optimizer
-    return OptimizerState(optimizer, training_hyperparameters(optimizer), 0, {}) if state is None else state
+    return OptimizerState(optimizer, preset(use, optimizer), 0, {}) if state is None else state
 
 
-def with_optimizer(checkpoint, optimizer: str):
+def with_optimizer(checkpoint, optimizer: str, use: str = "train"):
     """``checkpoint`` as a training checkpoint: its own optimizer state, or a fresh ``optimizer``
     (``starting_state``)."""
     import dataclasses
 
-    return dataclasses.replace(checkpoint, optimizer=starting_state(checkpoint, optimizer))
+    return dataclasses.replace(checkpoint, optimizer=starting_state(checkpoint, optimizer, use))

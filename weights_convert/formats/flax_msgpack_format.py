@@ -39,8 +39,8 @@ from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import flatten, from_nnx, nest, nnx_path, to_nnx
 from weights_convert.core.layouts import rule
 from weights_convert.core.optimizer_state import DEFAULTS, OptimizerState, counted_state, slot_names
-from weights_convert.core.spec import ModelConfig, infer_config, param_specs
-from weights_convert.formats.safetensors_format import _one_line
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.formats.vetting import inferred_config, one_line
 
 # Each array carries its own dtype: a checkpoint mixing float dtypes is written exactly.
 KEEPS_MIXED_DTYPES = True
@@ -68,11 +68,17 @@ def read(path) -> tuple[dict[str, np.ndarray], None] | tuple[dict[str, np.ndarra
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read ({_one_line(error)})") from None
+        raise CheckpointError(f"{path}: cannot read ({one_line(error)})") from None
     try:
         state = unchunk(msgpack.unpackb(data, ext_hook=_ext_unpack, raw=False, strict_map_key=False))
     except Exception as error:  # msgpack raises ValueError, ExtraData, FormatError, ... on bad bytes
-        raise CheckpointError(f"{path}: not a readable Flax msgpack file ({_one_line(error)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable Flax msgpack file ({one_line(error)[:200]})") from None
+    return from_tree(state, path)
+
+
+def from_tree(state, path) -> tuple[dict[str, np.ndarray], None] | tuple[dict[str, np.ndarray], None, OptimizerState]:
+    """A state tree read back, in ``read``'s terms: the canonical tensors, no config, and a training
+    tree's optimizer state."""
     if is_training_tree(state):
         tensors = from_state_dict(state["model"], path)
         optimizer = optimizer_from_tree(flatten(state["optimizer"]), state["hyperparameters"], tensors, path)
@@ -124,17 +130,14 @@ def optimizer_from_tree(flat: dict, hyper_tree, tensors: dict, path) -> Optimize
             for k, v in values.items()
         }
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: a {name} hyperparameter is not a number ({_one_line(error)})") from None
+        raise CheckpointError(f"{path}: a {name} hyperparameter is not a number ({one_line(error)})") from None
     by_key = {tuple(str(p) for p in key): value for key, value in flat.items()}
     step_value = by_key.get(("step",))
     if not isinstance(step_value, np.ndarray | np.generic) or np.asarray(step_value).shape != ():
         raise CheckpointError(f"{path}: the optimizer state has no scalar step")
     step = int(step_value)
     state = OptimizerState(name, hyper, step, {})
-    try:
-        config = infer_config({k: np.shape(v) for k, v in tensors.items()})
-    except ValueError as error:
-        raise CheckpointError(f"{path}: {_one_line(error)}") from None
+    config = inferred_config(tensors, path)
     expected, _ = optimizer_tree(state, config)
     expected = {tuple(str(p) for p in key): key for key in expected}
     if set(by_key) != set(expected):

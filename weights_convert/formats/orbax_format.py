@@ -33,16 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_convert.core.checkpoint import Checkpoint, CheckpointError, check_tensors
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import FLAX_LEAVES, flatten, nest, to_nnx
-from weights_convert.core.spec import capped, infer_config
+from weights_convert.core.spec import capped
 from weights_convert.formats.flax_msgpack_format import (
-    from_state_dict,
+    from_tree,
     is_training_tree,
-    optimizer_from_tree,
     optimizer_tree,
 )
-from weights_convert.formats.safetensors_format import _one_line
+from weights_convert.formats.vetting import check_declared, one_line
 
 KEEPS_MIXED_DTYPES = True
 HOLDS_OPTIMIZER = True
@@ -77,12 +76,8 @@ def read(path) -> tuple[dict[str, np.ndarray], None]:
         except CheckpointError:
             raise
         except Exception as error:  # bad metadata, undecodable chunks, ...: Orbax and TensorStore raise many kinds
-            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:300]})") from None
-    if is_training_tree(state):
-        tensors = from_state_dict(state["model"], path)
-        optimizer = optimizer_from_tree(flatten(state["optimizer"]), state["hyperparameters"], tensors, path)
-        return tensors, None, optimizer
-    return from_state_dict(state, path), None
+            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({one_line(error)[:300]})") from None
+    return from_tree(state, path)
 
 
 def _check_optimizer_metadata(path: Path, tree, config) -> None:
@@ -130,7 +125,7 @@ def _check_metadata_against_table(path: Path, tree):
             value = np.broadcast_to(np.zeros((), np.dtype(dtype)), tuple(shape))
         except (TypeError, ValueError) as error:  # an unknown dtype or a shape too large to index
             name = "/".join(map(str, nnx_path))
-            raise CheckpointError(f"{path}: array {name} of shape {tuple(shape)} ({_one_line(error)})") from None
+            raise CheckpointError(f"{path}: array {name} of shape {tuple(shape)} ({one_line(error)})") from None
         *module, leaf_name = (str(p) for p in nnx_path)
         if leaf_name in FLAX_LEAVES:
             canonical, from_channels_last = FLAX_LEAVES[leaf_name]
@@ -139,12 +134,7 @@ def _check_metadata_against_table(path: Path, tree):
             placeholders[".".join([*module, canonical])] = value
         else:
             placeholders[".".join([*module, leaf_name])] = value
-    try:
-        config = infer_config({k: v.shape for k, v in placeholders.items()})
-    except ValueError as error:
-        raise CheckpointError(f"{path}: {_one_line(error)}") from None
-    check_tensors(placeholders, config, allow_nonfinite=True, source=str(path))
-    return config
+    return check_declared(placeholders, path)
 
 
 def _is_closed_loop(error) -> bool:
@@ -203,7 +193,7 @@ def _read_every_chunk(path: Path) -> None:
         for key in store.list().result():
             store.read(key).result()
     except Exception as error:
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_one_line(error)[:300]})") from None
+        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({one_line(error)[:300]})") from None
 
 
 def write(checkpoint: Checkpoint, path) -> None:

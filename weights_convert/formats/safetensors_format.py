@@ -18,9 +18,10 @@ import struct
 
 import numpy as np
 
-from weights_convert.core.checkpoint import Checkpoint, CheckpointError, check_tensors
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.optimizer_state import PREFIX, OptimizerState, split_tensors
-from weights_convert.core.spec import ModelConfig, infer_config, param_specs
+from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.formats.vetting import check_declared, one_line
 
 FORMAT_NAME = "attention-unet"
 FORMAT_VERSION = "1"
@@ -52,7 +53,7 @@ def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None, OptimizerStat
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
     if metadata and "sha256" in metadata and metadata["sha256"] != checksum(tensors):
         raise CheckpointError(f"{path}: corrupt: the tensor data does not match the checksum in its metadata")
     tensors, slots = split_tensors(tensors)
@@ -89,7 +90,7 @@ def _header(path) -> dict:
             f.seek(8)
             header = json.loads(f.read(size))
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
     return header
@@ -110,14 +111,8 @@ def _check_header_against_table(path, header: dict, config: ModelConfig | None) 
         try:
             placeholders[name] = np.broadcast_to(np.zeros((), dtype), tuple(shape))
         except ValueError as error:  # a shape too large to index
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(shape)} ({_one_line(error)})") from None
-    if config is None:
-        try:
-            config = infer_config({k: v.shape for k, v in placeholders.items()})
-        except ValueError as error:
-            raise CheckpointError(f"{path}: {_one_line(error)}") from None
-    check_tensors(placeholders, config, allow_nonfinite=True, source=str(path))
-    return config
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(shape)} ({one_line(error)})") from None
+    return check_declared(placeholders, path, config)
 
 
 def _config(path, metadata: dict | None) -> ModelConfig | None:
@@ -131,7 +126,7 @@ def _config(path, metadata: dict | None) -> ModelConfig | None:
         try:
             config = ModelConfig.from_dict(json.loads(metadata["config"]))
         except (ValueError, TypeError) as error:
-            raise CheckpointError(f"{path}: bad config in metadata: {_one_line(error)}") from None
+            raise CheckpointError(f"{path}: bad config in metadata: {one_line(error)}") from None
     return config
 
 
@@ -159,7 +154,3 @@ def write(checkpoint: Checkpoint, path) -> None:
         metadata["optimizer"] = json.dumps(checkpoint.optimizer.header())
     metadata["sha256"] = checksum(tensors)
     save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -21,7 +21,7 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer
 from weights_convert.core.spec import ModelConfig, capped, infer_config, param_specs
-from weights_convert.formats.safetensors_format import _one_line
+from weights_convert.formats.vetting import one_line
 
 WRAPPER_KEYS = ("state_dict", "model")
 DATA_PARALLEL_PREFIX = "module."
@@ -122,7 +122,7 @@ def check_zip_integrity(path) -> None:
     except CheckpointError:
         raise
     except Exception as error:  # BadZipFile, OSError, EOFError, zlib.error, ... by the kind of damage
-        raise CheckpointError(f"{path}: corrupt zip container ({_one_line(error)})") from None
+        raise CheckpointError(f"{path}: corrupt zip container ({one_line(error)})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: corrupt: entry {bad} fails its CRC-32 check")
 
@@ -167,7 +167,7 @@ def read(path) -> tuple[dict[str, np.ndarray], None, OptimizerState | None]:
             f"arbitrary code execution ({unpickler_reason(error)})"
         ) from None
     except Exception as error:  # truncated zip, bad magic, ... : torch raises many kinds
-        reason = first_sentences(_one_line(error))
+        reason = first_sentences(one_line(error))
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     optimizer_dict = obj.get("optimizer") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
     if not (isinstance(optimizer_dict, dict) and {"state", "param_groups"} <= set(optimizer_dict)):
@@ -185,7 +185,7 @@ def read(path) -> tuple[dict[str, np.ndarray], None, OptimizerState | None]:
         try:
             config = infer_config({k: v.shape for k, v in tensors.items()})
         except ValueError as error:
-            raise CheckpointError(f"{path}: {_one_line(error)}") from None
+            raise CheckpointError(f"{path}: {one_line(error)}") from None
         optimizer = canonical_optimizer_state(optimizer_dict, config, source=str(path))
     return tensors, None, optimizer
 
@@ -259,7 +259,7 @@ def canonical_optimizer_state(obj, config: ModelConfig, *, source: str) -> Optim
             hyper = {"lr": float(group.pop("lr")), "b1": float(b1), "b2": float(b2), "eps": float(group.pop("eps"))}
             hyper["weight_decay"] = float(group.pop("weight_decay"))
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{source}: torch {name} parameter group lacks or mangles {_one_line(error)}") from None
+        raise CheckpointError(f"{source}: torch {name} parameter group lacks or mangles {one_line(error)}") from None
     hyper["decoupled_weight_decay"] = name == "adamw"
     if group:
         raise UnsupportedOptimizer(f"{source}: torch {name} settings without a canonical form: {sorted(group)}")

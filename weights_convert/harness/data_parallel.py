@@ -8,9 +8,10 @@ of a data-parallel request.
   shard with the gradients averaged, as DDP does (``reference.fit(..., shards=D)``), and the
   running statistics are device 0's.
 
-The implementations: ``impl_torch.distributed`` (DDP over D processes, gloo or nccl),
-``impl_flax.distributed`` (a sharded batch under ``nnx.jit``; ``jax.shard_map`` for local
-statistics) and ``impl_keras.distributed`` (``keras.distribution.DataParallel``, JAX backend only).
+The implementations: each framework's trainer (``impl_<framework>/trainer.py``) runs the one loop
+of ``weights_convert.core.loop`` with its ``distributed.py`` pieces: DDP over D processes, gloo or
+nccl (torch); a sharded batch under ``nnx.jit``, ``jax.shard_map`` for local statistics (Flax);
+``keras.distribution.DataParallel``, JAX backend only (Keras).
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ KERAS_BACKEND = "jax"  # the one Keras backend with data-parallel training here 
 
 
 def module(framework: str):
-    """The ``distributed`` module of ``framework`` ("torch", "flax" or "keras")."""
+    """The ``trainer`` module of ``framework`` ("torch", "flax" or "keras"): ``train`` and ``fit``
+    on one device or D."""
     if framework == "torch":
-        from impl_torch import distributed
+        from impl_torch import trainer
     elif framework == "flax":
-        from impl_flax import distributed
+        from impl_flax import trainer
     elif framework == "keras":
-        from impl_keras import distributed
+        from impl_keras import trainer
     else:
         raise ValueError(f"unknown framework {framework!r}")
-    return distributed
+    return trainer
 
 
 def checked(frameworks, keras_backends, mode: str, batch: int, devices: int, batchnorm: str) -> tuple[str, ...]:
@@ -64,7 +66,7 @@ def is_data_parallel(kwargs: dict) -> bool:
 
 
 def fit(framework: str, checkpoint, xs, targets, **kwargs) -> dict:
-    """``fit`` of ``framework``'s ``distributed`` module (the runner's results, on D devices)."""
+    """``fit`` of ``framework``'s trainer (the runner's results, on D devices)."""
     return module(framework).fit(checkpoint, xs, targets, **kwargs)
 
 

@@ -9,9 +9,9 @@ traced (``TraceRecord``), which is the row's ``matmul_precision``. Imported only
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from impl_flax import trainer
 from impl_flax.io import from_checkpoint
 from impl_flax.training import make_optimizer
 from weights_convert.core.random_init import random_checkpoint
@@ -66,26 +66,15 @@ def forward_step(model, x, jit: bool, on_trace):
     return (lambda: run(model, x)), jax.block_until_ready
 
 
-# --------------------------------------------------------------------------------------------------
-# The training step: the one piece a trainer adapter (loss and gradients, optimizer step) replaces.
-
-
 def train_step(model, optimizer, x, target, jit: bool, on_trace):
-    """(step, sync) of one train-mode step of ``model`` with ``optimizer`` (through ``nnx.jit`` or
-    eagerly): MSE loss, gradients, optimizer update; the step returns the loss. ``on_trace()`` as in
-    ``forward_step``."""
+    """(step, sync) of one train-mode step of ``model`` with ``optimizer``: the trainer's step
+    (``impl_flax.trainer.step``: MSE loss, gradients, optimizer update) as one ``nnx.jit`` program
+    or eagerly; the step returns the loss. ``on_trace()`` as in ``forward_step``."""
     model.train()
 
     def update(model, optimizer, x, target):
         on_trace()
-
-        def loss_fn(model):
-            # Under mixed precision the logits are bfloat16: the loss is taken in float32 (the target's dtype).
-            return jnp.mean((model(x).astype(target.dtype) - target) ** 2)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
+        return trainer.step(model, optimizer, x, target)[0]
 
     run = nnx.jit(update) if jit else update
 

@@ -1,6 +1,7 @@
 """Keras 3's rows on the backend this process runs (a worker subprocess per backend, because Keras
 fixes its backend when first imported): eager, tf.function (TensorFlow only) and jit_compile, each
-an eval forward and a training step through Keras' own ``predict_on_batch`` / ``train_on_batch``.
+an eval forward through Keras' own ``predict_on_batch`` and a training step through the trainer's
+(``impl_keras.steps.Steps``, compiled the same three ways).
 
 The model is ``impl_keras.io.from_checkpoint`` of the seeded weights in the run's dtype policy
 ("mixed_bfloat16": float32 variables, bfloat16 compute), its optimizer
@@ -15,6 +16,7 @@ import numpy as np
 
 from impl_keras.io import assign_checkpoint, from_checkpoint
 from impl_keras.model import AttentionUNet
+from impl_keras.steps import Steps, to_result
 from impl_keras.training import make_optimizer
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.harness.bench.matmul_settings import (
@@ -28,7 +30,7 @@ from weights_convert.harness.bench.matmul_settings import (
 from weights_convert.harness.bench.rows import error_rows, run_variants
 from weights_convert.harness.bench.settings import MODES, OPTIMIZER, OPTIMIZER_HYPER, VARIANTS, Settings, inputs
 
-# variant -> (run_eagerly, jit_compile) of ``model.compile``
+# variant -> (run_eagerly, jit_compile) of ``model.compile`` for the forward
 OPTIONS = {"eager": (True, False), "tf.function": (False, False), "jit_compile": (False, True)}
 # backend -> (precision scope, matmul setting read at the end of a row); JAX's is a TraceRecord's
 SCOPES = {"tensorflow": (tensorflow_scope, tensorflow_setting), "torch": (torch_scope, torch_setting)}
@@ -45,18 +47,18 @@ def rows(settings: Settings, backend: str) -> list[dict]:
     traced = TraceRecord() if backend == "jax" else None
     model_class = AttentionUNet if traced is None else traced_class(traced.note)
 
-    def timed(mode: str, run_eagerly: bool, jit_compile: bool):
+    def timed(mode: str, variant: str):
         def build_step():
             model = build(model_class, weights, settings.dtype)
             if mode == "forward":
-                return forward_step(model, x, run_eagerly, jit_compile)
+                return forward_step(model, x, *OPTIONS[variant])
             optimizer = make_optimizer(OPTIMIZER, settings.dtype, **OPTIMIZER_HYPER)
-            return train_step(model, optimizer, x, target, run_eagerly, jit_compile)
+            return train_step(model, optimizer, x, target, variant)
 
         return build_step
 
     names = VARIANTS[f"keras/{backend}"]
-    variants = {name: {mode: timed(mode, *OPTIONS[name]) for mode in MODES} for name in names}
+    variants = {name: {mode: timed(mode, name) for mode in MODES} for name in names}
     scope, setting = (jax_scope, traced.take) if traced is not None else SCOPES[backend]
     return run_variants("keras", backend, settings, variants, scope, setting)
 
@@ -111,14 +113,11 @@ def forward_step(model, x, run_eagerly: bool, jit_compile: bool):
     return (lambda: model.predict_on_batch(x)), np.asarray
 
 
-# --------------------------------------------------------------------------------------------------
-# The training step: the one piece a trainer adapter (loss and gradients, optimizer step) replaces.
-
-
-def train_step(model, optimizer, x, target, run_eagerly: bool, jit_compile: bool):
-    """(step, sync) of one train-mode step of ``model`` with ``optimizer`` through Keras' own train
-    function (eager, tf.function or XLA): MSE loss, gradients, optimizer update; the step returns the loss."""
-    # The loss is computed in floatx (float32 under mixed precision): Keras casts the logits to it.
-    model.compile(optimizer=optimizer, loss="mean_squared_error", run_eagerly=run_eagerly, jit_compile=jit_compile)
-    # train_on_batch returns the loss as numpy, which waits for the step.
-    return (lambda: model.train_on_batch(x, target)), np.asarray
+def train_step(model, optimizer, x, target, variant: str):
+    """(step, sync) of one train-mode step of ``model`` with ``optimizer``: the trainer's step
+    (``impl_keras.steps.Steps``: MSE loss, gradients, optimizer update) compiled as ``variant``
+    (eager, tf.function or XLA); the step returns the loss."""
+    steps = Steps(model, optimizer, variant)
+    x, target = (keras.ops.convert_to_tensor(a) for a in (x, target))
+    # to_result waits for the loss, and with it for the step.
+    return (lambda: steps.step(x, target)[0]), to_result

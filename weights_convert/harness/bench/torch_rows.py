@@ -8,9 +8,9 @@ The model is ``impl_torch.io.from_checkpoint`` of the seeded weights in the run'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from impl_torch.io import from_checkpoint
+from impl_torch.trainer import train_step_once
 from impl_torch.training import make_optimizer
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.harness.bench.matmul_settings import torch_scope, torch_setting
@@ -72,21 +72,9 @@ def forward_step(model, x):
     return step, device_sync(x.device)
 
 
-# --------------------------------------------------------------------------------------------------
-# The training step: the one piece a trainer adapter (loss and gradients, optimizer step) replaces.
-
-
 def train_step(model, optimizer, x, target):
     """(step, sync) of one train-mode step of ``model`` (the module or its compiled form) with
-    ``optimizer`` (over its parameters): MSE loss, backward, optimizer step; the step returns the loss."""
+    ``optimizer`` (over its parameters): the trainer's step (``impl_torch.trainer.train_step_once``:
+    MSE loss, backward, optimizer step); the step returns the loss."""
     model.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        # Under mixed precision the logits are bfloat16: the loss is taken in float32 (the target's dtype).
-        loss = F.mse_loss(model(x).to(target.dtype), target)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    return step, device_sync(x.device)
+    return (lambda: train_step_once(model, optimizer, x, target)), device_sync(x.device)

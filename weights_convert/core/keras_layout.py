@@ -1,0 +1,147 @@
+"""How Keras 3 saves ``impl_keras.AttentionUNet``: the layer tree as its saving walks it, the HDF5
+group and dataset of every canonical tensor, the shapes Keras stores them in, and the dtype policy
+that holds a checkpoint's tensors. Names and shapes only: no h5py, no Keras.
+
+Keras writes one HDF5 group per layer at the layer's *attribute* path, a ``layers`` group for each
+``keras.Sequential`` whose members are named after their class (``conv2d``, ``batch_norm``,
+``re_lu``, then ``conv2d_1`` ...), and below each layer a ``vars`` group carrying the layer's
+*name* as an attribute and its variables as datasets ``0``, ``1``, ... in creation order. The
+layer names are the canonical module names and the creation order is the canonical leaf order, so
+``keras_layers(config)`` (the model's layer tree, mirroring ``impl_keras/model.py`` class by class)
+and the spec fix every dataset's path, shape and meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.layouts import module_path, rule
+from weights_convert.core.spec import LEAVES, ModelConfig, ParamSpec, param_specs
+
+# The model's own ``vars`` group carries its name: Keras' default name for the class.
+MODEL_NAME = "attention_u_net"
+# The package impl_keras registers its classes under (``register_keras_serializable(package=...)``).
+PACKAGE = "attention_unet"
+
+
+def keras_path(spec: ParamSpec) -> str:
+    """The Keras variable path of a canonical tensor, below the model's own name:
+    ``e1.conv.conv.0.weight`` -> ``e1/conv/conv/0/kernel``."""
+    return "/".join((*module_path(spec), rule(spec).keras))
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasLayer:
+    """One saveable of the model: its HDF5 group (``""`` for the model), its layer name (the
+    ``vars`` group's ``name`` attribute) and the canonical module whose tensors it holds, if any."""
+
+    path: str
+    name: str
+    module: str | None = None
+
+
+def keras_layers(config: ModelConfig) -> list[KerasLayer]:
+    """Every layer of ``impl_keras.AttentionUNet(config)`` with the group Keras saves it under."""
+    layers = [KerasLayer("", MODEL_NAME)]
+    for i in range(config.depth):
+        layers += _encoder_block(f"e{i + 1}")
+    layers += _conv_block("b1", "b1", "b1")
+    for j in range(config.depth):
+        layers += _decoder_block(f"d{j + 1}")
+    layers.append(KerasLayer("head", "output", "output"))  # the attribute ``head``, named ``output``
+    return layers
+
+
+def _sequential(path: str, name: str, module: str, members) -> list[KerasLayer]:
+    """A ``keras.Sequential`` and its members ``(Keras class, layer name, holds weights)``; Keras
+    saves the members under ``layers/`` by snake-case class name, numbered from the second on."""
+    layers = [KerasLayer(path, name)]
+    used: dict[str, int] = {}
+    for class_name, layer_name, holds_weights in members:
+        count = used.get(class_name, -1) + 1
+        used[class_name] = count
+        group = class_name if count == 0 else f"{class_name}_{count}"
+        layers.append(
+            KerasLayer(f"{path}/layers/{group}", layer_name, f"{module}.{layer_name}" if holds_weights else None)
+        )
+    return layers
+
+
+def _conv_block(path: str, name: str, module: str) -> list[KerasLayer]:
+    """``ConvBlock``: a Sequential ``conv`` of Conv(0) BN(1) ReLU(2) Conv(3) BN(4) ReLU(5)."""
+    members = (
+        ("conv2d", "0", True),
+        ("batch_norm", "1", True),
+        ("re_lu", "2", False),
+        ("conv2d", "3", True),
+        ("batch_norm", "4", True),
+        ("re_lu", "5", False),
+    )
+    return [KerasLayer(path, name), *_sequential(f"{path}/conv", "conv", f"{module}.conv", members)]
+
+
+def _encoder_block(name: str) -> list[KerasLayer]:
+    """``EncoderBlock``: ``conv`` (a ConvBlock) and ``pool``."""
+    return [
+        KerasLayer(name, name),
+        *_conv_block(f"{name}/conv", "conv", f"{name}.conv"),
+        KerasLayer(f"{name}/pool", "pool"),
+    ]
+
+
+def _attention_gate(path: str, module: str) -> list[KerasLayer]:
+    """``AttentionGate``: Sequentials ``Wg`` and ``Ws`` (conv, BN), ``relu``, and the Sequential
+    named ``output`` (conv, sigmoid) held as the attribute ``out``."""
+    conv_bn = (("conv2d", "0", True), ("batch_norm", "1", True))
+    return [
+        KerasLayer(path, "ag"),
+        *_sequential(f"{path}/Wg", "Wg", f"{module}.Wg", conv_bn),
+        *_sequential(f"{path}/Ws", "Ws", f"{module}.Ws", conv_bn),
+        KerasLayer(f"{path}/relu", "relu"),
+        *_sequential(f"{path}/out", "output", f"{module}.output", (("conv2d", "0", True), ("activation", "1", False))),
+    ]
+
+
+def _decoder_block(name: str) -> list[KerasLayer]:
+    """``DecoderBlock``: ``up``, ``ag`` (an AttentionGate) and ``c1`` (a ConvBlock)."""
+    return [
+        KerasLayer(name, name),
+        KerasLayer(f"{name}/up", "up"),
+        *_attention_gate(f"{name}/ag", f"{name}.ag"),
+        *_conv_block(f"{name}/c1", "c1", f"{name}.c1"),
+    ]
+
+
+def dataset_paths(config: ModelConfig) -> dict[str, str]:
+    """Canonical tensor name -> its HDF5 dataset (``e1/conv/conv/layers/conv2d/vars/0``), in
+    ``state_dict`` order; the layer tree and the spec must name the same modules."""
+    groups = {layer.module: layer.path for layer in keras_layers(config) if layer.module}
+    specs = param_specs(config)
+    if set(groups) != {spec.module for spec in specs}:
+        raise AssertionError("the Keras layer tree and the parameter table name different modules")
+    return {spec.name: f"{groups[spec.module]}/vars/{LEAVES[spec.layer].index(spec.leaf)}" for spec in specs}
+
+
+def stored_shape(spec: ParamSpec) -> tuple[int, ...]:
+    """The shape Keras stores a canonical tensor in (conv kernels HWIO)."""
+    return rule(spec).to_channels_last(np.broadcast_to(np.empty((), np.uint8), spec.shape)).shape
+
+
+def canonical_shape(spec: ParamSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The canonical shape of a stored shape (a kernel that is not 4-D is left as it is)."""
+    if len(shape) != len(spec.shape):
+        return shape
+    return rule(spec).from_channels_last(np.broadcast_to(np.empty((), np.uint8), shape)).shape
+
+
+def policy_dtype(checkpoint: Checkpoint) -> str:
+    """The one float dtype of the tensors, or for mixed ones the narrowest holding each exactly:
+    the widest present, float32 when the widest are float16 and bfloat16 together."""
+    names = {v.dtype.name for v in checkpoint.tensors.values() if v.dtype.kind == "f" or v.dtype.name == "bfloat16"}
+    if len(names) == 1:
+        return names.pop()
+    widest = max(np.dtype(name).itemsize if name != "bfloat16" else 2 for name in names)
+    return "float32" if widest == 2 else f"float{8 * widest}"

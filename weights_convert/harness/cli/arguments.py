@@ -1,0 +1,73 @@
+"""What the subcommands of ``attention-unet`` share: argparse types, the usage error (exit 2),
+the framework selection of ``parity`` and ``bench``, and parsed options passed on by name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def count(name: str, minimum: int):
+    """An argparse type: an integer of at least ``minimum``, refused naming ``name``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < minimum:
+            kind = "non-negative" if minimum == 0 else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {value}")
+        return value
+
+    return parse
+
+
+def choices(allowed):
+    """An argparse type: a comma-separated list of ``allowed`` names, at least one."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
+        return values
+
+    return parse
+
+
+def config_json(config) -> str:
+    """The config as the JSON that ``--config`` takes."""
+    return json.dumps(config.to_dict())
+
+
+def config_arg(text: str):
+    """An argparse type: ``--config`` JSON as a ``ModelConfig``."""
+    from weights_convert.core.spec import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"bad --config {text!r}: {error}") from None
+
+
+def options(args, names) -> dict:
+    """The parsed options ``names`` (``resume_at`` for ``--resume-at``) as keyword arguments."""
+    return {name: getattr(args, name) for name in names}
+
+
+def usage_error(command: str, message: str) -> int:
+    print(f"attention-unet {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def selection(command: str, frameworks, keras_backends):
+    """The installed frameworks and Keras backends to run (``parity.select``), each one left out
+    said on stderr; a usage error (exit 2) when a named one is not installed."""
+    from weights_convert.harness import parity
+
+    selected = parity.select(frameworks, keras_backends)
+    for line in selected.skipped:
+        print(f"{command}: {line}", file=sys.stderr, flush=True)
+    return selected

@@ -1,0 +1,59 @@
+"""``attention-unet train``: train the Attention U-Net in one framework, on one device or D
+(``--data-parallel D``), and write training checkpoints in the canonical form: the model's tensors
+and the optimizer's state (``weights_convert.core.optimizer_state``: name, hyperparameters, step,
+slots), so that a run continues in any framework where it stopped.
+
+Optimizers (``--optimizer``): ``sgd`` (plain, lr 0.1, no momentum), ``adam`` (lr 1e-3, eps 1e-5) and
+``adamw`` (Adam's constants, decoupled weight decay 0.01), the canonical hyperparameters of
+``weights_convert.core.data_parallel.training_hyperparameters``, run by each framework's
+``impl_<framework>.training.make_optimizer``. Starting from a training checkpoint (one with optimizer
+state) continues it: its optimizer, with its hyperparameters and state (an ``--optimizer`` naming
+another is refused), the step numbers going on from the checkpoint's step K (``--steps N`` writes
+``step_<K+1>`` .. ``step_<K+N>``) and the data with them (step k trains on the batch of step k), so
+that K steps, then N more from ``step_<K>``, are the K + N steps of one uninterrupted run. A
+checkpoint without optimizer state (weights only) starts a fresh optimizer at step 0.
+
+Data: seeded synthetic segmentation images by default (``SyntheticSegmentation``: blobs on noise,
+the mask where the blobs are), so that the command runs on a fresh machine; or a folder of PNG
+files (``PngFolder``: ``DIR/images/<name>.png`` with ``DIR/masks/<name>.png``), read by the
+minimal PNG reader here (``read_png``: zlib and NumPy only, no imaging package). The loss is the
+one every implementation's training step and the parity checks use: mean((logits - mask)**2).
+
+Progress: a bar on stderr with the step, the loss (the mean over the devices) and the throughput
+in images per second (from the second step on: the first one compiles). Checkpoints:
+``OUT/step_<k>.<format>`` every ``--every`` steps and after the last one, written by
+``weights_convert.write`` (atomic; an existing file is kept unless ``--force``). A format that holds
+no optimizer state (``weights.h5``) is refused unless ``--weights-only``, which writes the model's
+tensors alone (in any format). On D devices the optimizer state written is the whole state: torch
+DDP keeps the same state in every process (process 0 writes it), Flax and Keras replicate it.
+
+The training loop is ``weights_convert.core.loop``'s, run by each framework's trainer
+(``impl_<framework>.trainer.train``). The package: ``data`` (the data sources and the PNG reader),
+``progress`` (the bar and the checkpoints), ``command`` (the subcommand).
+"""
+
+from weights_convert.harness.train.command import (
+    DEFAULT_BATCH,
+    DEFAULT_EVERY,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    add_parser,
+    cmd_train,
+)
+from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation, read_png, write_png
+from weights_convert.harness.train.progress import Progress
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_EVERY",
+    "DEFAULT_SIZE",
+    "DEFAULT_STEPS",
+    "FromStep",
+    "PngFolder",
+    "Progress",
+    "SyntheticSegmentation",
+    "add_parser",
+    "cmd_train",
+    "read_png",
+    "write_png",
+]

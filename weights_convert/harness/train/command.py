@@ -1,0 +1,172 @@
+"""The ``train`` subcommand: its options, their checks (usage errors exit 2, a refused data folder
+exits 1, nothing written either way), and the run through the framework's trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from weights_convert.core.frameworks import FRAMEWORKS
+from weights_convert.core.precisions import DTYPES, param_dtype
+from weights_convert.core.spec import ModelConfig
+from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation
+from weights_convert.harness.train.progress import Progress
+
+DEFAULT_STEPS = 100
+DEFAULT_BATCH = 8
+DEFAULT_SIZE = (64, 64)
+DEFAULT_EVERY = 50
+
+
+def add_parser(sub) -> None:
+    """The ``train`` subcommand on ``sub`` (argparse subparsers)."""
+    from weights_convert.core.data_parallel import BATCHNORM_MODES, TRAINING_OPTIMIZERS
+
+    p = sub.add_parser(
+        "train",
+        help="train in one framework on one device or several (--data-parallel), writing canonical checkpoints",
+        description="Seeded synthetic segmentation data unless --data names a folder of PNG images and masks.",
+    )
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="initial weights, any supported format (default: seeded random); a training checkpoint (with "
+        "optimizer state) is continued: its optimizer, state and step numbers",
+    )
+    p.add_argument("--framework", choices=FRAMEWORKS, default="torch")
+    p.add_argument("--out", required=True, help="directory for the checkpoints step_<k>.<format>")
+    p.add_argument("--format", default="safetensors", help="checkpoint file extension (default safetensors)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="write the model's tensors without the optimizer state (needed for a format that holds none)",
+    )
+    p.add_argument("--every", type=int, default=DEFAULT_EVERY, help="write a checkpoint every N steps (and the last)")
+    p.add_argument("--data", metavar="DIR", help="DIR/images/<name>.png with DIR/masks/<name>.png")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="D", help="devices (processes for torch)")
+    p.add_argument(
+        "--batchnorm", choices=BATCHNORM_MODES, default="sync", help="statistics of the global batch or per device"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument(
+        "--optimizer",
+        choices=TRAINING_OPTIMIZERS,
+        help="sgd (lr 0.1), adam (lr 1e-3, eps 1e-5) or adamw (weight decay 0.01); default adam, or a training "
+        "CHECKPOINT's own",
+    )
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps to train (after a training CHECKPOINT's)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="global batch (split over the devices)")
+    p.add_argument("--size", type=int, nargs=2, default=DEFAULT_SIZE, metavar=("H", "W"), help="synthetic data")
+    p.add_argument("--config", help="JSON model config for random initial weights, e.g. '{\"channels\": [8, 16]}'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the data order")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, overwriting checkpoints")
+    p.set_defaults(func=cmd_train)
+
+
+def _usage(message: str) -> int:
+    print(f"attention-unet train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args) -> int:
+    import weights_convert
+    from weights_convert.core.random_init import random_checkpoint
+    from weights_convert.formats import format_for
+    from weights_convert.formats.io import holds_optimizer
+
+    for name, value, minimum in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--every", args.every, 1)):
+        if value < minimum:
+            return _usage(f"{name} must be at least {minimum}, got {value}")
+    if args.data_parallel < 1 or args.batch % args.data_parallel:
+        return _usage(f"--batch {args.batch} does not split into --data-parallel {args.data_parallel} equal shards")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        return _usage(f"--out {out}: exists and is not an empty directory (pass --force to write into it)")
+    try:
+        format_for(Path(f"step.{args.format}"))
+        optimizer_format = holds_optimizer(Path(f"step.{args.format}"))
+    except Exception as error:  # noqa: BLE001 - the format table's own one-line refusal
+        return _usage(f"--format {args.format}: {error}")
+    if not optimizer_format and not args.weights_only:
+        return _usage(
+            f"--format {args.format} holds no optimizer state, so its checkpoints could not continue training: "
+            f"pass --weights-only to write the model's tensors alone"
+        )
+    if args.config and args.checkpoint:
+        return _usage("--config describes random initial weights; a CHECKPOINT brings its own config")
+    try:
+        config = ModelConfig.from_dict(json.loads(args.config)) if args.config else ModelConfig()
+    except (ValueError, TypeError) as error:
+        return _usage(f"bad --config {args.config!r}: {error}")
+    checkpoint = weights_convert.read(args.checkpoint) if args.checkpoint else random_checkpoint(config, seed=args.seed)
+    state = checkpoint.optimizer
+    if state is not None and args.optimizer not in (None, state.name):
+        return _usage(
+            f"--optimizer {args.optimizer}: {args.checkpoint} is a training checkpoint that continues its own "
+            f"{state.name} optimizer; leave --optimizer out (convert it with --weights-only for a fresh one)"
+        )
+    optimizer = state.name if state is not None else args.optimizer or "adam"
+    first_step = (state.step or 0) if state is not None else 0  # torch SGD counts no steps: from 0
+    checkpoint = checkpoint.astype(param_dtype(args.dtype))
+    config = checkpoint.config
+    if args.data:
+        try:
+            data = PngFolder(args.data, config, args.batch, args.seed)
+        except (OSError, ValueError) as error:  # a refused data folder: one line, exit 1, nothing written
+            print(f"attention-unet train: error: {error}", file=sys.stderr)
+            return 1
+    else:
+        if min(args.size) < config.min_size:
+            return _usage(f"--size {args.size[0]} {args.size[1]} is below the model's minimum {config.min_size}")
+        data = SyntheticSegmentation(config, args.batch, tuple(args.size), args.seed)
+    _prepare_jax(args)
+    from weights_convert.harness.data_parallel import module
+
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"train {args.framework} x{args.data_parallel}" + (f" {args.batchnorm}" if args.data_parallel > 1 else "")
+    progress = Progress(
+        label, args.steps, args.batch, str(out), args.every, args.format, args.force, first_step, args.weights_only
+    )
+    if state is not None:
+        print(f"continuing {args.checkpoint}: {state.describe()}", file=sys.stderr)
+    started = time.perf_counter()
+    results = module(args.framework).train(
+        checkpoint,
+        FromStep(data, first_step),
+        steps=args.steps,
+        dtype=args.dtype,
+        device=args.device,
+        optimizer=optimizer,
+        data_parallel=args.data_parallel,
+        batchnorm=args.batchnorm,
+        on_step=progress,
+    )
+    if results:  # torchrun's other processes return nothing
+        seconds = time.perf_counter() - started
+        final = float(results[f"loss/step{args.steps}"])
+        print(
+            f"trained steps {first_step + 1}..{first_step + args.steps} in {seconds:.1f} s, last loss {final:.5g}; "
+            f"checkpoints in {out}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _prepare_jax(args) -> None:
+    """Before JAX starts: D CPU host devices for a data-parallel run on the CPU, Keras on the JAX
+    backend when data-parallel (``keras.distribution``), and x64 for Keras in float64."""
+    if args.framework == "torch":
+        return
+    from weights_convert.processes import host_devices_flag
+
+    if args.device == "cpu" and args.data_parallel > 1 and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = host_devices_flag(args.data_parallel)
+    if args.framework == "keras":
+        if args.data_parallel > 1:
+            os.environ.setdefault("KERAS_BACKEND", "jax")
+        if args.dtype == "float64":
+            os.environ.setdefault("JAX_ENABLE_X64", "1")
