@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from weights_convert.core import precisions as core_precisions
 from weights_convert.core import upsampling
 
 # torch's BatchNorm contract (eps 1e-5, running average weight 0.1 on the new batch) in Flax's
@@ -22,14 +23,13 @@ from weights_convert.core import upsampling
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
-# The precisions a model can be built in, by name: (compute dtype, parameter dtype). "mixed_bfloat16"
-# is Keras' name for the policy; in Flax terms it is dtype=bfloat16, param_dtype=float32.
+# The precisions a model can be built in (``weights_convert.core.precisions``), by name: (compute
+# dtype, parameter dtype). "mixed_bfloat16" is in Flax terms dtype=bfloat16, param_dtype=float32.
 PRECISIONS = {
-    "float32": ("float32", "float32"),
-    "float64": ("float64", "float64"),
-    "mixed_bfloat16": ("bfloat16", "float32"),
+    name: (core_precisions.PRECISIONS[name].compute_dtype, core_precisions.param_dtype(name))
+    for name in core_precisions.DTYPES
 }
-DTYPES = tuple(PRECISIONS)
+DTYPES = core_precisions.DTYPES
 
 
 def _dtype_name(dtype) -> str | None:
