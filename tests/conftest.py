@@ -21,7 +21,7 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def article_safetensors(reference_dir, tmp_path_factory) -> Path:
     """The article checkpoint as ``.safetensors``, converted from ``article_state_dict.pt`` once per
-    session: the twin is derived, never stored (tests/test_convert.py checks the conversion)."""
+    session: the twin is derived, never stored (tests/formats/test_convert.py checks the conversion)."""
     import weights_convert
 
     path = tmp_path_factory.mktemp("reference") / "article_state_dict.safetensors"

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import REPO
+
 HIDDEN = Path(__file__).parent / "hidden"
-REPO = Path(__file__).parent.parent
 
 # What each install leaves out of this test environment, which has every package.
 FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "optax", "orbax", "keras", "tensorflow")

@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from weights_convert.processes import environment, host_devices_flag
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run_jax_session(script: str, *args, devices: int) -> tuple[dict, str]:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import zipfile
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -22,6 +21,7 @@ import weights_convert
 from impl_keras import TorchAdam
 from impl_keras.io import check_dtype, keras_variables, to_checkpoint
 from impl_keras.layers import BatchNorm, Upsample2x
+from tests.conftest import REPO
 from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.optim import OPTIMIZERS
 from weights_convert.core.random_init import random_checkpoint
@@ -30,7 +30,6 @@ from weights_convert.harness import reference
 from weights_convert.harness.parity.tolerances import TOLERANCES
 
 SMALL = ModelConfig(2, 3, (4, 8, 16))
-REPO = Path(__file__).resolve().parents[2]
 
 
 def numpy(x) -> np.ndarray:

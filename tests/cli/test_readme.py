@@ -32,9 +32,9 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 README = REPO / "README.md"
 
 RUN = ("python", "sh")  # the fences this test runs

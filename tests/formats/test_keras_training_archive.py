@@ -23,7 +23,7 @@ from impl_keras.training import (
     save_training,
     to_training_checkpoint,
 )
-from tests.test_formats_base_install import h5_layout
+from tests.install.test_formats_base_install import h5_layout
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
 from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, hyperparameters, slot_names
@@ -114,7 +114,7 @@ def test_ours_loads_with_keras_load_model_and_continues_as_load_training_and_tor
     from impl_torch.training import from_training_checkpoint as torch_training
     from impl_torch.training import save_training as torch_save_training
     from impl_torch.training import to_training_checkpoint as torch_checkpoint
-    from tests.test_training_checkpoints import assert_same_training
+    from tests.formats.test_training_checkpoints import assert_same_training
 
     model, optimizer = torch_training(training_checkpoint("adam", "float64", step=0, lr=0.01), "float64")
     rng = np.random.default_rng(2)

@@ -1,6 +1,6 @@
 """Property tests of the converter: random configs through random chains of every format are
 lossless; random corruption of a file never ends in anything but a one-line CheckpointError (the
-command's refusal, see tests/test_convert.py) and never writes the destination."""
+command's refusal, see tests/formats/test_convert.py) and never writes the destination."""
 
 import os
 
