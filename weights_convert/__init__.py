@@ -13,11 +13,15 @@ Three layers, one folder each, each importing only the layers below it:
 Importing this package imports numpy, and nothing from any framework.
 """
 
-from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.spec import ModelConfig, param_specs, param_table, parameter_count
-from weights_convert.formats.io import convert, read, write
+# The project's version, as pyproject.toml gives it (a test checks that they agree).
+__version__ = "0.1.0"
+
+from weights_convert.core.checkpoint import Checkpoint, CheckpointError  # noqa: E402
+from weights_convert.core.spec import ModelConfig, param_specs, param_table, parameter_count  # noqa: E402
+from weights_convert.formats.io import convert, read, write  # noqa: E402
 
 __all__ = [
+    "__version__",
     "Checkpoint",
     "CheckpointError",
     "ModelConfig",

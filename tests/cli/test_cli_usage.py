@@ -133,9 +133,9 @@ def test_parity_table_ends_with_a_one_line_summary(capsys, tiny):
     verdict, rows, config, run = last.split(" | ")
     assert verdict == "PASS"
     rows_count = len(out.strip().splitlines()) - 2  # header and summary
-    assert rows.startswith(f"{rows_count} rows, worst ") and "of its bound (torch cpu float32 " in rows
-    worst = float(rows.split("worst ", 1)[1].split(" ", 1)[0])
-    assert 0 < worst <= 1
+    assert rows.startswith(f"{rows_count} rows, largest error ") and "% of its bound (torch cpu float32 " in rows
+    largest = float(rows.split("largest error ", 1)[1].split("%", 1)[0])
+    assert 0 < largest <= 100
     assert json.loads(config.removeprefix("config ")) == TINY.to_dict()
     assert run == "size 12x10, batch 2, seed 3, float32, eval"
 

@@ -201,6 +201,7 @@ def test_train_refusals(tmp_path, start, capsys):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and not (tmp_path / "new").exists()
     (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "masks").mkdir()
     code = cli.main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "new")])
     err = capsys.readouterr().err
     assert code == 1 and "no images/<name>.png with a masks/<name>.png" in err and len(err.strip().splitlines()) == 1

@@ -24,6 +24,7 @@ PACKAGES = {
     "flax": ("Flax", "flax"),
     "optax": ("optax", "flax"),
     "orbax.checkpoint": ("Orbax", "flax"),
+    "flatbuffers": ("flatbuffers", "flax"),
     "keras": ("Keras", "keras"),
     "tensorflow": ("TensorFlow", "tensorflow"),
     "matplotlib": ("matplotlib", "report"),

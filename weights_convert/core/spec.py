@@ -259,7 +259,9 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
     required = ["e1.conv.conv.0.weight", "b1.conv.0.weight", "output.weight"]
     missing = [k for k in required if k not in shapes]
     if missing:
-        raise ValueError(f"cannot infer the model config: missing tensors {missing}")
+        prefix = next((k[: -len("output.weight")] for k in shapes if k.endswith(".output.weight")), None)
+        hint = f" (the names carry the prefix {prefix!r}: a wrapper's, to strip)" if prefix else ""
+        raise ValueError(f"cannot infer the model config: missing tensors {missing}{hint}")
     for key in required:
         if len(shapes[key]) != 4:
             raise ValueError(f"cannot infer the model config: {key} has shape {shapes[key]}, expected 4-D")

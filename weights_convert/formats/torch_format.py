@@ -25,6 +25,10 @@ from weights_convert.formats.vetting import one_line
 
 WRAPPER_KEYS = ("state_dict", "model")
 DATA_PARALLEL_PREFIX = "module."
+# A training framework's module holding the network as an attribute (Lightning's ``self.model``,
+# ``self.net``): every key carries that prefix, stripped when the rest are the canonical names.
+WRAPPER_PREFIXES = ("model.", "net.", "module.")
+CANONICAL_MARKER = "output.weight"
 KEEPS_MIXED_DTYPES = True
 HOLDS_OPTIMIZER = True
 
@@ -53,8 +57,9 @@ MAX_ZIP_EXPANSION = 16
 
 
 def filter_state_dict(obj, path) -> dict:
-    """Unwrap foreign checkpoints: ``{"state_dict": ...}``, ``{"model": ...}`` and DataParallel's
-    ``module.`` prefix. Native state_dicts pass through unchanged."""
+    """Unwrap foreign checkpoints: ``{"state_dict": ...}``, ``{"model": ...}``, DataParallel's
+    ``module.`` prefix and a training module's ``model.`` / ``net.`` (``WRAPPER_PREFIXES``, e.g. a
+    Lightning ``state_dict``). Native state_dicts pass through unchanged."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
     for key in WRAPPER_KEYS:
@@ -63,7 +68,24 @@ def filter_state_dict(obj, path) -> dict:
             break
     if obj and all(isinstance(k, str) and k.startswith(DATA_PARALLEL_PREFIX) for k in obj):
         obj = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in obj.items()}
+    for _ in WRAPPER_PREFIXES:  # nested wrappers: "model.module.", "net.model." ...
+        prefix = next((p for p in WRAPPER_PREFIXES if _wraps_canonical(obj, p)), None)
+        if prefix is None:
+            break
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
+
+
+def _wraps_canonical(obj: dict, prefix: str) -> bool:
+    """Whether every key of ``obj`` is ``prefix`` + a name, the names the canonical ones (the
+    output conv is in every config): a module that kept the network as an attribute."""
+    keys = [k for k in obj if isinstance(k, str)]
+    return (
+        bool(obj)
+        and len(keys) == len(obj)
+        and all(k.startswith(prefix) for k in keys)
+        and (prefix + CANONICAL_MARKER in obj)
+    )
 
 
 def _is_tensor_dict(obj: dict) -> bool:

@@ -100,7 +100,10 @@ FORMATS = {
             ("keras", "tensorflow"),
             is_directory=True,
         ),
-        ExportFormat(".jaxexport", "flax", "jax.export", "jax.export.deserialize", "NHWC", DTYPES, ("jax", "flax")),
+        # jax.export serializes through flatbuffers, which JAX itself does not install.
+        ExportFormat(
+            ".jaxexport", "flax", "jax.export", "jax.export.deserialize", "NHWC", DTYPES, ("jax", "flax", "flatbuffers")
+        ),
     )
 }
 

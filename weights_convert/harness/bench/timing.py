@@ -28,18 +28,33 @@ def significant(value: float, digits: int = 6) -> float:
     return float(f"{value:.{digits}g}")
 
 
+# A step is steady when two consecutive untimed calls agree within this share: the first call
+# compiles, and the next one or two can still be slower (a Flax ``nnx.jit`` forward on a CPU took
+# 333 ms after one warm-up call and 19 ms after three).
+STEADY = 0.05
+# Untimed calls at most beyond ``--warmup`` while waiting for the steady state; a row that never
+# reaches it says so (``steady`` false) rather than waiting without end.
+MAX_EXTRA_WARMUP = 20
+
+
 def time_runs(
     step: Callable[[], object], sync: Callable[[object], object], repeats: int, warmup: int, label: str
 ) -> dict:
-    """``warmup`` calls (compilation happens in the first), then ``repeats`` timed calls, each
-    synchronised by ``sync(result)``. ``result_dtype`` is the dtype of what the last call returned
-    (a forward's logits, a step's loss)."""
-    start = time.perf_counter()
-    for i in range(warmup):
+    """Untimed calls until the step is steady (at least ``warmup``, and at least two: compilation
+    happens in the first, and two consecutive calls within ``STEADY`` of each other end it), then
+    ``repeats`` timed calls, each synchronised by ``sync(result)``. ``result_dtype`` is the dtype
+    of what the last call returned (a forward's logits, a step's loss); ``warmup_calls`` the
+    untimed calls made, ``steady`` whether the last two agreed."""
+    untimed = []
+    while True:
+        start = time.perf_counter()
         sync(step())
-        if i == 0:
-            first_call = time.perf_counter() - start
-            progress(f"{label}: first call {first_call:.2f} s")
+        untimed.append(time.perf_counter() - start)
+        if len(untimed) == 1:
+            progress(f"{label}: first call {untimed[0]:.2f} s")
+        steady = len(untimed) >= 3 and abs(untimed[-1] - untimed[-2]) <= STEADY * untimed[-2]
+        if len(untimed) >= max(warmup, 2) and (steady or len(untimed) >= max(warmup, 2) + MAX_EXTRA_WARMUP):
+            break
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -49,7 +64,9 @@ def time_runs(
     return {
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
-        "first_call_s": first_call if warmup else None,
+        "first_call_s": untimed[0],
+        "warmup_calls": len(untimed),
+        "steady": steady,
         "result_dtype": dtype_name(result),
     }
 

@@ -13,32 +13,35 @@ framework selection), ``checkpoints`` (``inspect``, ``convert``, ``export``, ``i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 
 from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.extras import PACKAGES, MissingPackage, install_hint
 from weights_convert.harness.cli import bench_command, checkpoints, parity_command
-
-# Start-up logging of TensorFlow, gRPC and XLA (oneDNN notices, CUDA and TPU probing) that would
-# land on the command's stderr; set before any framework is imported, unless the user set them.
-QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR"}
-QUIET_LOGGERS = ("jax._src.xla_bridge", "absl")
+from weights_convert.harness.quiet import quiet_frameworks
 
 
-def _quiet_frameworks() -> None:
-    import logging
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth saying (not None, not a
+    flag's False), sizes written as they are typed (``64 64``)."""
 
-    for name, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        said = "default" in text.lower()
+        if said or not text or not action.option_strings or default in (None, False, argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, tuple | list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import weights_convert
+
     description = __doc__.splitlines()[0].replace("``", "")
-    parser = argparse.ArgumentParser(prog="attention-unet", description=description)
+    parser = argparse.ArgumentParser(prog="attention-unet", description=description, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {weights_convert.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     checkpoints.add_inspect_parser(sub)
     checkpoints.add_convert_parser(sub)
@@ -50,7 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     checkpoints.add_init_parser(sub)
     bench_command.add_parser(sub)
+    for command in sub.choices.values():
+        # An abbreviation that works today breaks a script when a new option shares its prefix.
+        command.allow_abbrev = False
+        command.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+def _unrecognized(command: argparse.ArgumentParser, extra: list[str]) -> str:
+    """``unrecognized arguments: ...``, with the closest option for each mistyped one."""
+    import difflib
+
+    options = [o for a in command._actions for o in a.option_strings]
+    hints = []
+    for word in extra:
+        close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1) if word.startswith("-") else []
+        hints += [f"{word} (did you mean {close[0]}?)" if close else word]
+    return "unrecognized arguments: " + " ".join(hints)
 
 
 def _for_the_command(message: str) -> str:
@@ -59,9 +83,12 @@ def _for_the_command(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_frameworks()
+    quiet_frameworks()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's usage, not the top level's, with the option meant
+        command = _subcommand(parser, args.command)
+        command.error(_unrecognized(command, extra))
     try:
         return args.func(args)
     except (CheckpointError, MissingPackage) as error:

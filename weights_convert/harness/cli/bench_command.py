@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", type=names, help="only these, e.g. 'eager,nnx.jit' (default: all)")
     p.add_argument("--modes", type=names, default=["forward", "train_step"], help="comma-separated")
     p.add_argument("--batch", type=int, default=1, help="images per batch")
-    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="input height and width")
     p.add_argument(
         "--dtype",
         choices=("float32", "float64", "mixed_bfloat16"),
@@ -59,7 +59,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation happens here)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed runs first, at least (compilation happens here); more follow until two consecutive runs "
+        "agree within 5%%",
+    )
     p.add_argument("--config", type=config_arg, help="JSON, e.g. '{\"channels\": [8, 16, 32]}'")
     p.add_argument("--sgemm-n", type=int, help="side of the matmul ceilings (default 4096 CPU, 8192 GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -65,8 +65,16 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from weights_convert.core.extras import installed
     from weights_convert.harness import export
+    from weights_convert.harness.quiet import quiet_import
 
+    try:
+        modules = export.format_for(args.dst).modules
+    except Exception:  # noqa: BLE001 - export.export refuses the suffix in its own words
+        modules = ()
+    if "tensorflow" in modules and installed("tensorflow"):
+        quiet_import("tensorflow")  # the check loads the SavedModel here: its load-time logging stays off
     verdict = export.export(
         args.src, args.dst, dtype=args.dtype, force=args.force, check=not args.no_check, config=args.config
     )

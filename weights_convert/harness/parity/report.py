@@ -140,7 +140,7 @@ def format_table(report: Report, verbose: bool = False) -> str:
 
 def summary_line(report: Report) -> str:
     """The verdict and the run in one line: PASS (or FAIL and where each implementation first
-    drifts), the number of rows, the worst gating row as a fraction of its bound, the model
+    drifts), the number of rows, the largest gating error as a percentage of its bound, the model
     config, input size, batch, seed, dtype and mode."""
     drift = report.first_drift()
     verdict = "PASS" if report.passed else "FAIL: " + "; ".join(f"{k}: first drift at {v}" for k, v in drift.items())
@@ -148,7 +148,8 @@ def summary_line(report: Report) -> str:
     rows = f"{len(report.results)} rows"
     if gating:
         worst = max(gating, key=lambda r: r.rel_diff / r.tolerance)
-        rows += f", worst {worst.rel_diff / worst.tolerance:.2g} of its bound ({_label(worst)} {worst.quantity})"
+        share = 100 * worst.rel_diff / worst.tolerance
+        rows += f", largest error {share:.2g}% of its bound ({_label(worst)} {worst.quantity})"
     batch, _, height, width = np.shape(report.input)
     config = json.dumps(report.config.to_dict())
     run = f"size {height}x{width}, batch {batch}, seed {report.seed}, {report.dtype}, {report.mode}"

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
         help="initial weights, any supported format (default: seeded random); a training checkpoint (with "
         "optimizer state) is continued: its optimizer, state and step numbers",
     )
-    p.add_argument("--framework", choices=FRAMEWORKS, default="torch")
+    p.add_argument("--framework", choices=FRAMEWORKS, help="default: the first installed of " + ", ".join(FRAMEWORKS))
     p.add_argument("--out", required=True, help="directory for the checkpoints step_<k>.<format>")
     p.add_argument("--format", default="safetensors", help="checkpoint file extension (default safetensors)")
     p.add_argument(
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--batchnorm", choices=BATCHNORM_MODES, default="sync", help="statistics of the global batch or per device"
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="the precision to train in")
     p.add_argument(
         "--optimizer",
         choices=TRAINING_OPTIMIZERS,
@@ -96,6 +96,10 @@ def cmd_train(args) -> int:
             f"--format {args.format} holds no optimizer state, so its checkpoints could not continue training: "
             f"pass --weights-only to write the model's tensors alone"
         )
+    framework, refusal = _framework(args.framework)
+    if refusal:
+        return _usage(refusal)
+    args.framework = framework
     if args.config and args.checkpoint:
         return _usage("--config describes random initial weights; a CHECKPOINT brings its own config")
     try:
@@ -126,8 +130,21 @@ def cmd_train(args) -> int:
     _prepare_jax(args)
     from weights_convert.harness.data_parallel import module
 
+    trained = args.framework
+    if args.framework == "keras":
+        from weights_convert.core.extras import current_keras_backend
+        from weights_convert.harness.quiet import quiet_import
+
+        quiet_import("impl_keras")
+
+        trained = f"keras/{current_keras_backend()}"
+        if args.data_parallel > 1 and trained != "keras/jax":
+            return _usage(
+                f"--data-parallel {args.data_parallel} with Keras runs on the JAX backend (keras.distribution); "
+                f"KERAS_BACKEND is {current_keras_backend()}: set KERAS_BACKEND=jax or train on one device"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    label = f"train {args.framework} x{args.data_parallel}" + (f" {args.batchnorm}" if args.data_parallel > 1 else "")
+    label = f"train {trained} x{args.data_parallel}" + (f" {args.batchnorm}" if args.data_parallel > 1 else "")
     progress = Progress(
         label, args.steps, args.batch, str(out), args.every, args.format, args.force, first_step, args.weights_only
     )
@@ -154,6 +171,20 @@ def cmd_train(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _framework(chosen: str | None) -> tuple[str | None, str | None]:
+    """(the framework to train in, or a usage refusal naming ``--framework``): the one chosen, if
+    installed, else the first installed of ``FRAMEWORKS``."""
+    from weights_convert.core.extras import framework_missing
+
+    if chosen is not None:
+        why = framework_missing(chosen)
+        return chosen, why and f"--framework {chosen}: {why}"
+    installed = [f for f in FRAMEWORKS if framework_missing(f) is None]
+    if not installed:
+        return None, f"no framework to train in: {framework_missing(FRAMEWORKS[0])}, or [flax], or [keras]"
+    return installed[0], None
 
 
 def _prepare_jax(args) -> None:

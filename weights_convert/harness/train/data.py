@@ -154,11 +154,16 @@ class PngFolder:
 
     def __init__(self, directory, config: ModelConfig, batch_size: int, seed: int = 0):
         directory = Path(directory)
+        for folder in (directory, directory / "images", directory / "masks"):
+            if not folder.is_dir():
+                raise ValueError(f"{folder}: no such directory (--data DIR holds DIR/images and DIR/masks)")
         images = {p.stem: p for p in sorted((directory / "images").glob("*.png"))}
         masks = {p.stem: p for p in sorted((directory / "masks").glob("*.png"))}
         names = sorted(set(images) & set(masks))
         if not names:
-            raise ValueError(f"{directory}: no images/<name>.png with a masks/<name>.png of the same name")
+            others = sorted({p.suffix or p.name for sub in ("images", "masks") for p in (directory / sub).iterdir()})
+            found = f" (found {', '.join(others)}: only .png is read)" if others else ""
+            raise ValueError(f"{directory}: no images/<name>.png with a masks/<name>.png of the same name{found}")
         unpaired = sorted(set(images) ^ set(masks))
         if unpaired:
             raise ValueError(f"{directory}: {len(unpaired)} PNG files without a partner, e.g. {unpaired[0]}.png")
