@@ -189,3 +189,19 @@ def test_readme_claims_match_the_code():
     assert "3.6 GB" not in README and README.count("3.8 GB") >= 2
     training = " ".join(README.split("## Training", 1)[1].split("### Continue", 1)[0].split())
     assert "every image one size" in training and "mean squared error" in training
+
+
+def test_a_config_nested_too_deep_is_a_usage_error(capsys, tiny, tmp_path):
+    deep = "[" * 3000 + "]" * 3000
+    commands = [
+        ("init", tmp_path / "i.safetensors", "--config", deep),
+        ("convert", tiny, tmp_path / "c.pt", "--config", deep),
+        ("export", tiny, tmp_path / "e.pt2", "--config", deep),
+        ("train", "--out", tmp_path / "t", "--config", deep),
+    ]
+    for command, *args in commands:
+        code, _, err = run_cli(capsys, command, *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and lines[-1].endswith("the JSON nests too deep"), (command, err[-300:])
+        assert len(lines[-1]) < 300 and "Traceback" not in err, command
+    assert list(tmp_path.iterdir()) == []

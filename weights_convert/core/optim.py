@@ -28,6 +28,8 @@ before the bias correction, so Keras runs ``impl_keras.TorchAdam``, torch's plac
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from weights_convert.core.errors import CheckpointError
@@ -47,6 +49,19 @@ PRESETS = {
     "parity": {"sgd": {"momentum": 0.0}, "adam": {}},
     "train": {"sgd": {"momentum": 0.0}, "adam": {}, "adamw": {}},
     "resume": {"sgd": {}, "adam": {}, "adamw": {}},
+}
+
+
+# hyperparameter -> (lowest, highest, whether the highest is allowed): what torch.optim accepts
+# (``Invalid beta parameter`` and the like), checked on every read and every new optimizer, so no
+# framework trains with a value torch would refuse (Flax would run b1 = 1 into NaN).
+RANGES = {
+    "lr": (0.0, float("inf"), False),
+    "eps": (0.0, float("inf"), False),
+    "b1": (0.0, 1.0, False),
+    "b2": (0.0, 1.0, False),
+    "momentum": (0.0, float("inf"), False),
+    "weight_decay": (0.0, float("inf"), False),
 }
 
 
@@ -85,12 +100,25 @@ def check_hyper(name: str, hyper: dict, source: str) -> None:
         is_flag = isinstance(expected[key], bool)
         if is_flag and not isinstance(value, bool):
             raise CheckpointError(f"{source}: {name} hyperparameter {key} must be true or false, got {value!r}")
-        if not is_flag and (isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value)):
-            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be a finite number, got {value!r}")
+        if not is_flag and (isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value)):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be a finite number, got {shown}")
+    for key, (low, high, closed_high) in RANGES.items():
+        if key in hyper and not (low <= hyper[key] and (hyper[key] <= high if closed_high else hyper[key] < high)):
+            bound = f"[{low}, {high}]" if closed_high else f"[{low}, {high})"
+            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be in {bound}, got {hyper[key]!r}")
     if hyper["decoupled_weight_decay"] != (name == "adamw"):
         raise CheckpointError(f"{source}: decoupled_weight_decay is true for adamw alone, got {hyper}")
     if name == "sgd" and hyper["nesterov"] and not hyper["momentum"]:
         raise UnsupportedOptimizer(f"{source}: SGD with nesterov needs momentum > 0")
+
+
+def _finite(value) -> bool:
+    """Whether a number is a finite float64 (a 400-digit integer is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def preset(use: str, name: str) -> dict:

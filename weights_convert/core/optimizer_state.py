@@ -38,6 +38,11 @@ from weights_convert.core.optim import (
 )
 from weights_convert.core.spec import ModelConfig, capped, param_specs
 
+# The largest step count every format holds exactly: torch keeps Adam's step in a float32 tensor
+# (exact integers up to 2**24), msgpack and Orbax in int32, Keras in int64. A step beyond it is
+# refused on reading, so that nothing is read that a conversion could not write back exactly.
+MAX_STEP = 2**24
+
 # The optimizer registry's names (``weights_convert.core.optim``) that readers of a state use with it.
 __all__ = [
     "DEFAULTS",
@@ -149,8 +154,9 @@ class OptimizerState:
         if isinstance(header, str):
             try:
                 header = json.loads(header)
-            except ValueError as error:
-                raise CheckpointError(f"{source}: the optimizer metadata is not JSON ({error})") from None
+            except (ValueError, RecursionError) as error:
+                reason = "nested too deep" if isinstance(error, RecursionError) else error
+                raise CheckpointError(f"{source}: the optimizer metadata is not JSON ({reason})") from None
         if not (isinstance(header, dict) and set(header) == {"name", "hyper", "step"}):
             raise CheckpointError(f"{source}: the optimizer metadata must be an object with name, hyper and step")
         slots: dict[str, dict[str, np.ndarray]] = {}
@@ -165,13 +171,17 @@ class OptimizerState:
         """Raise one CheckpointError for an unknown optimizer, wrong hyperparameters or step, or slots
         that are not exactly ``slot_names`` x every trainable tensor, in its shape, floating (finite
         unless ``allow_nonfinite``)."""
-        if self.name not in DEFAULTS:
-            raise CheckpointError(f"{source}: unknown optimizer {self.name!r}; expected one of {OPTIMIZER_NAMES}")
+        if not isinstance(self.name, str) or self.name not in DEFAULTS:
+            raise CheckpointError(f"{source}: unknown optimizer {_short(self.name)}; expected one of {OPTIMIZER_NAMES}")
         if not isinstance(self.hyper, dict):
             raise CheckpointError(f"{source}: the {self.name} hyperparameters are not a map")
         check_hyper(self.name, self.hyper, source)
-        if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0):
-            raise CheckpointError(f"{source}: the optimizer step must be a non-negative integer, got {self.step!r}")
+        if self.step is not None and (
+            isinstance(self.step, bool) or not isinstance(self.step, int) or not 0 <= self.step <= MAX_STEP
+        ):
+            raise CheckpointError(
+                f"{source}: the optimizer step must be an integer from 0 to {MAX_STEP}, got {_short(self.step)}"
+            )
         if self.step is None and self.name != "sgd":
             raise CheckpointError(f"{source}: {self.name} needs its step count (bias correction), got none")
         expected = slot_names(self.name, self.hyper)
@@ -230,6 +240,39 @@ class OptimizerState:
         return (
             f"{self.name} ({hyper}), step {step}, slots {list(slot_names(self.name, self.hyper)) if self.slots else []}"
         )
+
+
+def stored_hyperparameter(value, flag: bool, what: str, source: str) -> bool | float:
+    """A hyperparameter as a format stored it (a scalar array or number) -> bool or float, exactly:
+    a flag must be stored as a boolean and a number as a number; no string or other kind is
+    coerced (``"false"`` is not False), so every format reads what ``.safetensors`` reads."""
+    array = np.asarray(value) if isinstance(value, np.ndarray | np.generic | bool | int | float) else None
+    if array is None or array.shape != () or array.dtype.kind not in ("b" if flag else "iuf"):
+        expected = "true or false" if flag else "a number"
+        raise CheckpointError(f"{source}: hyperparameter {what} must be {expected}, got {_short(value)}")
+    return bool(array) if flag else float(array)
+
+
+def stored_step(value, source: str) -> int:
+    """A step count as a format stored it (an integer, or the integral float torch keeps) -> int;
+    a CheckpointError for anything else (NaN, inf, 3.7, several values, a negative count)."""
+    array = np.asarray(value) if isinstance(value, np.ndarray | np.generic | int | float) else None
+    if array is None or array.size != 1 or array.dtype.kind not in "iuf" or isinstance(value, bool):
+        raise CheckpointError(f"{source}: the optimizer step must be one integer, got {_short(value)}")
+    number = array.reshape(()).item()
+    if not (isinstance(number, int) or (np.isfinite(number) and float(number).is_integer())):
+        raise CheckpointError(f"{source}: the optimizer step must be one integer, got {_short(number)}")
+    if not 0 <= int(number) <= MAX_STEP:
+        raise CheckpointError(
+            f"{source}: the optimizer step must be an integer from 0 to {MAX_STEP}, got {int(number)}"
+        )
+    return int(number)
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to a line (a 400-digit number stays readable)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def fresh_state(use: str, name: str) -> OptimizerState:

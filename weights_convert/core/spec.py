@@ -115,6 +115,23 @@ class ModelConfig:
         }
 
     @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """A config from JSON text (``--config``); a one-line ValueError for text that is not JSON,
+        nests too deep for the parser, or is not a config."""
+        import json
+
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("the JSON nests too deep") from None
+        except ValueError as error:
+            raise ValueError(f"not JSON ({error})") from None
+        try:
+            return cls.from_dict(data)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+
+    @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"config must be a JSON object, got {data!r}")

@@ -38,7 +38,14 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import flatten, from_nnx, nest, nnx_path, to_nnx
 from weights_convert.core.layouts import rule
-from weights_convert.core.optimizer_state import DEFAULTS, OptimizerState, counted_state, slot_names
+from weights_convert.core.optimizer_state import (
+    DEFAULTS,
+    OptimizerState,
+    counted_state,
+    slot_names,
+    stored_hyperparameter,
+    stored_step,
+)
 from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.formats.vetting import inferred_config, one_line
 
@@ -124,18 +131,12 @@ def optimizer_from_tree(flat: dict, hyper_tree, tensors: dict, path) -> Optimize
     name, values = next(iter(hyper_tree.items()))
     if not isinstance(values, dict) or set(values) != set(DEFAULTS[name]):
         raise CheckpointError(f"{path}: {name} hyperparameters must be exactly {sorted(DEFAULTS[name])}")
-    try:
-        hyper = {
-            k: bool(np.asarray(v)) if isinstance(DEFAULTS[name][k], bool) else float(np.asarray(v))
-            for k, v in values.items()
-        }
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: a {name} hyperparameter is not a number ({one_line(error)})") from None
+    hyper = {k: stored_hyperparameter(v, isinstance(DEFAULTS[name][k], bool), k, str(path)) for k, v in values.items()}
     by_key = {tuple(str(p) for p in key): value for key, value in flat.items()}
     step_value = by_key.get(("step",))
     if not isinstance(step_value, np.ndarray | np.generic) or np.asarray(step_value).shape != ():
         raise CheckpointError(f"{path}: the optimizer state has no scalar step")
-    step = int(step_value)
+    step = stored_step(step_value, str(path))
     state = OptimizerState(name, hyper, step, {})
     config = inferred_config(tensors, path)
     expected, _ = optimizer_tree(state, config)

@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer
+from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, stored_step
 from weights_convert.core.spec import ModelConfig, capped, infer_config, param_specs
 from weights_convert.formats.vetting import one_line
 
@@ -300,7 +300,7 @@ def canonical_optimizer_state(obj, config: ModelConfig, *, source: str) -> Optim
             if not isinstance(entry, dict) or not all(isinstance(v, torch.Tensor) for v in entry.values()):
                 raise CheckpointError(f"{source}: optimizer state {index} is not a map of tensors")
             if "step" in entry:
-                steps.add(float(entry["step"]))
+                steps.add(stored_step(to_numpy(entry["step"]), source))
             for slot in TORCH_SLOTS[kind]:
                 if slot in entry:
                     slots.setdefault(slot, {})[trainable[index]] = to_numpy(entry[slot])

@@ -47,9 +47,15 @@ def config_arg(text: str):
     from weights_convert.core.spec import ModelConfig
 
     try:
-        return ModelConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as error:
-        raise argparse.ArgumentTypeError(f"bad --config {text!r}: {error}") from None
+        return ModelConfig.from_json(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"bad --config {short(text)}: {error}") from None
+
+
+def short(text: str, width: int = 60) -> str:
+    """``repr(text)``, cut to ``width`` characters (a pasted or hostile value stays one line)."""
+    shown = repr(text)
+    return shown if len(shown) <= width else shown[: width - 4] + "...'"
 
 
 def options(args, names) -> dict:

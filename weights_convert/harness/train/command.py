@@ -3,7 +3,6 @@ exits 1, nothing written either way), and the run through the framework's traine
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -103,9 +102,11 @@ def cmd_train(args) -> int:
     if args.config and args.checkpoint:
         return _usage("--config describes random initial weights; a CHECKPOINT brings its own config")
     try:
-        config = ModelConfig.from_dict(json.loads(args.config)) if args.config else ModelConfig()
-    except (ValueError, TypeError) as error:
-        return _usage(f"bad --config {args.config!r}: {error}")
+        config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
+    except ValueError as error:
+        from weights_convert.harness.cli.arguments import short
+
+        return _usage(f"bad --config {short(args.config)}: {error}")
     checkpoint = weights_convert.read(args.checkpoint) if args.checkpoint else random_checkpoint(config, seed=args.seed)
     state = checkpoint.optimizer
     if state is not None and args.optimizer not in (None, state.name):
