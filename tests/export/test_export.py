@@ -67,7 +67,7 @@ def test_layout_and_dynamic_sizes(exported, suffix):
     path, _ = exported[suffix, "float32"]
     fmt = export.format_for(path)
     x = np.random.default_rng(0).random((3, 3, 9, 6)).astype(np.float32)
-    logits = export.run(path, x)  # NCHW in and out; transposed for NHWC files
+    logits = export.run(path, x, trusted=True)  # NCHW in and out; transposed for NHWC files
     assert logits.shape == (3, 2, 9, 6)
     layout_input = x if fmt.layout == "NCHW" else np.transpose(x, (0, 2, 3, 1))
     raw = fmt.module().run(path, np.ascontiguousarray(layout_input))
@@ -78,7 +78,21 @@ def test_layout_and_dynamic_sizes(exported, suffix):
 def test_runtime_refuses_input_below_min_size(exported, suffix):
     path, _ = exported[suffix, "float32"]
     with pytest.raises(Exception):  # noqa: B017 - each runtime raises its own error type
-        export.run(path, np.zeros((1, 3, 3, 8), np.float32))
+        export.run(path, np.zeros((1, 3, 3, 8), np.float32), trusted=True)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_an_export_file_runs_only_when_the_caller_vouches_for_it(exported, monkeypatch, suffix):
+    """Export files are programs: without ``trusted=True`` the runtime is never reached."""
+    path, _ = exported[suffix, "float32"]
+    module = export.format_for(path).module()
+    ran = []
+    monkeypatch.setattr(module, "run", lambda *args: ran.append(args))
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    for call in (lambda: export.run(path, x), lambda: export.check_file(path, CHECKPOINT)):
+        with pytest.raises(export.ExportError, match="is a program .* pass trusted=True only for a file you made"):
+            call()
+    assert ran == []
 
 
 def test_perturbed_onnx_weight_fails_the_check(exported, tmp_path):
@@ -92,7 +106,7 @@ def test_perturbed_onnx_weight_fails_the_check(exported, tmp_path):
     initializer.CopyFrom(numpy_helper.from_array(weights, initializer.name))
     perturbed = tmp_path / "perturbed.onnx"
     onnx.save(model, str(perturbed))
-    verdict = export.check_file(perturbed, CHECKPOINT)
+    verdict = export.check_file(perturbed, CHECKPOINT, trusted=True)
     assert not verdict.passed and "FAILED" in verdict.line()
 
 
@@ -101,7 +115,7 @@ def test_export_of_other_weights_fails_the_check(exported):
     path, _ = exported[".torchscript", "float64"]
     other = CHECKPOINT.astype("float64")
     other.tensors["output.weight"] = other.tensors["output.weight"] * (1 + 1e-6)
-    assert not export.check_file(path, other, dtype="float64").passed
+    assert not export.check_file(path, other, dtype="float64", trusted=True).passed
 
 
 @pytest.fixture

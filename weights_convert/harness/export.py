@@ -201,7 +201,7 @@ def export(
         with _signals_clean_up(), _atomic_target(dst, fmt.is_directory, force=force) as tmp:
             module.export(checkpoint, tmp, dtype)
             if check:
-                verdict = dataclasses.replace(check_file(tmp, checkpoint, dtype=dtype), path=str(dst))
+                verdict = dataclasses.replace(check_file(tmp, checkpoint, dtype=dtype, trusted=True), path=str(dst))
                 if not verdict.passed:
                     raise _CheckFailed  # leaves the temporary folder, and nothing is put in place
     except _CheckFailed:
@@ -213,10 +213,19 @@ class _CheckFailed(Exception):
     """The exported file failed its check: it is not moved to its destination."""
 
 
-def run(path, x: np.ndarray, fmt: ExportFormat | None = None) -> np.ndarray:
+def run(path, x: np.ndarray, fmt: ExportFormat | None = None, *, trusted: bool = False) -> np.ndarray:
     """The logits (NCHW) of the exported file ``path`` on ``x`` (NCHW), run in its own runtime:
-    ``x`` is transposed to the file's layout and cast to ``x``'s dtype as given."""
+    ``x`` is transposed to the file's layout and cast to ``x``'s dtype as given.
+
+    An export file is a program, not data: its runtime runs whatever its graph does (a TorchScript
+    forward can write files). ``trusted=True`` says the caller made the file or vouches for it;
+    without it nothing is loaded. Checkpoint formats are data, and their readers never run code."""
     fmt = fmt or format_for(path)
+    if not trusted:
+        raise ExportError(
+            f"{path}: a {fmt.suffix} file is a program that {fmt.runtime} runs; pass trusted=True only for a "
+            f"file you made or vouch for"
+        )
     module = fmt.module()
     if fmt.layout == "NHWC":
         return np.transpose(module.run(path, np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))), (0, 3, 1, 2))
@@ -250,14 +259,17 @@ def reference_cases(checkpoint: Checkpoint, *, dtype: str = "float32", cases=Non
     return references
 
 
-def judge_file(path, references, *, dtype: str = "float32") -> ExportCheck:
+def judge_file(path, references, *, dtype: str = "float32", trusted: bool = False) -> ExportCheck:
     """Run the exported file ``path`` on each ``ReferenceCase`` of ``references`` and compare its
-    output and mask with the float64 reference; a runtime that fails is an ``ExportError`` naming why."""
+    output and mask with the float64 reference; a runtime that fails is an ``ExportError`` naming
+    why. ``trusted`` as in ``run``: the file is a program."""
     fmt = format_for(path)
     results = []
     for case in references:
         try:
-            actual = run(path, case.x.astype(dtype), fmt)
+            actual = run(path, case.x.astype(dtype), fmt, trusted=trusted)
+        except ExportError:
+            raise
         except Exception as error:  # an export that cannot run a supported input is refused, naming why
             message = " ".join(str(error).split())[:200]
             shape = "x".join(map(str, case.x.shape))
@@ -268,8 +280,11 @@ def judge_file(path, references, *, dtype: str = "float32") -> ExportCheck:
     return ExportCheck(str(path), fmt, dtype, tuple(results))
 
 
-def check_file(path, checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0) -> ExportCheck:
+def check_file(
+    path, checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0, trusted: bool = False
+) -> ExportCheck:
     """Run the exported file ``path`` (written from ``checkpoint`` at ``dtype``) on seeded inputs
     of ``cases`` ((batch, height, width); default ``check_cases``) and compare each output and mask
-    with the float64 reference; see the module docstring."""
-    return judge_file(path, reference_cases(checkpoint, dtype=dtype, cases=cases, seed=seed), dtype=dtype)
+    with the float64 reference; see the module docstring. ``trusted`` as in ``run``."""
+    references = reference_cases(checkpoint, dtype=dtype, cases=cases, seed=seed)
+    return judge_file(path, references, dtype=dtype, trusted=trusted)

@@ -53,7 +53,7 @@ def _verdicts(exports, checkpoint: Checkpoint, case, dtype: str, seed: int, say)
             fmt = export_files.FORMATS[path.suffix]
             say(f"{name}: export with {fmt.writer}, run in {fmt.runtime}")
             export_files.export(checkpoint, path, dtype=dtype, check=False)
-            verdicts[name] = export_files.judge_file(path, cases, dtype=dtype)
+            verdicts[name] = export_files.judge_file(path, cases, dtype=dtype, trusted=True)  # written just now
     return verdicts
 
 
