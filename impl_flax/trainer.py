@@ -134,7 +134,7 @@ class FlaxTrainer:
     def scope(self):
         return scope(self.settings.dtype, self.settings.device)
 
-    def start(self, checkpoint: Checkpoint, resumed: bool) -> None:
+    def start(self, checkpoint: Checkpoint) -> None:
         settings = self.settings
         self.feed = precision(settings.dtype).param_dtype
         self.model, self.optimizer = from_training_checkpoint(checkpoint, settings.dtype)

@@ -136,7 +136,7 @@ class KerasTrainer:
             self.stack.enter_context(device_scope(self.settings.device))
         return self.stack
 
-    def start(self, checkpoint: Checkpoint, resumed: bool) -> None:
+    def start(self, checkpoint: Checkpoint) -> None:
         from impl_keras.io import assign_checkpoint, check_dtype
 
         settings = self.settings
@@ -165,8 +165,7 @@ class KerasTrainer:
         state = checkpoint.optimizer
         self.steps = keras_steps.steps(self.model, state.name, tuple(state.hyper.items()), settings.loss)
         self.steps.reset()
-        if resumed:
-            self.steps.restore(checkpoint)
+        self.steps.restore(checkpoint)
 
     def step(self, x, target):
         if self.distribution is None:

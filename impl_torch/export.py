@@ -107,23 +107,25 @@ def export_onnx(model: AttentionUNet, path) -> None:
             dynamo=True,
             verbose=False,
         )
-        program.save(str(path))
-    _name_axes(path, model.config.min_size)
+        proto = program.model_proto
+    _name_axes(proto, model.config.min_size)
+    import onnx
+
+    onnx.save(proto, str(path))
 
 
 # The input's dynamic axes, by position (NCHW); the exporter names them after its own symbols (s77).
 ONNX_AXES = {0: "batch", 2: "height", 3: "width"}
 
 
-def _name_axes(path, min_size: int) -> None:
-    """The exported file's dynamic axes named ``batch``, ``height``, ``width`` wherever the
+def _name_axes(proto, min_size: int) -> None:
+    """The exported model's dynamic axes named ``batch``, ``height``, ``width`` wherever the
     exporter's symbols stand, and the input contract in its metadata (``min_size``: the smallest
-    height and width, which onnxruntime would refuse only with a kernel's shape error)."""
+    height and width, which onnxruntime would refuse only with a kernel's shape error), in place."""
     import re
 
     import onnx
 
-    proto = onnx.load(str(path))
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     names = {dims[axis].dim_param: name for axis, name in ONNX_AXES.items() if dims[axis].dim_param}
     symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
@@ -133,7 +135,6 @@ def _name_axes(path, min_size: int) -> None:
                 dim.dim_param = symbol.sub(lambda m: names[m.group(1)], dim.dim_param)
     contract = {"layout": "NCHW", "min_size": str(min_size), "axes": ",".join(ONNX_AXES.values())}
     onnx.helper.set_model_props(proto, contract)
-    onnx.save(proto, str(path))
 
 
 def export_torchscript(model: AttentionUNet, path) -> None:

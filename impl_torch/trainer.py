@@ -91,9 +91,7 @@ class TorchTrainer:
     def scope(self):
         return contextlib.nullcontext()
 
-    def start(self, checkpoint: Checkpoint, resumed: bool) -> None:
-        # A fresh optimizer's state (step 0, no slots) restores to a fresh optimizer: ``resumed``
-        # needs no branch here.
+    def start(self, checkpoint: Checkpoint) -> None:
         dtype = self.settings.dtype
         if self.world > 1 and self.settings.batchnorm == "sync":
             # The conversion puts new parameter objects in the model: the optimizer is made after it,

@@ -34,9 +34,9 @@ from typing import Protocol
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.data_parallel import check_data_parallel, with_optimizer
+from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, with_optimizer
 from weights_convert.core.frameworks import DEVICES
-from weights_convert.core.optim import state_results
+from weights_convert.core.optim import check_training, state_results
 from weights_convert.core.precisions import precision
 
 # The losses every trainer computes, by name (each framework's trainer has one function per loss):
@@ -74,9 +74,9 @@ class Trainer(Protocol):
     def scope(self) -> contextlib.AbstractContextManager:
         """The context every step runs in (64-bit mode, the device, a distribution)."""
 
-    def start(self, checkpoint: Checkpoint, resumed: bool) -> None:
+    def start(self, checkpoint: Checkpoint) -> None:
         """Build the model and the optimizer of training checkpoint ``checkpoint``, its optimizer
-        state restored when ``resumed`` (a fresh optimizer otherwise)."""
+        state restored (a fresh optimizer's state, step 0 and no slots, restores to a fresh one)."""
 
     def step(self, x: np.ndarray, target: np.ndarray) -> tuple:
         """One training step on the global NCHW batch: (loss, gradients), both the framework's."""
@@ -131,8 +131,6 @@ def train_job(
     ``optimizer`` must name, or a fresh ``optimizer`` of registry preset ``use`` ("train", or
     "parity" for the parity checks' two); the ``Settings``; what to record; ``save_to``, which
     needs a training checkpoint."""
-    from weights_convert.core.optim import check_training
-
     settings = Settings(dtype, device, data_parallel, batchnorm, loss)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
     check_training(checkpoint, optimizer, save_to)
@@ -144,8 +142,6 @@ def fit_job(checkpoint: Checkpoint, xs, targets, **options) -> Job:
     """The ``Job`` of a fit on stacked batches: step k trains on ``xs[k - 1]`` against
     ``targets[k - 1]`` (shapes (steps, N, C, H, W) and (steps, N, out_channels, H, W));
     ``options`` as ``train_job``'s but ``steps`` and ``on_step``."""
-    from weights_convert.core.data_parallel import ArrayBatches
-
     data = ArrayBatches(xs, targets)
     return train_job(checkpoint, data, steps=data.steps, **options)
 
@@ -158,7 +154,7 @@ def run(trainer: Trainer, job: Job, write=None) -> dict:
     """The loop: ``job.steps`` steps of ``trainer`` (see the module docstring for the results);
     with ``job.save_to``, ``write(checkpoint, path)`` then saves the training checkpoint there."""
     with trainer.scope():
-        trainer.start(job.checkpoint, job.resumed)
+        trainer.start(job.checkpoint)
         losses, path = [], {}
         for k in range(1, job.steps + 1):
             loss, _ = trainer.step(*job.data.batch(k - 1))
@@ -171,10 +167,11 @@ def run(trainer: Trainer, job: Job, write=None) -> dict:
             return {}
         results = {f"loss/step{k}": trainer.loss(loss) for k, loss in enumerate(losses, start=1)}
         results |= prefixed("param", trainer.parameters()) | prefixed("state", trainer.statistics())
+        snapshot = trainer.snapshot() if job.resumed or job.save_to is not None else None
         if job.resumed:
-            results |= state_results(trainer.snapshot().optimizer)
+            results |= state_results(snapshot.optimizer)
         if job.save_to is not None:
-            write(trainer.snapshot(), job.save_to)
+            write(snapshot, job.save_to)
     return results | path
 
 
@@ -182,6 +179,6 @@ def one_step(trainer: Trainer, checkpoint: Checkpoint, x, target, optimizer: str
     """One step of a fresh parity ``optimizer`` from ``checkpoint``'s weights: ``grad/<name>`` for
     every trainable tensor, then ``step/<name>``, every trainable tensor after the update."""
     with trainer.scope():
-        trainer.start(with_optimizer(checkpoint.weights_only(), optimizer, "parity"), resumed=False)
+        trainer.start(with_optimizer(checkpoint.weights_only(), optimizer, "parity"))
         _, gradients = trainer.step(x, target)
         return prefixed("grad", trainer.gradients(gradients)) | prefixed("step", trainer.parameters())

@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from weights_convert.core.errors import CheckpointError
+from weights_convert.core.errors import CheckpointError, shown
 
 _ADAM = {"lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-5}
 
@@ -101,8 +101,7 @@ def check_hyper(name: str, hyper: dict, source: str) -> None:
         if is_flag and not isinstance(value, bool):
             raise CheckpointError(f"{source}: {name} hyperparameter {key} must be true or false, got {value!r}")
         if not is_flag and (isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value)):
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be a finite number, got {shown}")
+            raise CheckpointError(f"{source}: {name} hyperparameter {key} must be a finite number, got {shown(value)}")
     for key, (low, high, closed_high) in RANGES.items():
         if key in hyper and not (low <= hyper[key] and (hyper[key] <= high if closed_high else hyper[key] < high)):
             bound = f"[{low}, {high}]" if closed_high else f"[{low}, {high})"

@@ -26,7 +26,7 @@ import json
 
 import numpy as np
 
-from weights_convert.core.errors import CheckpointError
+from weights_convert.core.errors import CheckpointError, shown
 from weights_convert.core.optim import (
     DEFAULTS,
     OPTIMIZER_NAMES,
@@ -172,7 +172,7 @@ class OptimizerState:
         that are not exactly ``slot_names`` x every trainable tensor, in its shape, floating (finite
         unless ``allow_nonfinite``)."""
         if not isinstance(self.name, str) or self.name not in DEFAULTS:
-            raise CheckpointError(f"{source}: unknown optimizer {_short(self.name)}; expected one of {OPTIMIZER_NAMES}")
+            raise CheckpointError(f"{source}: unknown optimizer {shown(self.name)}; expected one of {OPTIMIZER_NAMES}")
         if not isinstance(self.hyper, dict):
             raise CheckpointError(f"{source}: the {self.name} hyperparameters are not a map")
         check_hyper(self.name, self.hyper, source)
@@ -180,7 +180,7 @@ class OptimizerState:
             isinstance(self.step, bool) or not isinstance(self.step, int) or not 0 <= self.step <= MAX_STEP
         ):
             raise CheckpointError(
-                f"{source}: the optimizer step must be an integer from 0 to {MAX_STEP}, got {_short(self.step)}"
+                f"{source}: the optimizer step must be an integer from 0 to {MAX_STEP}, got {shown(self.step)}"
             )
         if self.step is None and self.name != "sgd":
             raise CheckpointError(f"{source}: {self.name} needs its step count (bias correction), got none")
@@ -213,8 +213,8 @@ class OptimizerState:
                 elif not allow_nonfinite and not np.isfinite(array.astype(np.float64)).all():
                     problems.append(f"{PREFIX}{slot}/{param} holds NaN or inf (pass --allow-nonfinite to accept)")
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise CheckpointError(f"{source}: optimizer state: {shown}")
+            listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CheckpointError(f"{source}: optimizer state: {listed}")
 
     def ordered(self, config: ModelConfig) -> OptimizerState:
         """The slots in ``slot_names`` order, each in ``state_dict`` order, as numpy arrays."""
@@ -249,7 +249,7 @@ def stored_hyperparameter(value, flag: bool, what: str, source: str) -> bool | f
     array = np.asarray(value) if isinstance(value, np.ndarray | np.generic | bool | int | float) else None
     if array is None or array.shape != () or array.dtype.kind not in ("b" if flag else "iuf"):
         expected = "true or false" if flag else "a number"
-        raise CheckpointError(f"{source}: hyperparameter {what} must be {expected}, got {_short(value)}")
+        raise CheckpointError(f"{source}: hyperparameter {what} must be {expected}, got {shown(value)}")
     return bool(array) if flag else float(array)
 
 
@@ -258,21 +258,15 @@ def stored_step(value, source: str) -> int:
     a CheckpointError for anything else (NaN, inf, 3.7, several values, a negative count)."""
     array = np.asarray(value) if isinstance(value, np.ndarray | np.generic | int | float) else None
     if array is None or array.size != 1 or array.dtype.kind not in "iuf" or isinstance(value, bool):
-        raise CheckpointError(f"{source}: the optimizer step must be one integer, got {_short(value)}")
+        raise CheckpointError(f"{source}: the optimizer step must be one integer, got {shown(value)}")
     number = array.reshape(()).item()
     if not (isinstance(number, int) or (np.isfinite(number) and float(number).is_integer())):
-        raise CheckpointError(f"{source}: the optimizer step must be one integer, got {_short(number)}")
+        raise CheckpointError(f"{source}: the optimizer step must be one integer, got {shown(number)}")
     if not 0 <= int(number) <= MAX_STEP:
         raise CheckpointError(
             f"{source}: the optimizer step must be an integer from 0 to {MAX_STEP}, got {int(number)}"
         )
     return int(number)
-
-
-def _short(value) -> str:
-    """``repr(value)``, cut to a line (a 400-digit number stays readable)."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def fresh_state(use: str, name: str) -> OptimizerState:

@@ -45,7 +45,7 @@ def time_runs(
     ``repeats`` timed calls, each synchronised by ``sync(result)``. ``result_dtype`` is the dtype
     of what the last call returned (a forward's logits, a step's loss); ``warmup_calls`` the
     untimed calls made, ``steady`` whether the last two agreed."""
-    untimed = []
+    untimed, least = [], max(warmup, 2)
     while True:
         start = time.perf_counter()
         sync(step())
@@ -53,7 +53,7 @@ def time_runs(
         if len(untimed) == 1:
             progress(f"{label}: first call {untimed[0]:.2f} s")
         steady = len(untimed) >= 3 and abs(untimed[-1] - untimed[-2]) <= STEADY * untimed[-2]
-        if len(untimed) >= max(warmup, 2) and (steady or len(untimed) >= max(warmup, 2) + MAX_EXTRA_WARMUP):
+        if len(untimed) >= least and (steady or len(untimed) >= least + MAX_EXTRA_WARMUP):
             break
     times = []
     for _ in range(repeats):

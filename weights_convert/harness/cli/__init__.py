@@ -57,12 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         # An abbreviation that works today breaks a script when a new option shares its prefix.
         command.allow_abbrev = False
         command.formatter_class = DefaultsHelpFormatter
+    parser.subcommands = sub.choices  # name -> its parser, for the usage of a mistyped option
     return parser
-
-
-def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices[name]
 
 
 def _unrecognized(command: argparse.ArgumentParser, extra: list[str]) -> str:
@@ -87,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # the subcommand's usage, not the top level's, with the option meant
-        command = _subcommand(parser, args.command)
+        command = parser.subcommands[args.command]
         command.error(_unrecognized(command, extra))
     try:
         return args.func(args)

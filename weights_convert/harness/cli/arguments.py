@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from weights_convert.core.errors import shown
+
 
 def count(name: str, minimum: int):
     """An argparse type: an integer of at least ``minimum``, refused naming ``name``."""
@@ -49,13 +51,7 @@ def config_arg(text: str):
     try:
         return ModelConfig.from_json(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"bad --config {short(text)}: {error}") from None
-
-
-def short(text: str, width: int = 60) -> str:
-    """``repr(text)``, cut to ``width`` characters (a pasted or hostile value stays one line)."""
-    shown = repr(text)
-    return shown if len(shown) <= width else shown[: width - 4] + "...'"
+        raise argparse.ArgumentTypeError(f"bad --config {shown(text, 60)}: {error}") from None
 
 
 def options(args, names) -> dict:

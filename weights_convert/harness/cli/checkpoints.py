@@ -71,7 +71,7 @@ def cmd_export(args) -> int:
 
     try:
         modules = export.format_for(args.dst).modules
-    except Exception:  # noqa: BLE001 - export.export refuses the suffix in its own words
+    except export.ExportError:  # an unknown suffix: export.export refuses it in its own words
         modules = ()
     if "tensorflow" in modules and installed("tensorflow"):
         quiet_import("tensorflow")  # the check loads the SavedModel here: its load-time logging stays off

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from weights_convert.core.errors import shown
 from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig
@@ -104,9 +105,7 @@ def cmd_train(args) -> int:
     try:
         config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
     except ValueError as error:
-        from weights_convert.harness.cli.arguments import short
-
-        return _usage(f"bad --config {short(args.config)}: {error}")
+        return _usage(f"bad --config {shown(args.config, 60)}: {error}")
     checkpoint = weights_convert.read(args.checkpoint) if args.checkpoint else random_checkpoint(config, seed=args.seed)
     state = checkpoint.optimizer
     if state is not None and args.optimizer not in (None, state.name):
