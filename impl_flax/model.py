@@ -143,7 +143,7 @@ class AttentionUNet(nnx.Module):
         return self.config.block_names
 
     def check_input(self, x) -> None:
-        check_input_shape(self.config, np.shape(x), "NHWC")
+        check_input_shape(self.config, np.shape(x), "channels_last")
 
     def __call__(self, x: jax.Array, return_intermediates: bool = False):
         """Logits of shape (N, H, W, out_channels); with ``return_intermediates`` also a dict of

@@ -246,7 +246,7 @@ class AttentionUNet(keras.Model):
         self.head.build(build_shape(c[0], fmt))
 
     def check_input(self, x) -> None:
-        check_input_shape(self.config, tuple(x.shape) if hasattr(x, "shape") else tuple(ops.shape(x)), "NHWC")
+        check_input_shape(self.config, tuple(x.shape) if hasattr(x, "shape") else tuple(ops.shape(x)), "channels_last")
 
     def __call__(self, x, *args, **kwargs):
         # Checked before Keras' own __call__, which would wrap the message in several lines of context.

@@ -54,7 +54,7 @@ class ScriptedLogits(nn.Module):
         self.head = model.output
         self.in_channels = config.in_channels
         self.min_size = config.min_size
-        self.expected = expected_input(config, "NCHW")
+        self.expected = expected_input(config, "channels_first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[2], x.shape[3]) < self.min_size:

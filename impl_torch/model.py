@@ -152,7 +152,7 @@ class AttentionUNet(nn.Module):
         return [getattr(self, f"d{j + 1}") for j in range(self.config.depth)]
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_input_shape(self.config, x.shape, "NCHW")
+        check_input_shape(self.config, x.shape, "channels_first")
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False):
         """Logits of shape (N, out_channels, H, W); with ``return_intermediates`` also a dict of

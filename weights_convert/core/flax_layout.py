@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.layouts import LEAF_RULES, module_path, rule
+from weights_convert.core.layouts import LEAF_RULES, has_kernel_rank, module_path, rule
 from weights_convert.core.spec import ParamSpec, param_specs
 
 Path = tuple  # of str and int: ("e1", "conv", "conv", 0, "kernel")
@@ -53,7 +53,7 @@ def from_nnx(flat: dict[Path, np.ndarray]) -> dict[str, np.ndarray]:
             tensors[".".join(str(p) for p in path)] = value
             continue
         canonical, from_channels_last = FLAX_LEAVES[leaf]
-        if value.ndim == 4:
+        if has_kernel_rank(value):
             value = np.ascontiguousarray(from_channels_last(value))
         if value.dtype.kind in "iu":
             value = value.astype(np.int64)  # torch's counter type; NNX without x64 holds int32

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.layouts import module_path, rule
+from weights_convert.core.layouts import has_kernel_rank, module_path, rule
 from weights_convert.core.spec import LEAVES, ModelConfig, ParamSpec, param_specs
 
 # The model's own ``vars`` group carries its name: Keras' default name for the class.
@@ -131,10 +131,11 @@ def stored_shape(spec: ParamSpec) -> tuple[int, ...]:
 
 
 def canonical_shape(spec: ParamSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The canonical shape of a stored shape (a kernel that is not 4-D is left as it is)."""
-    if len(shape) != len(spec.shape):
-        return shape
-    return rule(spec).from_channels_last(np.broadcast_to(np.empty((), np.uint8), shape)).shape
+    """The canonical shape of a stored shape (a kernel of neither a 2D nor a 3D rank is left as it is)."""
+    stored = np.broadcast_to(np.empty((), np.uint8), shape)
+    if not has_kernel_rank(stored):
+        return tuple(shape)
+    return rule(spec).from_channels_last(stored).shape
 
 
 def policy_dtype(checkpoint: Checkpoint) -> str:

@@ -11,15 +11,24 @@ import dataclasses
 
 import numpy as np
 
-from weights_convert.core.spec import ParamSpec
+from weights_convert.core.spec import SPATIAL_DIMS, ParamSpec
 
 
 def oihw_to_hwio(w: np.ndarray) -> np.ndarray:
-    return w.transpose(2, 3, 1, 0)
+    """A conv kernel from PyTorch's layout to Flax's and Keras': OIHW -> HWIO in 2D, OIDHW -> DHWIO
+    in 3D (the spatial axes first, in order, then input and output channels)."""
+    return w.transpose(*range(2, w.ndim), 1, 0)
 
 
 def hwio_to_oihw(w: np.ndarray) -> np.ndarray:
-    return w.transpose(3, 2, 0, 1)
+    """The inverse of ``oihw_to_hwio``: HWIO -> OIHW, DHWIO -> OIDHW."""
+    return w.transpose(w.ndim - 1, w.ndim - 2, *range(w.ndim - 2))
+
+
+def has_kernel_rank(w: np.ndarray) -> bool:
+    """Whether ``w`` has a conv kernel's rank (4-D in 2D, 5-D in 3D): what a reader transposes
+    before the checkpoint's validation compares names and shapes with the parameter table."""
+    return w.ndim - 2 in SPATIAL_DIMS
 
 
 def identity(w: np.ndarray) -> np.ndarray:

@@ -140,9 +140,9 @@ def check_optimizer(name: str) -> dict:
 
 def check_fit_batches(xs, targets):
     """``xs`` (steps, N, C, H, W) and ``targets`` (steps, N, out_channels, H, W) of a multi-step
-    fit as numpy arrays, with the same number of steps, at least one."""
+    fit as numpy arrays (with a D before H for volumes), with the same number of steps, at least one."""
     xs, targets = np.asarray(xs), np.asarray(targets)
-    if xs.ndim != 5 or targets.ndim != 5 or len(xs) != len(targets) or len(xs) == 0:
+    if xs.ndim not in (5, 6) or targets.ndim != xs.ndim or len(xs) != len(targets) or len(xs) == 0:
         raise ValueError(
             f"expected xs (steps, N, C, H, W) and targets (steps, N, out_channels, H, W) with the same number "
             f"of steps (at least 1), got shapes {xs.shape} and {targets.shape}"

@@ -2,7 +2,7 @@
 
 Every implementation and the converter read this module; it imports only the standard library.
 Canonical names are the article's PyTorch ``state_dict`` keys (ARCHITECTURE.md section 2) and
-canonical shapes are PyTorch layouts (conv kernels OIHW).
+canonical shapes are PyTorch layouts (conv kernels OIHW in 2D, OIDHW in 3D).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ MAX_PARAMETERS = 1_000_000_000
 # for configs whose channels are tiny but countless.
 MAX_DEPTH = 16
 
+# The spatial dimensions a network may have: 2 (images, the default) or 3 (volumes). Every layer has
+# its 2D and its 3D form (docs/architecture.md section 1); a config without the field is 2D.
+SPATIAL_DIMS = (2, 3)
+
 # How many names a list-valued error shows before "and N more".
 LISTED_NAMES = 10
 
@@ -52,14 +56,18 @@ class ModelConfig:
     """Hyperparameters of the Attention U-Net.
 
     ``channels[:-1]`` are the encoder levels (and, mirrored, the decoder levels); ``channels[-1]``
-    is the bridge. ``depth = len(channels) - 1``.
+    is the bridge. ``depth = len(channels) - 1``. ``spatial_dims`` is 2 (images, NCHW / NHWC) or
+    3 (volumes, NCDHW / NDHWC).
     """
 
     in_channels: int = 3
     out_channels: int = 1
     channels: tuple[int, ...] = (64, 128, 256, 512)
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
+        if not (_is_positive_int(self.spatial_dims) and self.spatial_dims in SPATIAL_DIMS):
+            raise ValueError(f"spatial_dims must be one of {list(SPATIAL_DIMS)}, got {self.spatial_dims!r}")
         for name in ("in_channels", "out_channels"):
             value = getattr(self, name)
             if not _is_positive_int(value):
@@ -112,6 +120,7 @@ class ModelConfig:
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "channels": list(self.channels),
+            "spatial_dims": self.spatial_dims,
         }
 
     @classmethod
@@ -135,43 +144,58 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"config must be a JSON object, got {data!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = set(CONFIG_FIELDS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"config has unknown fields {unknown}; known: {sorted(known)}")
         return cls(**data)
 
 
+# The fields of a config, as its JSON object names them.
+CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+
+
 def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-# Where an input's channels sit: PyTorch's NCHW, or the NHWC of Flax and Keras.
-INPUT_LAYOUTS = ("NCHW", "NHWC")
+# Where an input's channels sit (Keras' ``data_format`` words): PyTorch's channels first (NCHW,
+# NCDHW), or the channels last of Flax and Keras (NHWC, NDHWC).
+DATA_FORMATS = ("channels_first", "channels_last")
+
+# The letters of the spatial axes, by ``spatial_dims``.
+SPATIAL_AXES = {2: "HW", 3: "DHW"}
 
 
-def expected_input(config: ModelConfig, layout: str) -> str:
-    """How every implementation's input error begins: the shape the network takes, in ``layout``."""
-    if layout not in INPUT_LAYOUTS:
-        raise ValueError(f"layout must be one of {INPUT_LAYOUTS}, got {layout!r}")
-    c = config.in_channels
-    dims = f"N, {c}, H, W" if layout == "NCHW" else f"N, H, W, {c}"
-    return f"expected input of shape ({dims}) with H, W >= {config.min_size}"
+def layout(config: ModelConfig, data_format: str) -> str:
+    """The axes of an input or output in ``data_format``: ``NCHW``, ``NHWC``, ``NCDHW`` or ``NDHWC``."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    spatial = SPATIAL_AXES[config.spatial_dims]
+    return f"NC{spatial}" if data_format == "channels_first" else f"N{spatial}C"
 
 
-def check_input_shape(config: ModelConfig, shape, layout: str) -> None:
+def expected_input(config: ModelConfig, data_format: str) -> str:
+    """How every implementation's input error begins: the shape the network takes, in ``data_format``."""
+    axes = [str(config.in_channels) if axis == "C" else axis for axis in layout(config, data_format)]
+    sides = ", ".join(SPATIAL_AXES[config.spatial_dims])
+    return f"expected input of shape ({', '.join(axes)}) with {sides} >= {config.min_size}"
+
+
+def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
     """Refuse an input shape the network cannot take, with the same ValueError in every
-    implementation: not rank 4, another channel count, or a spatial side below ``config.min_size``.
+    implementation: not of rank ``spatial_dims + 2``, another channel count, or a spatial side
+    below ``config.min_size``.
 
     Only sizes that are known integers are judged. A symbolic size (``None`` in a Keras trace, a
     ``jax.export`` or ``torch.export`` symbol) passes without being compared, so no exporter
     freezes a comparison into its graph or guards on it; the exporters' own constraints bound those
     sizes (``impl_*/export.py``)."""
-    expected = expected_input(config, layout)
+    expected = expected_input(config, data_format)
     shape = tuple(int(d) if _is_known(d) else d for d in shape)
-    if len(shape) != 4:
+    if len(shape) != config.spatial_dims + 2:
         raise ValueError(f"{expected}, got a {len(shape)}-D tensor of shape {shape}")
-    channels, spatial = (shape[1], shape[2:]) if layout == "NCHW" else (shape[3], shape[1:3])
+    channels, spatial = (shape[1], shape[2:]) if data_format == "channels_first" else (shape[-1], shape[1:-1])
     wrong_channels = _is_known(channels) and channels != config.in_channels
     too_small = any(_is_known(d) and d < config.min_size for d in spatial)
     if wrong_channels or too_small:
@@ -207,44 +231,44 @@ class ParamSpec:
         return "int" if self.leaf == "num_batches_tracked" else "float"
 
 
-def _layer(prefix: str, kind: str, c_in: int, c_out: int) -> Iterator[ParamSpec]:
+def _layer(prefix: str, kind: str, c_in: int, c_out: int, dims: int) -> Iterator[ParamSpec]:
     for leaf in LEAVES[kind]:
         if kind == "bn":
             shape = () if leaf == "num_batches_tracked" else (c_out,)
         elif leaf == "weight":
             k = 3 if kind == "conv3" else 1
-            shape = (c_out, c_in, k, k)
+            shape = (c_out, c_in) + (k,) * dims
         else:
             shape = (c_out,)
         yield ParamSpec(f"{prefix}.{leaf}", shape, kind, leaf)
 
 
-def _conv_block(prefix: str, c_in: int, c_out: int) -> Iterator[ParamSpec]:
+def _conv_block(prefix: str, c_in: int, c_out: int, dims: int) -> Iterator[ParamSpec]:
     for index, kind in CONV_BLOCK_LAYERS:
         # The second conv reads the first conv's output; BatchNorms see c_out channels.
         first = index == "0"
-        yield from _layer(f"{prefix}.{index}", kind, c_in if first else c_out, c_out)
+        yield from _layer(f"{prefix}.{index}", kind, c_in if first else c_out, c_out, dims)
 
 
 def param_specs(config: ModelConfig) -> list[ParamSpec]:
     """Every canonical tensor of ``config``, in the article's ``state_dict`` order."""
-    c = config.channels
+    c, dims = config.channels, config.spatial_dims
     specs: list[ParamSpec] = []
     c_in = config.in_channels
     for i in range(config.depth):
-        specs += _conv_block(f"e{i + 1}.conv.conv", c_in, c[i])
+        specs += _conv_block(f"e{i + 1}.conv.conv", c_in, c[i], dims)
         c_in = c[i]
-    specs += _conv_block("b1.conv", c[-2], c[-1])
+    specs += _conv_block("b1.conv", c[-2], c[-1], dims)
     for j in range(config.depth):
         c_g, c_s = c[-1 - j], c[-2 - j]
         prefix = f"d{j + 1}"
-        specs += _layer(f"{prefix}.ag.Wg.0", "conv1", c_g, c_s)
-        specs += _layer(f"{prefix}.ag.Wg.1", "bn", c_s, c_s)
-        specs += _layer(f"{prefix}.ag.Ws.0", "conv1", c_s, c_s)
-        specs += _layer(f"{prefix}.ag.Ws.1", "bn", c_s, c_s)
-        specs += _layer(f"{prefix}.ag.output.0", "conv1", c_s, c_s)
-        specs += _conv_block(f"{prefix}.c1.conv", c_g + c_s, c_s)
-    specs += _layer("output", "conv1", c[0], config.out_channels)
+        specs += _layer(f"{prefix}.ag.Wg.0", "conv1", c_g, c_s, dims)
+        specs += _layer(f"{prefix}.ag.Wg.1", "bn", c_s, c_s, dims)
+        specs += _layer(f"{prefix}.ag.Ws.0", "conv1", c_s, c_s, dims)
+        specs += _layer(f"{prefix}.ag.Ws.1", "bn", c_s, c_s, dims)
+        specs += _layer(f"{prefix}.ag.output.0", "conv1", c_s, c_s, dims)
+        specs += _conv_block(f"{prefix}.c1.conv", c_g + c_s, c_s, dims)
+    specs += _layer("output", "conv1", c[0], config.out_channels, dims)
     return specs
 
 
@@ -279,11 +303,22 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
         prefix = next((k[: -len("output.weight")] for k in shapes if k.endswith(".output.weight")), None)
         hint = f" (the names carry the prefix {prefix!r}: a wrapper's, to strip)" if prefix else ""
         raise ValueError(f"cannot infer the model config: missing tensors {missing}{hint}")
+    ranks = {key: len(shapes[key]) for key in required}
+    kernel_ranks = [dims + 2 for dims in SPATIAL_DIMS]
     for key in required:
-        if len(shapes[key]) != 4:
-            raise ValueError(f"cannot infer the model config: {key} has shape {shapes[key]}, expected 4-D")
+        if ranks[key] not in kernel_ranks:
+            raise ValueError(
+                f"cannot infer the model config: {key} has shape {shapes[key]}, expected 4-D (2D) or 5-D (3D)"
+            )
+    if len(set(ranks.values())) != 1:
+        raise ValueError(f"cannot infer the model config: the kernels mix 2D and 3D shapes: {ranks}")
     in_channels = shapes["e1.conv.conv.0.weight"][1]
     channels = [shapes[f"e{i + 1}.conv.conv.0.weight"][0] for i in range(depth)]
     channels.append(shapes["b1.conv.0.weight"][0])
     out_channels = shapes["output.weight"][0]
-    return ModelConfig(in_channels=in_channels, out_channels=out_channels, channels=tuple(channels))
+    return ModelConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=tuple(channels),
+        spatial_dims=ranks["output.weight"] - 2,
+    )

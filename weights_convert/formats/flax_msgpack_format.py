@@ -162,7 +162,7 @@ def optimizer_from_tree(flat: dict, hyper_tree, tensors: dict, path) -> Optimize
         array = np.asarray(value)
         if array.ndim != len(spec.shape):
             raise CheckpointError(f"{path}: optimizer slot {'/'.join(key)} has shape {array.shape}")
-        slots.setdefault(slot, {})[spec.name] = rule(spec).from_channels_last(array) if array.ndim == 4 else array
+        slots.setdefault(slot, {})[spec.name] = rule(spec).from_channels_last(array)
     return counted_state(name, hyper, step, slots)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import FLAX_LEAVES, flatten, nest, to_nnx
+from weights_convert.core.layouts import has_kernel_rank
 from weights_convert.core.spec import capped
 from weights_convert.formats.flax_msgpack_format import (
     from_tree,
@@ -129,7 +130,7 @@ def _check_metadata_against_table(path: Path, tree):
         *module, leaf_name = (str(p) for p in nnx_path)
         if leaf_name in FLAX_LEAVES:
             canonical, from_channels_last = FLAX_LEAVES[leaf_name]
-            if value.ndim == 4:
+            if has_kernel_rank(value):
                 value = from_channels_last(value)  # a view: still no memory
             placeholders[".".join([*module, canonical])] = value
         else:
