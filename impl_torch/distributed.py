@@ -9,11 +9,12 @@ torchrun's processes (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environm
 
 BatchNorm:
 
-- ``"local"``: ``nn.BatchNorm2d`` as it is, DDP's default: each process normalizes with its shard's
+- ``"local"``: ``nn.BatchNorm2d`` (``3d``) as it is, DDP's default: each process normalizes with its shard's
   statistics. DDP broadcasts process 0's running statistics to every process at the start of each
   forward (``broadcast_buffers=True``), so the running statistics kept are process 0's.
 - ``"sync"``: on GPU, ``nn.SyncBatchNorm.convert_sync_batchnorm``. torch's ``SyncBatchNorm`` refuses
-  CPU tensors, so on CPU (gloo) each ``nn.BatchNorm2d`` becomes ``AllReduceBatchNorm2d``: the same
+  CPU tensors, so on CPU (gloo) each ``nn.BatchNorm2d`` (``3d``) becomes ``AllReduceBatchNorm2d``
+  (``3d``): the same
   computation, the global batch's sums taken with ``torch.distributed.nn.functional.all_reduce``
   (differentiable, as ``SyncBatchNorm``'s backward all-reduces its gradient sums). Every process
   then holds the same running statistics: the global batch's, with the unbiased variance over
@@ -42,11 +43,11 @@ from weights_convert.processes import load_arrays
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-class AllReduceBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose training-mode statistics are those of the global batch over every
+class AllReduceBatchNorm:
+    """A BatchNorm whose training-mode statistics are those of the global batch over every
     process of the default group: ``SyncBatchNorm``'s computation for the CPU, where torch's
-    refuses to run. Eval mode is ``nn.BatchNorm2d``'s. Statistics in at least float32, as torch's
-    kernels compute them under bfloat16 autocast."""
+    refuses to run. Eval mode is the plain BatchNorm's. Statistics in at least float32, as torch's
+    kernels compute them under bfloat16 autocast. Mixed into ``nn.BatchNorm2d`` and ``3d`` below."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -54,26 +55,40 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
         from torch.distributed.nn.functional import all_reduce
 
         xs = x.to(self.weight.dtype)
+        axes = (0, *range(2, x.dim()))  # all but the channels
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
         count = torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64)
         dist.all_reduce(count)  # the global number of values per channel
         n = count.item()
-        mean = all_reduce(xs.sum(dim=(0, 2, 3))) / n
-        centred = xs - mean[None, :, None, None]
-        var = all_reduce((centred * centred).sum(dim=(0, 2, 3))) / n  # biased: what normalizes
+        mean = all_reduce(xs.sum(dim=axes)) / n
+        centred = xs - mean.reshape(per_channel)
+        var = all_reduce((centred * centred).sum(dim=axes)) / n  # biased: what normalizes
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
             self.running_var.mul_(1 - m).add_(m * var.detach() * (n / (n - 1)))  # torch keeps the unbiased one
             self.num_batches_tracked.add_(1)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return (centred * scale[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
+        return (centred * scale.reshape(per_channel) + self.bias.reshape(per_channel)).to(x.dtype)
+
+
+class AllReduceBatchNorm2d(AllReduceBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` over the global batch (``AllReduceBatchNorm``)."""
+
+
+class AllReduceBatchNorm3d(AllReduceBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` over the global batch (``AllReduceBatchNorm``)."""
+
+
+ALL_REDUCE_BATCH_NORMS = {nn.BatchNorm2d: AllReduceBatchNorm2d, nn.BatchNorm3d: AllReduceBatchNorm3d}
 
 
 def all_reduce_batchnorm(module: nn.Module) -> nn.Module:
-    """``module`` with every ``nn.BatchNorm2d`` replaced by an ``AllReduceBatchNorm2d`` holding the
-    same parameters and statistics (as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does)."""
-    if isinstance(module, nn.BatchNorm2d):
-        replacement = AllReduceBatchNorm2d(module.num_features, module.eps, module.momentum)
+    """``module`` with every ``nn.BatchNorm2d`` (``3d``) replaced by an ``AllReduceBatchNorm2d``
+    (``3d``) holding the same parameters and statistics (as ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    does)."""
+    if type(module) in ALL_REDUCE_BATCH_NORMS:
+        replacement = ALL_REDUCE_BATCH_NORMS[type(module)](module.num_features, module.eps, module.momentum)
         replacement = replacement.to(device=module.weight.device, dtype=module.weight.dtype)
         replacement.load_state_dict(module.state_dict())
         return replacement
@@ -84,7 +99,7 @@ def all_reduce_batchnorm(module: nn.Module) -> nn.Module:
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:
     """``model`` with BatchNorms over the global batch of the default group: ``nn.SyncBatchNorm``
-    on GPU, ``AllReduceBatchNorm2d`` on CPU."""
+    on GPU, ``AllReduceBatchNorm2d`` (``3d``) on CPU."""
     if next(model.parameters()).device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return all_reduce_batchnorm(model)
@@ -118,7 +133,7 @@ def process_group(rank: int, world: int, local_rank: int, device: str, init_meth
     else:  # processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if gpu else "gloo", init_method=init_method, rank=rank, world_size=world)
-    # AllReduceBatchNorm2d's collective: deprecated for the functional collectives, still torch's
+    # AllReduceBatchNorm's collective: deprecated for the functional collectives, still torch's
     # public differentiable all-reduce.
     warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
     try:

@@ -1,15 +1,15 @@
 """Deployment exports of the PyTorch model, and the runtimes that run them: ONNX (onnxruntime),
 ``torch.export`` (``.pt2``) and TorchScript (``.torchscript``).
 
-Every file takes NCHW input and returns NCHW logits (eval mode: BatchNorm uses its running
-statistics), with a dynamic batch, height and width: any batch >= 1 and any H, W >= the model's
-``min_size`` (2**depth), odd sizes included. ``impl_flax/export.py`` and ``impl_keras/export.py``
-mirror this file for ``jax.export`` and TensorFlow SavedModel.
+Every file takes NCHW input and returns NCHW logits (NCDHW for a 3D model; eval mode: BatchNorm
+uses its running statistics), with a dynamic batch and spatial sides: any batch >= 1 and any H, W
+(D, H, W) >= the model's ``min_size`` (2**depth), odd sizes included. ``impl_flax/export.py`` and
+``impl_keras/export.py`` mirror this file for ``jax.export`` and TensorFlow SavedModel.
 
 - ``.onnx``: the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) from the same
   ``torch.export`` program as ``.pt2``, opset ``ONNX_OPSET``; input ``x``, output ``logits``.
   float32 only: onnxruntime's CPU provider has no float64 convolution.
-- ``.pt2``: ``torch.export.save`` of ``torch.export.export`` with symbolic batch, height and width
+- ``.pt2``: ``torch.export.save`` of ``torch.export.export`` with symbolic batch and spatial sides
   (sizes of 1 included: exported with ``backed_size_oblivious``, so a batch of 1 or a 1x1
   bottleneck are not specialised away).
 - ``.torchscript``: ``torch.jit.script`` of ``ScriptedLogits``, the model's eval forward written
@@ -30,7 +30,7 @@ from torch import nn
 from impl_torch.io import from_checkpoint
 from impl_torch.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.spec import expected_input
+from weights_convert.core.spec import expected_input, layout
 
 SUFFIXES = (".onnx", ".pt2", ".torchscript")
 ONNX_OPSET = 20
@@ -52,12 +52,13 @@ class ScriptedLogits(nn.Module):
         self.b1 = model.b1
         self.decoders = nn.ModuleList(model.decoders)
         self.head = model.output
+        self.rank = config.spatial_dims + 2
         self.in_channels = config.in_channels
         self.min_size = config.min_size
         self.expected = expected_input(config, "channels_first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[2], x.shape[3]) < self.min_size:
+        if x.dim() != self.rank or x.shape[1] != self.in_channels or min(x.shape[2:]) < self.min_size:
             raise ValueError(self.expected + ", got " + str(x.shape))
         skips: list[torch.Tensor] = []
         for encoder in self.encoders:
@@ -71,20 +72,30 @@ class ScriptedLogits(nn.Module):
 
 
 def example_input(model: AttentionUNet) -> torch.Tensor:
-    """The input traced at export: batch 2 at odd sizes above ``min_size`` (a size of 1 or 2**depth
-    would let a tracer specialise); the exported graph is symbolic in all three."""
-    m = model.config.min_size
-    dtype = model.output.weight.dtype
-    return torch.zeros(2, model.config.in_channels, 2 * m + 3, 2 * m + 1, dtype=dtype)
+    """The input traced at export: batch 2 at distinct odd sizes above ``min_size`` (a size of 1 or
+    2**depth, or two equal sides, would let a tracer specialise); the exported graph is symbolic in
+    every axis but the channels."""
+    config = model.config
+    m = config.min_size
+    sides = (2 * m + 3, 2 * m + 1, 2 * m + 5)[-config.spatial_dims :]
+    return torch.zeros(2, config.in_channels, *sides, dtype=model.output.weight.dtype)
+
+
+def dynamic_axes(model: AttentionUNet) -> dict[int, str]:
+    """The input's dynamic axes, by position (channels first): ``batch``, then ``depth`` (3D),
+    ``height`` and ``width``."""
+    spatial = ("depth", "height", "width")[-model.config.spatial_dims :]
+    return {0: "batch", **{axis: name for axis, name in enumerate(spatial, start=2)}}
 
 
 def exported_program(model: AttentionUNet) -> torch.export.ExportedProgram:
-    """``torch.export`` of the eval model with a dynamic batch (>= 1) and H, W (>= ``min_size``)."""
+    """``torch.export`` of the eval model with a dynamic batch (>= 1) and spatial sides (>= ``min_size``)."""
     import torch.fx.experimental._config as fx_config
 
     dim = torch.export.Dim
     min_size = model.config.min_size
-    dynamic = {"x": {0: dim("batch", min=1), 2: dim("height", min=min_size), 3: dim("width", min=min_size)}}
+    axes = dynamic_axes(model)
+    dynamic = {"x": {axis: dim(name, min=1 if axis == 0 else min_size) for axis, name in axes.items()}}
     # Without it, torch.export specialises every size the trace sees as 1 or compares with 1.
     with fx_config.patch(backed_size_oblivious=True), _quiet():
         return torch.export.export(model.eval(), (example_input(model),), dynamic_shapes=dynamic)
@@ -108,32 +119,35 @@ def export_onnx(model: AttentionUNet, path) -> None:
             verbose=False,
         )
         proto = program.model_proto
-    _name_axes(proto, model.config.min_size)
+    _name_axes(proto, model)
     import onnx
 
     onnx.save(proto, str(path))
 
 
-# The input's dynamic axes, by position (NCHW); the exporter names them after its own symbols (s77).
-ONNX_AXES = {0: "batch", 2: "height", 3: "width"}
-
-
-def _name_axes(proto, min_size: int) -> None:
-    """The exported model's dynamic axes named ``batch``, ``height``, ``width`` wherever the
-    exporter's symbols stand, and the input contract in its metadata (``min_size``: the smallest
-    height and width, which onnxruntime would refuse only with a kernel's shape error), in place."""
+def _name_axes(proto, model: AttentionUNet) -> None:
+    """The exported model's dynamic axes named as ``dynamic_axes`` names them (``batch``,
+    ``height``, ...) wherever the exporter's symbols (``s77``) stand, and the input contract in its
+    metadata (``min_size``: the smallest spatial side, which onnxruntime would refuse only with a
+    kernel's shape error), in place."""
     import re
 
     import onnx
 
+    axes = dynamic_axes(model)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
-    names = {dims[axis].dim_param: name for axis, name in ONNX_AXES.items() if dims[axis].dim_param}
+    names = {dims[axis].dim_param: name for axis, name in axes.items() if dims[axis].dim_param}
     symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_param = symbol.sub(lambda m: names[m.group(1)], dim.dim_param)
-    contract = {"layout": "NCHW", "min_size": str(min_size), "axes": ",".join(ONNX_AXES.values())}
+    config = model.config
+    contract = {
+        "layout": layout(config, "channels_first"),
+        "min_size": str(config.min_size),
+        "axes": ",".join(axes.values()),
+    }
     onnx.helper.set_model_props(proto, contract)
 
 
@@ -158,7 +172,7 @@ def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
 
 
 def run(path, x: np.ndarray) -> np.ndarray:
-    """The logits (NCHW) of the exported file ``path`` on ``x`` (NCHW, in the file's dtype), in the
+    """The logits (NCHW, NCDHW) of the exported file ``path`` on ``x`` (NCHW, NCDHW, in the file's dtype), in the
     file's own runtime: onnxruntime, ``torch.export.load`` or ``torch.jit.load``."""
     suffix = Path(path).suffix
     if suffix == ".onnx":

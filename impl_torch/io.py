@@ -42,7 +42,9 @@ def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
     config = checkpoint.config
     # Cast before loading: load_state_dict copies into the existing parameters' dtype, which would
     # round a float64 checkpoint through float32.
-    model = AttentionUNet(config.in_channels, config.out_channels, config.channels, compute_dtype=compute_dtype)
+    model = AttentionUNet(
+        config.in_channels, config.out_channels, config.channels, config.spatial_dims, compute_dtype=compute_dtype
+    )
     model = model.to(param_dtype)
     state = {k: from_numpy(v) for k, v in checkpoint.tensors.items()}
     model.load_state_dict(state, strict=True)

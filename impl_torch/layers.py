@@ -1,10 +1,10 @@
 """The layers of the PyTorch model where the contract's numerics are spelled out (ARCHITECTURE.md
-section 3): BatchNorm, conv padding, max pooling, the bilinear x2 upsampling and the zero padding to
-the skip.
+section 3): BatchNorm, conv padding, max pooling, the bilinear (trilinear) x2 upsampling and the zero
+padding to the skip, each in its 2D and 3D form (``dims``, the config's ``spatial_dims``).
 
 torch's defaults *are* the contract, so each of these is torch's own layer with its arguments
 written out; ``impl_flax/layers.py`` and ``impl_keras/layers.py`` hold the same names where their
-framework's defaults differ. Activations are NCHW: the channel axis is 1.
+framework's defaults differ. Activations are NCHW or NCDHW: the channel axis is 1.
 """
 
 from __future__ import annotations
@@ -19,36 +19,51 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
 
-def batch_norm(channels: int) -> nn.BatchNorm2d:
+# The torch classes of each spatial rank.
+BATCH_NORMS = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
+MAX_POOLS = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+INTERPOLATIONS = {2: "bilinear", 3: "trilinear"}
+
+
+def batch_norm(channels: int, dims: int) -> nn.BatchNorm2d | nn.BatchNorm3d:
     # Under bfloat16 autocast this takes a bfloat16 input and still computes its statistics in
     # float32 (torch's mixed-dtype BatchNorm kernels; see impl_torch/model.py), so no cast is needed.
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return BATCH_NORMS[dims](channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-def conv(c_in: int, c_out: int, kernel_size: int) -> nn.Conv2d:
+def conv(c_in: int, c_out: int, kernel_size: int, dims: int) -> nn.Conv2d | nn.Conv3d:
     # Explicit symmetric padding (1 for 3x3, 0 for 1x1), the contract the other two reproduce.
-    return nn.Conv2d(c_in, c_out, kernel_size=kernel_size, padding=kernel_size // 2)
+    return CONVS[dims](c_in, c_out, kernel_size=kernel_size, padding=kernel_size // 2)
 
 
-def max_pool2x2() -> nn.MaxPool2d:
-    # 2x2, stride 2, flooring odd sizes: torch's default is the contract.
-    return nn.MaxPool2d(kernel_size=2)
+def max_pool2x2(dims: int) -> nn.MaxPool2d | nn.MaxPool3d:
+    # 2x2 (2x2x2), stride 2, flooring odd sizes: torch's default is the contract.
+    return MAX_POOLS[dims](kernel_size=2)
 
 
 class Upsample2x(nn.Module):
-    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1).
+    """Bilinear (trilinear in 3D) x2 with align_corners=True: along each spatial axis, output i
+    samples input i * (n - 1) / (2n - 1).
 
     The scale factor is a float for ``torch.jit.script``; with corners aligned the sample positions
     depend only on the input and output sizes, so it computes exactly what an integer factor does."""
 
+    def __init__(self, dims: int):
+        super().__init__()
+        self.mode = INTERPOLATIONS[dims]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+        return F.interpolate(x, scale_factor=2.0, mode=self.mode, align_corners=True)
 
 
-def pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+def pad_to(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Zero-pad every spatial axis of ``x`` up to the skip's size: d // 2 before, the rest after.
 
     Always a pad, even by zero: a branch on the sizes would be frozen into an exported graph at the
     sizes it was traced with (``torch.export``, the ONNX exporter), and a zero pad is an exact copy."""
-    dh, dw = height - x.shape[-2], width - x.shape[-1]
-    return F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+    widths: list[int] = []
+    for axis in range(x.dim() - 1, 1, -1):  # F.pad takes the last axis first
+        d = skip.shape[axis] - x.shape[axis]
+        widths += [d // 2, d - d // 2]
+    return F.pad(x, widths)

@@ -13,7 +13,7 @@ and ``impl_torch.from_checkpoint(checkpoint, "mixed_bfloat16")`` build that mode
 used then follows autocast's op lists (torch 2.13, ``aten/src/ATen/autocast_mode.cpp``; the CPU entries
 checked by experiment, the CUDA ones read from that source):
 
-- conv2d is on the lower-precision list for CPU and CUDA: input and float32 weights are cast to
+- conv2d (conv3d) is on the lower-precision list for CPU and CUDA: input and float32 weights are cast to
   bfloat16, products accumulate in float32 inside oneDNN/cuDNN, the output is bfloat16.
 - batch_norm is on no list, so it receives the bfloat16 conv output as it is, with float32 weight,
   bias and running statistics. PyTorch's BatchNorm kernels for that mixed case (CPU, CUDA and cuDNN)
@@ -22,10 +22,12 @@ checked by experiment, the CUDA ones read from that source):
   (on CPU they equal a float32 BatchNorm of the upcast input to float32 rounding; the test suite
   checks it), as in Flax's and Keras' BatchNorm under mixed precision.
 - relu, max_pool2d, sigmoid, the gate product and the zero padding are on no list and keep their
-  bfloat16 input's dtype.
-- upsample_bilinear2d differs by device: on CPU it is on no list and computes in bfloat16; on CUDA
-  it is on the float32 list, so the upsampled tensor and the concatenation that contains it are
-  float32 there (the next convolution casts them back to bfloat16).
+  bfloat16 input's dtype. max_pool3d is on CPU's float32 list: the pooled volume is float32 there,
+  holding the bfloat16 values it selected unchanged (a maximum rounds nothing), so the next
+  convolution's cast back to bfloat16 is exact and 3D computes what 2D does.
+- upsample_bilinear2d (upsample_trilinear3d) differs by device: on CPU it is on no list and
+  computes in bfloat16; on CUDA it is on the float32 list, so the upsampled tensor and the
+  concatenation that contains it are float32 there (the next convolution casts them back to bfloat16).
 - The logits are bfloat16 (the head is a convolution): cast them to float32 before the loss.
   Gradients are float32, the parameters' dtype.
 
@@ -42,16 +44,16 @@ from weights_convert.core.spec import ModelConfig, check_input_shape
 
 
 class ConvBlock(nn.Module):
-    """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU."""
+    """Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU (3x3x3 convs in 3D)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, dims: int):
         super().__init__()
         self.conv = nn.Sequential(
-            conv(c_in, c_out, 3),
-            batch_norm(c_out),
+            conv(c_in, c_out, 3, dims),
+            batch_norm(c_out, dims),
             nn.ReLU(inplace=True),
-            conv(c_out, c_out, 3),
-            batch_norm(c_out),
+            conv(c_out, c_out, 3, dims),
+            batch_norm(c_out, dims),
             nn.ReLU(inplace=True),
         )
 
@@ -60,12 +62,12 @@ class ConvBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Conv block, then a 2x2 max pool (floor for odd sizes); returns (skip, pooled)."""
+    """Conv block, then a 2x2 (2x2x2) max pool (floor for odd sizes); returns (skip, pooled)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, dims: int):
         super().__init__()
-        self.conv = ConvBlock(c_in, c_out)
-        self.pool = max_pool2x2()
+        self.conv = ConvBlock(c_in, c_out, dims)
+        self.pool = max_pool2x2(dims)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.conv(x)
@@ -75,12 +77,12 @@ class EncoderBlock(nn.Module):
 class AttentionGate(nn.Module):
     """Per-channel attention coefficients ``a`` from the gating signal g and the skip s; returns (a * s, a)."""
 
-    def __init__(self, c_g: int, c_s: int):
+    def __init__(self, c_g: int, c_s: int, dims: int):
         super().__init__()
-        self.Wg = nn.Sequential(conv(c_g, c_s, 1), batch_norm(c_s))
-        self.Ws = nn.Sequential(conv(c_s, c_s, 1), batch_norm(c_s))
+        self.Wg = nn.Sequential(conv(c_g, c_s, 1, dims), batch_norm(c_s, dims))
+        self.Ws = nn.Sequential(conv(c_s, c_s, 1, dims), batch_norm(c_s, dims))
         self.relu = nn.ReLU(inplace=True)
-        self.output = nn.Sequential(conv(c_s, c_s, 1), nn.Sigmoid())
+        self.output = nn.Sequential(conv(c_s, c_s, 1, dims), nn.Sigmoid())
 
     def forward(self, g: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         attention = self.output(self.relu(self.Wg(g) + self.Ws(s)))
@@ -90,14 +92,14 @@ class AttentionGate(nn.Module):
 class DecoderBlock(nn.Module):
     """Upsample x2, pad to the skip, gate the skip, concatenate, conv block."""
 
-    def __init__(self, c_g: int, c_s: int):
+    def __init__(self, c_g: int, c_s: int, dims: int):
         super().__init__()
-        self.up = Upsample2x()
-        self.ag = AttentionGate(c_g, c_s)
-        self.c1 = ConvBlock(c_g + c_s, c_s)
+        self.up = Upsample2x(dims)
+        self.ag = AttentionGate(c_g, c_s, dims)
+        self.c1 = ConvBlock(c_g + c_s, c_s, dims)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pad_to(self.up(x), skip.shape[-2], skip.shape[-1])
+        x = pad_to(self.up(x), skip)
         gated, attention = self.ag(x, skip)
         return self.c1(torch.cat([x, gated], dim=1)), attention
 
@@ -107,7 +109,7 @@ COMPUTE_DTYPES = (torch.bfloat16,)
 
 
 class AttentionUNet(nn.Module):
-    """Attention U-Net, NCHW in and out; returns logits.
+    """Attention U-Net, NCHW in and out (NCDHW with ``spatial_dims=3``); returns logits.
 
     ``compute_dtype=None`` computes in the parameters' dtype (float32, or float64 after
     ``.to(torch.float64)``). ``compute_dtype=torch.bfloat16`` is mixed precision: parameters and
@@ -122,6 +124,7 @@ class AttentionUNet(nn.Module):
         in_channels: int = 3,
         out_channels: int = 1,
         channels: tuple[int, ...] = (64, 128, 256, 512),
+        spatial_dims: int = 2,
         *,
         compute_dtype: torch.dtype | None = None,
     ):
@@ -132,16 +135,16 @@ class AttentionUNet(nn.Module):
                 f"got {compute_dtype!r}"
             )
         self.compute_dtype = compute_dtype
-        self.config = ModelConfig(in_channels, out_channels, tuple(channels))
-        c = self.config.channels
+        self.config = ModelConfig(in_channels, out_channels, tuple(channels), spatial_dims)
+        c, dims = self.config.channels, self.config.spatial_dims
         depth = self.config.depth
         levels_in = (in_channels,) + c[:-2]
         for i in range(depth):
-            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i]))
-        self.b1 = ConvBlock(c[-2], c[-1])
+            setattr(self, f"e{i + 1}", EncoderBlock(levels_in[i], c[i], dims))
+        self.b1 = ConvBlock(c[-2], c[-1], dims)
         for j in range(depth):
-            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j]))
-        self.output = conv(c[0], out_channels, 1)
+            setattr(self, f"d{j + 1}", DecoderBlock(c[-1 - j], c[-2 - j], dims))
+        self.output = conv(c[0], out_channels, 1, dims)
 
     @property
     def encoders(self) -> list[EncoderBlock]:
@@ -155,7 +158,7 @@ class AttentionUNet(nn.Module):
         check_input_shape(self.config, x.shape, "channels_first")
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False):
-        """Logits of shape (N, out_channels, H, W); with ``return_intermediates`` also a dict of
+        """Logits of shape (N, out_channels, H, W) (or D, H, W); with ``return_intermediates`` also a dict of
         every block's output: ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
         self.check_input(x)
         if self.compute_dtype is None:

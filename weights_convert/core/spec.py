@@ -202,6 +202,28 @@ def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
         raise ValueError(f"{expected}, got {shape}")
 
 
+# The input sides a command uses when none are given: an image of 64x64, or a volume of 32x32x32.
+DEFAULT_SIDES = {2: (64, 64), 3: (32, 32, 32)}
+
+
+def check_sides(config: ModelConfig, sides) -> tuple[int, ...]:
+    """The spatial sides of an input (``--size``: H W, or D H W for a 3D model) as a tuple,
+    checked against ``config``; a one-line ValueError naming the problem otherwise."""
+    sides = tuple(sides)
+    names = " ".join(SPATIAL_AXES[config.spatial_dims])
+    if len(sides) != config.spatial_dims or not all(_is_positive_int(side) for side in sides):
+        raise ValueError(
+            f"--size takes {config.spatial_dims} positive sides ({names}) for this {config.spatial_dims}D model, "
+            f"got {' '.join(map(str, sides))}"
+        )
+    if min(sides) < config.min_size:
+        raise ValueError(
+            f"--size {' '.join(map(str, sides))} is too small for depth {config.depth}: every side needs at "
+            f"least {config.min_size}"
+        )
+    return sides
+
+
 def _is_known(size) -> bool:
     """Whether a dimension is a concrete integer (Python's or NumPy's), not a symbolic size."""
     return isinstance(size, numbers.Integral) and not isinstance(size, bool)

@@ -6,7 +6,7 @@ import dataclasses
 
 from weights_convert.core.frameworks import DEVICES
 from weights_convert.core.precisions import DTYPES, param_dtype
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig, check_sides
 
 MODES = ("forward", "train_step")
 # Variant names as they appear in the results (and in ``--variants``); the same in every precision.
@@ -22,6 +22,9 @@ VARIANTS = {
 # that a step keeps no momentum buffer, as the bench has always timed it.
 OPTIMIZER = "sgd"
 OPTIMIZER_HYPER = {"momentum": 0.0}
+# The input when no size is given: an image at the paper's resolution, or a volume of as many voxels
+# as a 512x512 image has pixels.
+DEFAULT_BENCH_SIDES = {2: (256, 256), 3: (64, 64, 64)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Settings:
 
     config: ModelConfig = ModelConfig()
     batch: int = 1
-    size: tuple[int, int] = (256, 256)
+    size: tuple[int, ...] | None = None  # H W, or D H W for a 3D config; None: 256 256 or 64 64 64
     dtype: str = "float32"  # what the rows compute in (core.precisions.DTYPES)
     device: str = "cpu"
     repeats: int = 7
@@ -41,10 +44,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not (isinstance(self.batch, int) and self.batch > 0):
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
-        size = tuple(self.size)
-        if len(size) != 2 or min(size) < self.config.min_size:
-            raise ValueError(f"size must be H W with both >= {self.config.min_size} for this config, got {self.size!r}")
-        object.__setattr__(self, "size", (int(size[0]), int(size[1])))
+        size = DEFAULT_BENCH_SIDES[self.config.spatial_dims] if self.size is None else self.size
+        object.__setattr__(self, "size", tuple(int(side) for side in check_sides(self.config, size)))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
@@ -87,13 +88,14 @@ class Settings:
 
 
 def inputs(settings: Settings, channels_last: bool):
-    """Deterministic numpy input and target, NCHW or NHWC, in ``settings.input_dtype``."""
+    """Deterministic numpy input and target, channels first (NCHW, NCDHW) or last (NHWC, NDHWC),
+    in ``settings.input_dtype``."""
     import numpy as np
 
-    config, (height, width) = settings.config, settings.size
+    config = settings.config
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((settings.batch, config.in_channels, height, width))
-    target = rng.standard_normal((settings.batch, config.out_channels, height, width))
+    x = rng.standard_normal((settings.batch, config.in_channels, *settings.size))
+    target = rng.standard_normal((settings.batch, config.out_channels, *settings.size))
     if channels_last:
-        x, target = x.transpose(0, 2, 3, 1).copy(), target.transpose(0, 2, 3, 1).copy()
+        x, target = np.moveaxis(x, 1, -1).copy(), np.moveaxis(target, 1, -1).copy()
     return x.astype(settings.input_dtype), target.astype(settings.input_dtype)

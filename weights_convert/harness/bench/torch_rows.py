@@ -17,13 +17,15 @@ from weights_convert.harness.bench.matmul_settings import torch_scope, torch_set
 from weights_convert.harness.bench.rows import error_rows, run_variants
 from weights_convert.harness.bench.settings import MODES, OPTIMIZER, OPTIMIZER_HYPER, VARIANTS, Settings, inputs
 
-# variant -> (memory format of the model and its data, whether the model runs through torch.compile)
+# variant -> (whether the model and its data are channels last, whether the model runs through torch.compile)
 OPTIONS = {
-    "eager": (torch.contiguous_format, False),
-    "channels_last": (torch.channels_last, False),
-    "torch.compile": (torch.contiguous_format, True),
-    "torch.compile+channels_last": (torch.channels_last, True),
+    "eager": (False, False),
+    "channels_last": (True, False),
+    "torch.compile": (False, True),
+    "torch.compile+channels_last": (True, True),
 }
+# The channels-last memory format of a 2D (NCHW) and a 3D (NCDHW) model.
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 def rows(settings: Settings) -> list[dict]:
@@ -33,7 +35,9 @@ def rows(settings: Settings) -> list[dict]:
     weights = random_checkpoint(settings.config, seed=0)
     x, target = inputs(settings, channels_last=False)
 
-    def timed(mode: str, memory_format, compiled: bool):
+    def timed(mode: str, channels_last: bool, compiled: bool):
+        memory_format = CHANNELS_LAST[settings.config.spatial_dims] if channels_last else torch.contiguous_format
+
         def build_step():
             model = from_checkpoint(weights, settings.dtype).to(device=device, memory_format=memory_format)
             run = torch.compile(model) if compiled else model

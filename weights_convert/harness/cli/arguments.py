@@ -39,6 +39,12 @@ def choices(allowed):
     return parse
 
 
+def add_size(parser, help_text: str, default=None) -> None:
+    """The ``--size`` option: two sides (H W) or three (D H W), checked against the model later
+    (``core.spec.check_sides``), since the model's dimension is known only from its config."""
+    parser.add_argument("--size", type=count("--size", 1), nargs="+", default=default, metavar="SIDE", help=help_text)
+
+
 def config_json(config) -> str:
     """The config as the JSON that ``--config`` takes."""
     return json.dumps(config.to_dict())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from weights_convert.core.extras import MissingPackage
-from weights_convert.harness.cli.arguments import choices, count, options, selection, usage_error
+from weights_convert.harness.cli.arguments import add_size, choices, count, options, selection, usage_error
 
 # The options ``parity.check`` takes as they are parsed, under the same names.
 CHECK_OPTIONS = (
@@ -51,7 +51,7 @@ def cmd_parity(args) -> int:
             args.checkpoint,
             frameworks=selected.frameworks,
             keras_backends=selected.keras_backends,
-            size=tuple(args.size),
+            size=args.size,
             trajectory=bool(args.report),
             progress=progress,
             **options(args, CHECK_OPTIONS),
@@ -122,9 +122,7 @@ def add_parser(sub) -> None:
         "resume/<from>-><to>/<optimizer>/... must match the uninterrupted reference run. Its optimizers are "
         "the training checkpoints' (sgd with momentum 0.9, adam, adamw)",
     )
-    p.add_argument(
-        "--size", type=int, nargs=2, metavar=("H", "W"), default=parity.DEFAULT_SIZE, help="input height and width"
-    )
+    add_size(p, "the input's sides: H W, or D H W for a 3D model (default 64 64, or 32 32 32)")
     p.add_argument("--batch", type=count("--batch", 1), default=parity.DEFAULT_BATCH, help="images per batch")
     p.add_argument("--seed", type=count("--seed", 0), default=0, help="seed of the input (and training target)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -43,7 +43,6 @@ from weights_convert.harness.parity.plots import write_report
 from weights_convert.harness.parity.report import RESULT_FIELDS, Report, Result, format_table, summary_line
 from weights_convert.harness.parity.request import (
     DEFAULT_BATCH,
-    DEFAULT_SIZE,
     DEFAULT_STEPS,
     DEVICES,
     DTYPES,
@@ -66,7 +65,6 @@ from weights_convert.harness.parity.runners import calls_for, compute, compute_r
 
 __all__ = [
     "DEFAULT_BATCH",
-    "DEFAULT_SIZE",
     "DEFAULT_STEPS",
     "DEVICES",
     "DTYPES",

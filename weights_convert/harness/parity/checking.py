@@ -13,7 +13,7 @@ from weights_convert.harness.parity.inputs import Inputs, default_checkpoint, ma
 from weights_convert.harness.parity.judging import judge, parameter_drift, result
 from weights_convert.harness.parity.noise import measure_noise
 from weights_convert.harness.parity.report import Report, Result
-from weights_convert.harness.parity.request import DEFAULT_BATCH, DEFAULT_SIZE, DEFAULT_STEPS, Request, make_request
+from weights_convert.harness.parity.request import DEFAULT_BATCH, DEFAULT_STEPS, Request, make_request
 from weights_convert.harness.parity.resume import judge_pairs
 from weights_convert.harness.parity.runners import compute, compute_reference, loss_curve, split_trajectory
 
@@ -26,7 +26,7 @@ def check(
     dtype: str = "float32",
     device: str = "cpu",
     mode: str = "eval",
-    size: tuple[int, int] = DEFAULT_SIZE,
+    size: tuple[int, ...] | None = None,
     batch: int = DEFAULT_BATCH,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,

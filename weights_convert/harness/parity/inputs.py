@@ -23,10 +23,11 @@ class Inputs:
     target: np.ndarray
 
 
-def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: int = 0, steps: int | None = None):
-    """Seeded input in [0, 1] (NCHW): smooth blobs plus noise, so that masks and difference maps
-    are readable; and a regression target for the training loss. With ``steps``, one batch per
-    step (seeds ``seed``, ``seed + 1``, ...) stacked on a new first axis.
+def make_inputs(config: ModelConfig, batch: int, size: tuple[int, ...], seed: int = 0, steps: int | None = None):
+    """Seeded input in [0, 1] (NCHW, or NCDHW for a ``size`` of three sides): smooth blobs plus
+    noise, so that masks and difference maps are readable; and a regression target for the
+    training loss. With ``steps``, one batch per step (seeds ``seed``, ``seed + 1``, ...) stacked on
+    a new first axis.
 
     Values are float32-representable, so every precision starts from the same numbers and the
     rounding of the input is not counted as error."""
@@ -34,18 +35,21 @@ def make_inputs(config: ModelConfig, batch: int, size: tuple[int, int], seed: in
         batches = [make_inputs(config, batch, size, seed + k) for k in range(steps)]
         return tuple(np.stack(arrays) for arrays in zip(*batches, strict=True))
     rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    x = 0.2 * rng.uniform(0.0, 1.0, (batch, config.in_channels, h, w))
+    size = tuple(size)
+    grid = np.meshgrid(*(np.linspace(0, 1, side) for side in size), indexing="ij")
+    per_channel = (config.in_channels,) + (1,) * len(size)
+    x = 0.2 * rng.uniform(0.0, 1.0, (batch, config.in_channels, *size))
     for n in range(batch):
         for _ in range(4):
-            cy, cx, radius = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.25)
-            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
-            x[n] += 0.8 * blob * rng.uniform(0.3, 1.0, (config.in_channels, 1, 1))
-    target = rng.normal(0.0, 1.0, (batch, config.out_channels, h, w))
+            centre = [rng.uniform(0.1, 0.9) for _ in size]
+            radius = rng.uniform(0.08, 0.25)
+            distance = sum((axis - c) ** 2 for axis, c in zip(grid, centre, strict=True))
+            blob = np.exp(-distance / (2 * radius**2))
+            x[n] += 0.8 * blob * rng.uniform(0.3, 1.0, per_channel)
+    target = rng.normal(0.0, 1.0, (batch, config.out_channels, *size))
     # Scaled into [0, 1], not clipped: a clipped plateau makes windows of exactly equal values, and
     # a 2x2 max pool over exact ties routes its gradient by rounding order, not by the mathematics.
-    x = x / np.max(x, axis=(1, 2, 3), keepdims=True)
+    x = x / np.max(x, axis=tuple(range(1, x.ndim)), keepdims=True)
     return x.astype(np.float32).astype(np.float64), target.astype(np.float32).astype(np.float64)
 
 
@@ -56,7 +60,7 @@ def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:
     checkpoint = random_checkpoint(ModelConfig(), seed=0)
     if x is not None:
         logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
-        median = np.median(logits, axis=(0, 2, 3)).astype(checkpoint.tensors["output.bias"].dtype)
+        median = np.median(logits, axis=(0, *range(2, logits.ndim))).astype(checkpoint.tensors["output.bias"].dtype)
         checkpoint.tensors["output.bias"] = checkpoint.tensors["output.bias"] - median
     return checkpoint
 

@@ -22,7 +22,7 @@ from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.frameworks import DEVICES, FRAMEWORKS, KERAS_BACKENDS
 from weights_convert.core.optimizer_state import DEFAULTS as TRAINING_OPTIMIZERS
 from weights_convert.core.precisions import DTYPES
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.spec import DEFAULT_SIDES, ModelConfig, check_sides
 from weights_convert.formats.io import read
 from weights_convert.harness import data_parallel as dp
 from weights_convert.harness import export as export_files
@@ -37,7 +37,6 @@ EXPORT_TARGETS = {
 }
 MODES = ("eval", "train", "fit")
 OPTIMIZER_NAMES = ("sgd", "adam")
-DEFAULT_SIZE = (64, 64)
 DEFAULT_BATCH = 2
 DEFAULT_STEPS = 5
 DEFAULT_FIT_OPTIMIZER = "adam"
@@ -93,7 +92,7 @@ class Request:
     dtype: str
     device: str
     run: Run
-    size: tuple[int, int]
+    size: tuple[int, ...]  # H W, or D H W
     batch: int
     seed: int
 
@@ -123,7 +122,7 @@ def make_request(
     dtype: str,
     device: str,
     mode: str,
-    size: tuple[int, int],
+    size: tuple[int, ...] | None,
     batch: int,
     seed: int,
     steps: int,
@@ -143,15 +142,17 @@ def make_request(
     _check_values(dtype, device, mode)
     fit_optimizer = None if resume_at is not None else optimizer  # a resumed fit has its own optimizers
     optimizers = _optimizers(fit_optimizer, mode)
-    _check_shape(size, batch, steps)
+    _check_counts(batch, steps)
     _check_gpu(device, frameworks, keras_backends)
     if resume_at is not None:
         optimizers = _resume_optimizers(resume_at, optimizer, mode, steps, data_parallel, exports)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         checkpoint = read(checkpoint)
     config = checkpoint.config if checkpoint is not None else ModelConfig()
-    if min(size) < config.min_size:
-        raise ParityError(f"--size {size[0]} {size[1]} is too small for depth {config.depth}: min {config.min_size}")
+    try:
+        size = DEFAULT_SIDES[config.spatial_dims] if size is None else check_sides(config, size)
+    except ValueError as error:
+        raise ParityError(str(error)) from None
     try:
         keras_backends = dp.checked(frameworks, keras_backends, mode, batch, data_parallel, batchnorm)
     except ValueError as error:
@@ -192,9 +193,9 @@ def _optimizers(optimizer, mode: str) -> tuple[str, ...]:
     return optimizers
 
 
-def _check_shape(size, batch: int, steps: int) -> None:
-    if len(size) != 2 or min(size) < 1 or batch < 1:
-        raise ParityError(f"size must be two positive integers and batch positive, got size {size}, batch {batch}")
+def _check_counts(batch: int, steps: int) -> None:
+    if batch < 1:
+        raise ParityError(f"batch must be positive, got {batch}")
     if steps < 1:
         raise ParityError(f"steps must be positive, got {steps}")
 

@@ -35,7 +35,6 @@ The training loop is ``weights_convert.core.loop``'s, run by each framework's tr
 from weights_convert.harness.train.command import (
     DEFAULT_BATCH,
     DEFAULT_EVERY,
-    DEFAULT_SIZE,
     DEFAULT_STEPS,
     add_parser,
     cmd_train,
@@ -46,7 +45,6 @@ from weights_convert.harness.train.progress import Progress
 __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_EVERY",
-    "DEFAULT_SIZE",
     "DEFAULT_STEPS",
     "FromStep",
     "PngFolder",

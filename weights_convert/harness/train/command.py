@@ -11,13 +11,13 @@ from pathlib import Path
 from weights_convert.core.errors import shown
 from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.precisions import DTYPES, param_dtype
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.spec import DEFAULT_SIDES, ModelConfig, check_sides
+from weights_convert.harness.cli.arguments import add_size
 from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation
 from weights_convert.harness.train.progress import Progress
 
 DEFAULT_STEPS = 100
 DEFAULT_BATCH = 8
-DEFAULT_SIZE = (64, 64)
 DEFAULT_EVERY = 50
 
 
@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps to train (after a training CHECKPOINT's)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="global batch (split over the devices)")
-    p.add_argument("--size", type=int, nargs=2, default=DEFAULT_SIZE, metavar=("H", "W"), help="synthetic data")
+    add_size(p, "the synthetic data's sides: H W, or D H W for a 3D model (default 64 64, or 32 32 32)")
     p.add_argument("--config", help="JSON model config for random initial weights, e.g. '{\"channels\": [8, 16]}'")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the data order")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -117,6 +117,10 @@ def cmd_train(args) -> int:
     first_step = (state.step or 0) if state is not None else 0  # torch SGD counts no steps: from 0
     checkpoint = checkpoint.astype(param_dtype(args.dtype))
     config = checkpoint.config
+    if args.data and config.spatial_dims != 2:
+        return _usage(
+            f"--data reads 2D PNG images; this is a {config.spatial_dims}D model (train it on synthetic volumes)"
+        )
     if args.data:
         try:
             data = PngFolder(args.data, config, args.batch, args.seed)
@@ -124,9 +128,11 @@ def cmd_train(args) -> int:
             print(f"attention-unet train: error: {error}", file=sys.stderr)
             return 1
     else:
-        if min(args.size) < config.min_size:
-            return _usage(f"--size {args.size[0]} {args.size[1]} is below the model's minimum {config.min_size}")
-        data = SyntheticSegmentation(config, args.batch, tuple(args.size), args.seed)
+        try:
+            size = DEFAULT_SIDES[config.spatial_dims] if args.size is None else check_sides(config, args.size)
+        except ValueError as error:
+            return _usage(str(error))
+        data = SyntheticSegmentation(config, args.batch, size, args.seed)
     _prepare_jax(args)
     from weights_convert.harness.data_parallel import module
 

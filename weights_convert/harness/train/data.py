@@ -1,5 +1,6 @@
 """The training data of ``attention-unet train``: every source has ``batch(step)`` -> (x, target),
-the global NCHW batch of step ``step`` (from 0). Seeded synthetic images (``SyntheticSegmentation``),
+the global channels-first batch (NCHW, or NCDHW in 3D) of step ``step`` (from 0). Seeded synthetic
+images or volumes (``SyntheticSegmentation``),
 a folder of PNG images and masks (``PngFolder``, read by ``read_png``: zlib and NumPy only), and a
 source's batches from a later step on (``FromStep``, for a continued run)."""
 
@@ -120,26 +121,27 @@ def write_png(path, image: np.ndarray) -> None:
 
 @dataclasses.dataclass
 class SyntheticSegmentation:
-    """Seeded images of blobs on noise and their masks (channel j: the blobs of class j); step k's
-    batch depends on (seed, k) only, so every process of a data-parallel run draws the same one."""
+    """Seeded images (or volumes, for a 3D config) of ellipse (ellipsoid) blobs on noise and their
+    masks (channel j: the blobs of class j); step k's batch depends on (seed, k) only, so every
+    process of a data-parallel run draws the same one."""
 
     config: ModelConfig
     batch_size: int
-    size: tuple[int, int]
+    size: tuple[int, ...]  # H W, or D H W
     seed: int = 0
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        h, w = self.size
-        yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+        dims = len(self.size)
+        grid = np.meshgrid(*(np.linspace(0, 1, side) for side in self.size), indexing="ij")
         c_in, c_out = self.config.in_channels, self.config.out_channels
-        x = 0.15 * rng.uniform(0, 1, (self.batch_size, c_in, h, w))
-        target = np.zeros((self.batch_size, c_out, h, w))
+        x = 0.15 * rng.uniform(0, 1, (self.batch_size, c_in, *self.size))
+        target = np.zeros((self.batch_size, c_out, *self.size))
         for n in range(self.batch_size):
             for _ in range(rng.integers(1, 5)):
-                cy, cx = rng.uniform(0.15, 0.85, 2)
-                ry, rx = rng.uniform(0.06, 0.22, 2)
-                inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+                centre = rng.uniform(0.15, 0.85, dims)
+                radii = rng.uniform(0.06, 0.22, dims)
+                inside = sum(((axis - c) / r) ** 2 for axis, c, r in zip(grid, centre, radii, strict=True)) <= 1
                 x[n][:, inside] += rng.uniform(0.4, 0.85, (c_in, 1))
                 target[n, rng.integers(c_out), inside] = 1.0
         return np.clip(x, 0, 1), target
