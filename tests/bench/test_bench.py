@@ -141,7 +141,12 @@ def test_torch_rows(capsys):
     assert {r["n"] for r in report["sgemm"]["runs"]} == {128}
     assert report["sgemm_gflops"] == max(r["gflops"] for r in report["sgemm"]["runs"])
     check_rows(report, "torch", "torch", {"eager", "channels_last"})
-    assert report["settings"]["config"] == {"in_channels": 3, "out_channels": 1, "channels": [4, 8, 16], "spatial_dims": 2}
+    assert report["settings"]["config"] == {
+        "in_channels": 3,
+        "out_channels": 1,
+        "channels": [4, 8, 16],
+        "spatial_dims": 2,
+    }
     assert len(report["load_avg_start"]) == 3
 
 

@@ -1,11 +1,13 @@
-"""Deployment exports (ONNX, torch.export, TorchScript, SavedModel, jax.export) run in their own
-runtimes and compared with the float64 NumPy reference at an odd size and two batch sizes, as
-``attention-unet export`` checks them; perturbed exports fail; refusals are one line.
+"""Deployment exports (ONNX, torch.export, TorchScript, SavedModel, jax.export) of a 2D and a 3D
+checkpoint run in their own runtimes and compared with the float64 NumPy reference at an odd size
+and two batch sizes, as ``attention-unet export`` checks them; perturbed exports fail; refusals are
+one line.
 
-Each format is exported once per module (exporters take seconds); the SavedModel is exported in
+Each format is exported once per dimension (exporters take seconds); the SavedModel is exported in
 this process when its Keras backend is TensorFlow, else in one subprocess that has it.
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from weights_convert.harness.parity.tolerances import tolerance
 
 CONFIG = ModelConfig(3, 2, (4, 8, 16))  # depth 2: min size 4; checked at 2x37x53 and 1x7x5
 CHECKPOINT = random_checkpoint(CONFIG, seed=3)
+CONFIG_3D = ModelConfig(2, 2, (4, 8, 16), spatial_dims=3)  # checked at 2x9x11x13 and 1x7x5x9
 SUFFIXES = (".onnx", ".pt2", ".torchscript", ".savedmodel", ".jaxexport")
 FLOAT64_SUFFIXES = (".torchscript", ".jaxexport")  # the fast exporters; .pt2 and .savedmodel keep float64 too
 
@@ -31,23 +34,47 @@ def source(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def exported(source, tmp_path_factory) -> dict:
-    """(suffix, dtype) -> (path, verdict), each exported and checked once."""
-    directory = tmp_path_factory.mktemp("exports")
+@dataclasses.dataclass
+class Exported:
+    """A checkpoint's exports: (suffix, dtype) -> (path, verdict), and the sizes its tests use."""
+
+    checkpoint: object
+    files: dict
+    checked_shapes: list  # the check's inputs (channels first)
+    other_size: tuple  # a size neither exported nor checked
+    parity_size: tuple
+
+    def __getitem__(self, key):
+        return self.files[key]
+
+
+# spatial_dims -> (checkpoint, the check's input shapes, a size unseen by export and check, parity's --size)
+DIMENSIONS = {
+    2: (CHECKPOINT, [(2, 3, 37, 53), (1, 3, 7, 5)], (9, 6), (13, 11)),
+    3: (random_checkpoint(CONFIG_3D, seed=3), [(2, 2, 9, 11, 13), (1, 2, 7, 5, 9)], (5, 9, 6), (9, 7, 5)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DIMENSIONS), ids=lambda dims: f"{dims}d")
+def exported(request, tmp_path_factory) -> Exported:
+    """The 2D or the 3D checkpoint's exports, each exported and checked once."""
+    checkpoint, *sizes = DIMENSIONS[request.param]
+    directory = tmp_path_factory.mktemp(f"exports_{request.param}d")
+    source = directory / "source.safetensors"
+    write(checkpoint, source)
     results = {}
     cases = [(suffix, "float32") for suffix in SUFFIXES] + [(suffix, "float64") for suffix in FLOAT64_SUFFIXES]
     for suffix, dtype in cases:
         path = directory / f"model_{dtype}{suffix}"
         results[suffix, dtype] = (path, export.export(source, path, dtype=dtype))
-    return results
+    return Exported(checkpoint, results, *sizes)
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_float32_export_matches_reference_at_odd_size_and_two_batches(exported, suffix):
     path, verdict = exported[suffix, "float32"]
     assert path.exists() and verdict.passed, verdict.line()
-    assert [case.shape for case in verdict.cases] == [(2, 3, 37, 53), (1, 3, 7, 5)]
+    assert [case.shape for case in verdict.cases] == exported.checked_shapes
     for case in verdict.cases:
         # the bound is the float32 table's, relative to the noise the reference itself shows
         assert case.output.tolerance == tolerance("float32", case.output.noise)
@@ -63,22 +90,24 @@ def test_float64_export_matches_reference_to_1e_10(exported, suffix):
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_layout_and_dynamic_sizes(exported, suffix):
-    """Each file runs in its layout (NCHW or NHWC) at a batch of 3 and a size not checked."""
+    """Each file runs in its layout (channels first or last) at a batch of 3 and a size not checked."""
     path, _ = exported[suffix, "float32"]
     fmt = export.format_for(path)
-    x = np.random.default_rng(0).random((3, 3, 9, 6)).astype(np.float32)
-    logits = export.run(path, x, trusted=True)  # NCHW in and out; transposed for NHWC files
-    assert logits.shape == (3, 2, 9, 6)
-    layout_input = x if fmt.layout == "NCHW" else np.transpose(x, (0, 2, 3, 1))
-    raw = fmt.module().run(path, np.ascontiguousarray(layout_input))
-    assert raw.shape == ((3, 2, 9, 6) if fmt.layout == "NCHW" else (3, 9, 6, 2))
+    in_channels = exported.checkpoint.config.in_channels
+    x = np.random.default_rng(0).random((3, in_channels, *exported.other_size)).astype(np.float32)
+    logits = export.run(path, x, trusted=True)  # channels first in and out; transposed for channels-last files
+    assert logits.shape == (3, 2, *exported.other_size)
+    channels_last = fmt.data_format == "channels_last"
+    raw = fmt.module().run(path, np.ascontiguousarray(np.moveaxis(x, 1, -1) if channels_last else x))
+    assert raw.shape == ((3, *exported.other_size, 2) if channels_last else (3, 2, *exported.other_size))
 
 
 @pytest.mark.parametrize("suffix", (".torchscript", ".jaxexport", ".pt2"))
 def test_runtime_refuses_input_below_min_size(exported, suffix):
     path, _ = exported[suffix, "float32"]
+    in_channels, sides = exported.checkpoint.config.in_channels, exported.other_size
     with pytest.raises(Exception):  # noqa: B017 - each runtime raises its own error type
-        export.run(path, np.zeros((1, 3, 3, 8), np.float32), trusted=True)
+        export.run(path, np.zeros((1, in_channels, 3, *sides[1:]), np.float32), trusted=True)
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
@@ -89,7 +118,7 @@ def test_an_export_file_runs_only_when_the_caller_vouches_for_it(exported, monke
     ran = []
     monkeypatch.setattr(module, "run", lambda *args: ran.append(args))
     x = np.zeros((1, 3, 8, 8), np.float32)
-    for call in (lambda: export.run(path, x), lambda: export.check_file(path, CHECKPOINT)):
+    for call in (lambda: export.run(path, x), lambda: export.check_file(path, exported.checkpoint)):
         with pytest.raises(export.ExportError, match="is a program .* pass trusted=True only for a file you made"):
             call()
     assert ran == []
@@ -106,14 +135,14 @@ def test_perturbed_onnx_weight_fails_the_check(exported, tmp_path):
     initializer.CopyFrom(numpy_helper.from_array(weights, initializer.name))
     perturbed = tmp_path / "perturbed.onnx"
     onnx.save(model, str(perturbed))
-    verdict = export.check_file(perturbed, CHECKPOINT, trusted=True)
+    verdict = export.check_file(perturbed, exported.checkpoint, trusted=True)
     assert not verdict.passed and "FAILED" in verdict.line()
 
 
 def test_export_of_other_weights_fails_the_check(exported):
     """A correct file checked against a checkpoint one weight away: the check sees it."""
     path, _ = exported[".torchscript", "float64"]
-    other = CHECKPOINT.astype("float64")
+    other = exported.checkpoint.astype("float64")
     other.tensors["output.weight"] = other.tensors["output.weight"] * (1 + 1e-6)
     assert not export.check_file(path, other, dtype="float64", trusted=True).passed
 
@@ -180,20 +209,21 @@ PARITY_TARGETS = ("onnx", "pt2", "torchscript", "savedmodel", "jaxexport")
 
 def test_parity_over_every_export_target_at_odd_size_and_two_batches(exported, monkeypatch):
     """``parity.check`` with the five export targets: each with output and mask rows at the run's
-    2x13x11 input and at batch 1 (the export traced batch 2), all passing within the framework rows'
-    noise-relative bounds. The files are this module's float32 exports of the same checkpoint
-    (``exported``; exporting takes seconds per format), copied where the parity run writes each."""
+    batch-2 input (13x11, or 9x7x5) and at batch 1 (the export traced batch 2), all passing within
+    the framework rows' noise-relative bounds. The files are this module's float32 exports of the
+    same checkpoint (``exported``; exporting takes seconds per format), copied where the parity run
+    writes each."""
     import shutil
 
     from weights_convert.harness import parity
 
     def copy_module_export(checkpoint, path, *, dtype, check):
-        assert checkpoint is CHECKPOINT and (dtype, check) == ("float32", False)
+        assert checkpoint is exported.checkpoint and (dtype, check) == ("float32", False)
         made, _ = exported[Path(path).suffix, dtype]
         (shutil.copytree if made.is_dir() else shutil.copyfile)(made, path)
 
     monkeypatch.setattr(export, "export", copy_module_export)
-    report = parity.check(CHECKPOINT, frameworks=PARITY_TARGETS, size=(13, 11), batch=2)
+    report = parity.check(exported.checkpoint, frameworks=PARITY_TARGETS, size=exported.parity_size, batch=2)
     assert report.passed, parity.format_table(report)
     quantities = ["output", "mask", "batch1/output", "batch1/mask"]
     assert [(r.framework, r.quantity) for r in report.results] == [
@@ -203,7 +233,7 @@ def test_parity_over_every_export_target_at_odd_size_and_two_batches(exported, m
         if r.quantity.endswith("output"):
             assert r.tolerance == tolerance("float32", r.noise) and r.rel_diff <= r.tolerance
     assert {label: np.shape(output) for label, output in report.outputs.items()} == {
-        f"{name} cpu float32": (2, 2, 13, 11) for name in PARITY_TARGETS
+        f"{name} cpu float32": (2, 2, *exported.parity_size) for name in PARITY_TARGETS
     }
 
 

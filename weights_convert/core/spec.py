@@ -169,9 +169,14 @@ SPATIAL_AXES = {2: "HW", 3: "DHW"}
 
 def layout(config: ModelConfig, data_format: str) -> str:
     """The axes of an input or output in ``data_format``: ``NCHW``, ``NHWC``, ``NCDHW`` or ``NDHWC``."""
+    return axes_layout(config.spatial_dims, data_format)
+
+
+def axes_layout(spatial_dims: int, data_format: str) -> str:
+    """``layout`` for an array of ``spatial_dims`` spatial axes, e.g. an input whose model is not at hand."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
-    spatial = SPATIAL_AXES[config.spatial_dims]
+    spatial = SPATIAL_AXES[spatial_dims]
     return f"NC{spatial}" if data_format == "channels_first" else f"N{spatial}C"
 
 

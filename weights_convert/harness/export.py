@@ -1,18 +1,18 @@
 """Deployment exports of any checkpoint, by destination name, and the parity check of an exported file.
 
-========================  ==========================  ======  =====================  ========
-destination               written by                  layout  runs in                dtypes
-========================  ==========================  ======  =====================  ========
-``*.onnx``                torch dynamo ONNX exporter  NCHW    onnxruntime            float32
-``*.pt2``                 ``torch.export``            NCHW    ``torch.export.load``  float32, float64
-``*.torchscript``         ``torch.jit.script``        NCHW    ``torch.jit.load``     float32, float64
-``*.savedmodel`` (dir)    Keras ``model.export``      NHWC    ``tf.saved_model.load``  float32, float64
-``*.jaxexport``           ``jax.export`` (Flax)       NHWC    ``jax.export.deserialize``  float32, float64
-========================  ==========================  ======  =====================  ========
+========================  ==========================  =============  ==========================  ================
+destination               written by                  layout         runs in                     dtypes
+========================  ==========================  =============  ==========================  ================
+``*.onnx``                torch dynamo ONNX exporter  NCHW, NCDHW    onnxruntime                 float32
+``*.pt2``                 ``torch.export``            NCHW, NCDHW    ``torch.export.load``       float32, float64
+``*.torchscript``         ``torch.jit.script``        NCHW, NCDHW    ``torch.jit.load``          float32, float64
+``*.savedmodel`` (dir)    Keras ``model.export``      NHWC, NDHWC    ``tf.saved_model.load``     float32, float64
+``*.jaxexport``           ``jax.export`` (Flax)       NHWC, NDHWC    ``jax.export.deserialize``  float32, float64
+========================  ==========================  =============  ==========================  ================
 
 Every file computes the eval forward (logits; BatchNorm with its running statistics) and has a
-dynamic batch, height and width: any batch >= 1 and any H, W >= the model's ``min_size``
-(2**depth), odd sizes included. ONNX is float32 only because onnxruntime has no float64
+dynamic batch and dynamic sides (H, W, or D, H, W for a 3D model): any batch >= 1 and any side
+>= the model's ``min_size`` (2**depth), odd sizes included. ONNX is float32 only because onnxruntime has no float64
 convolution on CPU; that is refused in one line.
 
 Writes follow ``convert``'s rules: an existing destination is kept unless ``force``; the file is
@@ -20,7 +20,7 @@ written to a temporary sibling, checked there, and renamed into place only when 
 (unless ``check=False``) when it passed, so a failed export or check leaves nothing behind.
 
 The check (``check``) runs the exported file in its own runtime on seeded inputs (``CHECK_CASES``:
-batch 2 at an odd size, and batch 1 at another size, neither the batch nor the size traced at
+batch 2 at an odd size, and batch 1 at another size (volumes for a 3D model), neither the batch nor the size traced at
 export) and compares its logits with the float64 NumPy reference (``weights_convert.harness.reference``),
 as the parity command compares a framework's output: float64 files to 1e-10; float32 files within
 the noise-relative float32 bound of ``weights_convert.harness.parity.tolerances``, the noise measured on
@@ -37,7 +37,7 @@ import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.extras import require
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig, axes_layout
 from weights_convert.harness import reference
 from weights_convert.harness.parity.compare import Row, compare, mask_row, rel_diff
 from weights_convert.harness.parity.inputs import make_inputs
@@ -52,13 +52,13 @@ class ExportError(CheckpointError):
 @dataclasses.dataclass(frozen=True)
 class ExportFormat:
     """One export format: its destination suffix, the framework that writes it, the runtime that
-    runs it, the input layout, the dtypes it keeps and the modules it needs."""
+    runs it, where its inputs' channels sit, the dtypes it keeps and the modules it needs."""
 
     suffix: str
     framework: str  # the module with ``export(checkpoint, path, dtype)`` and ``run(path, x)``
     writer: str
     runtime: str
-    layout: str  # "NCHW" or "NHWC", of the input and the logits
+    data_format: str  # "channels_first" (NCHW, NCDHW) or "channels_last" (NHWC, NDHWC), of the input and the logits
     dtypes: tuple[str, ...]
     modules: tuple[str, ...]
     is_directory: bool = False
@@ -83,26 +83,34 @@ FORMATS = {
             "torch",
             "the torch dynamo ONNX exporter",
             "onnxruntime",
-            "NCHW",
+            "channels_first",
             ("float32",),
             ("torch", "onnx", "onnxscript", "onnxruntime"),
             dtype_reason="onnxruntime has no float64 convolution on CPU",
         ),
-        ExportFormat(".pt2", "torch", "torch.export", "torch.export.load", "NCHW", DTYPES, ("torch",)),
-        ExportFormat(".torchscript", "torch", "torch.jit.script", "torch.jit.load", "NCHW", DTYPES, ("torch",)),
+        ExportFormat(".pt2", "torch", "torch.export", "torch.export.load", "channels_first", DTYPES, ("torch",)),
+        ExportFormat(
+            ".torchscript", "torch", "torch.jit.script", "torch.jit.load", "channels_first", DTYPES, ("torch",)
+        ),
         ExportFormat(
             ".savedmodel",
             "keras",
             "Keras model.export (TensorFlow backend)",
             "tf.saved_model.load",
-            "NHWC",
+            "channels_last",
             DTYPES,
             ("keras", "tensorflow"),
             is_directory=True,
         ),
         # jax.export serializes through flatbuffers, which JAX itself does not install.
         ExportFormat(
-            ".jaxexport", "flax", "jax.export", "jax.export.deserialize", "NHWC", DTYPES, ("jax", "flax", "flatbuffers")
+            ".jaxexport",
+            "flax",
+            "jax.export",
+            "jax.export.deserialize",
+            "channels_last",
+            DTYPES,
+            ("jax", "flax", "flatbuffers"),
         ),
     )
 }
@@ -117,21 +125,24 @@ def format_for(path) -> ExportFormat:
     return FORMATS[suffix]
 
 
-def check_cases(config: ModelConfig) -> list[tuple[int, int, int]]:
-    """(batch, height, width) of each checked input: batch 2 at 37x53 (odd, and 2x(2m+5)x(3m+5)
-    when the model's ``min_size`` m is above 37), and batch 1 at (m + 3)x(m + 1), where the
-    bottleneck is 1x1."""
+def check_cases(config: ModelConfig) -> list[tuple[int, ...]]:
+    """(batch, *sides) of each checked input, with the model's ``min_size`` m. Images: batch 2 at
+    37x53 (odd, and (2m+5)x(3m+5) when m is above 37), and batch 1 at (m + 3)x(m + 1), where the
+    bottleneck is 1x1. Volumes, which cost a side more: batch 2 at (2m+1)x(2m+3)x(2m+5), and
+    batch 1 at (m + 3)x(m + 1)x(m + 5)."""
     m = config.min_size
+    if config.spatial_dims == 3:
+        return [(2, 2 * m + 1, 2 * m + 3, 2 * m + 5), (1, m + 3, m + 1, m + 5)]
     odd = (37, 53) if m <= 37 else (2 * m + 5, 3 * m + 5)
     return [(2, *odd), (1, m + 3, m + 1)]
 
 
 @dataclasses.dataclass(frozen=True)
 class CaseResult:
-    shape: tuple[int, ...]  # NCHW
+    shape: tuple[int, ...]  # channels first: NCHW, NCDHW
     output: Row
     mask: Row
-    logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # NCHW
+    logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # channels first
 
     @property
     def passed(self) -> bool:
@@ -148,6 +159,11 @@ class ExportCheck:
     cases: tuple[CaseResult, ...]
 
     @property
+    def layout(self) -> str:
+        """The file's input layout: NCHW, NHWC, NCDHW or NDHWC."""
+        return axes_layout(len(self.cases[0].shape) - 2, self.fmt.data_format)
+
+    @property
     def passed(self) -> bool:
         return all(case.passed for case in self.cases)
 
@@ -157,9 +173,10 @@ class ExportCheck:
         shapes = ", ".join("x".join(map(str, case.shape)) for case in self.cases)
         worst = max(self.cases, key=lambda case: case.output.rel_diff / max(case.output.tolerance, 1e-300))
         masks = sum(int(case.mask.max_abs_diff) for case in self.cases)
+        canonical = axes_layout(len(self.cases[0].shape) - 2, "channels_first")
         return (
-            f"export check {verdict}: {self.path} ({self.fmt.layout} {self.dtype}) in {self.fmt.runtime} against "
-            f"the float64 reference at {shapes} (NCHW): output rel diff {worst.output.rel_diff:.3g} "
+            f"export check {verdict}: {self.path} ({self.layout} {self.dtype}) in {self.fmt.runtime} against "
+            f"the float64 reference at {shapes} ({canonical}): output rel diff {worst.output.rel_diff:.3g} "
             f"(bound {worst.output.tolerance:.3g}), {masks} decided mask pixels differ"
         )
 
@@ -214,8 +231,8 @@ class _CheckFailed(Exception):
 
 
 def run(path, x: np.ndarray, fmt: ExportFormat | None = None, *, trusted: bool = False) -> np.ndarray:
-    """The logits (NCHW) of the exported file ``path`` on ``x`` (NCHW), run in its own runtime:
-    ``x`` is transposed to the file's layout and cast to ``x``'s dtype as given.
+    """The logits (channels first: NCHW, NCDHW) of the exported file ``path`` on ``x`` (channels
+    first), run in its own runtime: ``x`` is transposed to the file's layout, keeping its dtype.
 
     An export file is a program, not data: its runtime runs whatever its graph does (a TorchScript
     forward can write files). ``trusted=True`` says the caller made the file or vouches for it;
@@ -227,14 +244,15 @@ def run(path, x: np.ndarray, fmt: ExportFormat | None = None, *, trusted: bool =
             f"file you made or vouch for"
         )
     module = fmt.module()
-    if fmt.layout == "NHWC":
-        return np.transpose(module.run(path, np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))), (0, 3, 1, 2))
+    if fmt.data_format == "channels_last":
+        logits = module.run(path, np.ascontiguousarray(np.moveaxis(x, 1, -1)))
+        return np.moveaxis(logits, -1, 1)
     return module.run(path, np.ascontiguousarray(x))
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceCase:
-    """One checked input (NCHW, float64), the float64 reference's logits on it, and (below
+    """One checked input (channels first, float64), the float64 reference's logits on it, and (below
     float64) the noise of the reference computed at the checked dtype, which sets the bound."""
 
     x: np.ndarray
@@ -243,13 +261,13 @@ class ReferenceCase:
 
 
 def reference_cases(checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0):
-    """The ``ReferenceCase`` of each (batch, height, width) of ``cases`` (default ``check_cases``),
+    """The ``ReferenceCase`` of each (batch, *sides) of ``cases`` (default ``check_cases``),
     on seeded inputs (seed ``seed + k`` for the k-th case), computed once for any number of files."""
     config = checkpoint.config
     exact = checkpoint.astype("float64").tensors
     references = []
-    for k, (batch, height, width) in enumerate(cases or check_cases(config)):
-        x, _ = make_inputs(config, batch, (height, width), seed=seed + k)
+    for k, (batch, *sides) in enumerate(cases or check_cases(config)):
+        x, _ = make_inputs(config, batch, tuple(sides), seed=seed + k)
         expected = reference.forward(exact, x, config=config)["output"]
         noise = None
         if dtype != "float64":
@@ -284,7 +302,7 @@ def check_file(
     path, checkpoint: Checkpoint, *, dtype: str = "float32", cases=None, seed: int = 0, trusted: bool = False
 ) -> ExportCheck:
     """Run the exported file ``path`` (written from ``checkpoint`` at ``dtype``) on seeded inputs
-    of ``cases`` ((batch, height, width); default ``check_cases``) and compare each output and mask
+    of ``cases`` ((batch, *sides); default ``check_cases``) and compare each output and mask
     with the float64 reference; see the module docstring. ``trusted`` as in ``run``."""
     references = reference_cases(checkpoint, dtype=dtype, cases=cases, seed=seed)
     return judge_file(path, references, dtype=dtype, trusted=trusted)

@@ -80,7 +80,7 @@ def cmd_export(args) -> int:
     )
     fmt = export.format_for(args.dst)
     if verdict is None:
-        print(f"wrote {args.dst}: {fmt.layout} {args.dtype}, not checked (--no-check)", file=sys.stderr)
+        print(f"wrote {args.dst}: {fmt.data_format} {args.dtype}, not checked (--no-check)", file=sys.stderr)
         return 0
     print(verdict.line())
     return 0 if verdict.passed else 1

@@ -41,10 +41,10 @@ def _verdicts(exports, checkpoint: Checkpoint, case, dtype: str, seed: int, say)
     """Export ``checkpoint`` once per target to a temporary folder (removed afterwards) and judge
     each file on ``case`` (the run's input and its reference) and on a second batch of the same
     size that differs from the one traced at export; target -> ``ExportCheck``."""
-    batch, _, height, width = case.x.shape
+    batch, _, *sides = case.x.shape
     other = 3 if batch == 1 else 1
     say(f"reference: numpy float64 at batch {other} (exports)")
-    second = export_files.reference_cases(checkpoint, dtype=dtype, cases=[(other, height, width)], seed=seed + 1)
+    second = export_files.reference_cases(checkpoint, dtype=dtype, cases=[(other, *sides)], seed=seed + 1)
     cases = [case, *second]
     verdicts = {}
     with tempfile.TemporaryDirectory(prefix="attention-unet-parity-") as directory:
