@@ -123,7 +123,7 @@ def conv(x, kernel, bias, pad):
     the operands' dtype), in bands of output rows."""
     k = kernel.shape[0]
     xp = _pad_spatial(x, pad)
-    n, c = xp.shape[0], xp.shape[-1]
+    n = xp.shape[0]
     h, *rest = (side - k + 1 for side in xp.shape[1:-1])  # output sides: the banded axis, the others
     kmat = kernel.reshape(-1, kernel.shape[-1])  # (k**dims * C, O)
     out = np.empty((n, h, *rest, kmat.shape[1]), dtype=np.result_type(x, kernel))
@@ -481,7 +481,9 @@ def _input(x, config: ModelConfig, p: Precision) -> Node:
     x = p.array(x)
     if x.ndim != config.spatial_dims + 2:
         axes = layout(config, "channels_first")
-        raise ValueError(f"the {config.spatial_dims}D model takes {axes} inputs, got a {x.ndim}-D array of shape {x.shape}")
+        raise ValueError(
+            f"the {config.spatial_dims}D model takes {axes} inputs, got a {x.ndim}-D array of shape {x.shape}"
+        )
     return Node(_channels_last(x), needs_grad=False)
 
 
