@@ -93,10 +93,10 @@ def _taps(k: int, dims: int):
     return list(itertools.product(range(k), repeat=dims))
 
 
-def _tap_window(offset, sides):
-    """The index of one tap's input window: ``sides`` output positions from ``offset`` on each
-    spatial axis, all samples and channels."""
-    return (slice(None), *(slice(o, o + s) for o, s in zip(offset, sides, strict=True)), slice(None))
+def _box(start, sides):
+    """The index of a box of an (N, *spatial, C) array: ``sides`` positions from ``start`` on
+    each spatial axis, every sample and channel (one tap's input window, a crop, a pooled region)."""
+    return (slice(None), *(slice(a, a + s) for a, s in zip(start, sides, strict=True)), slice(None))
 
 
 def _patches(xp, k: int, sides):
@@ -106,7 +106,7 @@ def _patches(xp, k: int, sides):
     channels = xp.shape[-1]
     if k == 1:
         return xp.reshape(-1, channels)
-    taps = [xp[_tap_window(offset, sides)] for offset in _taps(k, len(sides))]
+    taps = [xp[_box(offset, sides)] for offset in _taps(k, len(sides))]
     return np.concatenate(taps, axis=-1).reshape(-1, len(taps) * channels)
 
 
@@ -151,10 +151,10 @@ def conv_backward(g, x, kernel, pad, need_input=True):
         if need_input:
             gpatches = (g2 @ kmat.T).reshape(n, *sides, len(taps), c)
             for t, (first, *others) in enumerate(taps):
-                gxp[_tap_window((r0 + first, *others), sides)] += gpatches[..., t, :]
+                gxp[_box((r0 + first, *others), sides)] += gpatches[..., t, :]
     gx = None
     if need_input:
-        gx = gxp[_tap_window([pad] * (x.ndim - 2), x.shape[1:-1])] if pad else gxp
+        gx = gxp[_box([pad] * (x.ndim - 2), x.shape[1:-1])] if pad else gxp
     return gx, gkmat.reshape(kernel.shape), channel_sum(g)
 
 
@@ -211,7 +211,7 @@ def _pool_windows(x):
     n, *sides, c = x.shape
     dims = len(sides)
     pooled = [side // 2 for side in sides]
-    covered = x[_tap_window([0] * dims, [2 * p for p in pooled])]
+    covered = x[_box([0] * dims, [2 * p for p in pooled])]
     split = covered.reshape(n, *itertools.chain.from_iterable((p, 2) for p in pooled), c)
     return split.transpose(_window_axes(dims)).reshape(n, *pooled, c, 2**dims)
 
@@ -232,7 +232,7 @@ def max_pool_backward(g, x):
     covered = [2 * p for p in pooled]
     split = gwindows.reshape(n, *pooled, c, *[2] * dims).transpose(np.argsort(_window_axes(dims)))
     gx = np.zeros_like(x, dtype=g.dtype)
-    gx[_tap_window([0] * dims, covered)] = split.reshape(n, *covered, c)
+    gx[_box([0] * dims, covered)] = split.reshape(n, *covered, c)
     return gx
 
 
@@ -258,13 +258,13 @@ _SIDES_UPSAMPLED = "kij"
 def _interpolate(x, sides, upsampled: bool):
     """Each spatial axis of x (N, *S, C) mapped by the interpolation matrix M (2s, s) of its
     ``sides`` entry s: by M (s -> 2s) when x is not ``upsampled``, else by M^T (2s -> s). One
-    einsum, the operands in the order (M_1, x, M_2, ..): that order and the letters fix the
-    contraction path NumPy picks, which, in 2D, is the one of ``Mh x Mw^T``."""
+    einsum, the operands in the order (M_1, x, M_2, ..): that order and these letters fix the
+    contraction path NumPy picks, so that 2D computes bit for bit what ``ih,nhwc,jw->nijc`` does."""
     dims = len(sides)
     small, large = _SIDES[-dims:], _SIDES_UPSAMPLED[-dims:]
     given, result = (large, small) if upsampled else (small, large)
     matrices = [interpolation_matrix(side, x.dtype) for side in sides]
-    subscripts = [f"{big}{side}" for big, side in zip(large, small, strict=True)]
+    subscripts = [f"{to}{of}" for to, of in zip(large, small, strict=True)]  # each M is (2s, s)
     operands = [matrices[0], x, *matrices[1:]]
     inputs = [subscripts[0], f"n{given}c", *subscripts[1:]]
     return np.einsum(f"{','.join(inputs)}->n{result}c", *operands, optimize=True)
@@ -295,7 +295,7 @@ def pad_to(x, target):
 def pad_to_backward(g, shape):
     """The gradient of the unpadded region: ``shape`` is the input's shape."""
     before = [b for b, _ in _pad_widths(shape, g.shape)]
-    return g[_tap_window(before, shape[1:-1])]
+    return g[_box(before, shape[1:-1])]
 
 
 # ---------------------------------------------------------------------------------------------
