@@ -1,6 +1,9 @@
 """The NumPy reference's forward against the article's float64 output; its backward, optimizer
 steps, multi-step fit and reduced precisions: against finite differences, against PyTorch float64
-autograd and torch.optim, and for plausible rounding noise at float32 and mixed bfloat16."""
+autograd and torch.optim, and for plausible rounding noise at float32 and mixed bfloat16. In 2D
+and, where a test is about the ops or one pass of the network, in 3D (``spatial_dims=3``)."""
+
+import math
 
 import ml_dtypes
 import numpy as np
@@ -19,9 +22,14 @@ from impl_torch.io import from_checkpoint  # noqa: E402
 
 TINY = ModelConfig(3, 1, (4, 8, 16))
 DEEP = ModelConfig(2, 3, (8, 16, 32, 64, 128))
-CASES = [(TINY, (16, 16)), (TINY, (37, 53)), (DEEP, (45, 33))]
-CASE_IDS = ["tiny-16x16", "tiny-37x53", "deep-45x33"]
-FLOAT64_BOUND = 1e-10
+TINY_3D = ModelConfig(2, 1, (4, 8, 16), spatial_dims=3)
+VOLUME = (9, 12, 11)  # odd sides: the pools floor, the decoder pads on every axis
+CASES = [(TINY, (16, 16)), (TINY, (37, 53)), (DEEP, (45, 33)), (TINY_3D, VOLUME)]
+CASE_IDS = ["tiny-16x16", "tiny-37x53", "deep-45x33", "tiny3d-9x12x11"]
+# One case of each rank, for the tests that take one network pass of each.
+RANKS = [(TINY, (37, 53)), (TINY_3D, VOLUME)]
+RANK_IDS = ["2d", "3d"]
+FLOAT64_BOUND = TOLERANCES["float64"]
 
 
 def data(config, size, batch=2, seed=1, steps=None):
@@ -47,6 +55,15 @@ def buffers(config):
 def whole(results, prefix, names):
     """One vector of every tensor ``prefix + name``: gradients are compared as one vector."""
     return np.concatenate([np.asarray(results[prefix + n], np.float64).ravel() for n in names])
+
+
+def channels_first(x):
+    """NHWC -> NCHW, NDHWC -> NCDHW: an op's array as torch takes it."""
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1))
+
+
+def channels_last(x):
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1))
 
 
 def rel(actual, expected):
@@ -101,47 +118,113 @@ def test_numpy_reference_matches_article(reference_dir, reference_input, article
     assert rel_error(reference.forward(tensors, reference_input)["output"], expected) <= TOLERANCES["reference_float64"]
 
 
-def test_op_backwards_are_adjoints():
+# Spatial sides of the op tests' channels-last arrays, by spatial rank: odd sides.
+OP_SIDES = {2: (5, 7), 3: (3, 5, 4)}
+DIMS = [2, 3]
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_op_backwards_are_adjoints(dims):
     """<op(x), g> == <x, op_backward(g)> for the linear ops."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 5, 7, 3))
-    g = rng.normal(size=(2, 10, 14, 3))
+    sides = OP_SIDES[dims]
+    x = rng.normal(size=(2, *sides, 3))
+    g = rng.normal(size=(2, *(2 * side for side in sides), 3))
     assert np.isclose(np.sum(reference.upsample(x) * g), np.sum(x * reference.upsample_backward(g)), rtol=1e-12)
-    g = rng.normal(size=(2, 8, 10, 3))
+    g = rng.normal(size=(2, *(side + 3 for side in sides), 3))  # an odd difference: unequal halves
     assert np.isclose(
-        np.sum(reference.pad_to(x, 8, 10) * g), np.sum(x * reference.pad_to_backward(g, x.shape)), rtol=1e-12
+        np.sum(reference.pad_to(x, g.shape) * g), np.sum(x * reference.pad_to_backward(g, x.shape)), rtol=1e-12
     )
     for k, pad in ((3, 1), (1, 0)):
-        kernel = rng.normal(size=(k, k, 3, 4))
-        g = rng.normal(size=(2, 5, 7, 4))
+        kernel = rng.normal(size=(*[k] * dims, 3, 4))
+        g = rng.normal(size=(2, *sides, 4))
         zero = np.zeros(4)
-        gx, gkernel, gbias = reference.conv2d_backward(g, x, kernel, pad)
-        assert np.isclose(np.sum(reference.conv2d(x, kernel, zero, pad) * g), np.sum(x * gx), rtol=1e-12)
-        assert np.isclose(np.sum(reference.conv2d(x, kernel, zero, pad) * g), np.sum(kernel * gkernel), rtol=1e-12)
-        np.testing.assert_allclose(gbias, g.sum(axis=(0, 1, 2)), rtol=1e-12)
+        gx, gkernel, gbias = reference.conv_backward(g, x, kernel, pad)
+        assert np.isclose(np.sum(reference.conv(x, kernel, zero, pad) * g), np.sum(x * gx), rtol=1e-12)
+        assert np.isclose(np.sum(reference.conv(x, kernel, zero, pad) * g), np.sum(kernel * gkernel), rtol=1e-12)
+        np.testing.assert_allclose(gbias, g.sum(axis=tuple(range(dims + 1))), rtol=1e-12)
 
 
-def test_conv_in_row_bands_is_the_same(monkeypatch):
+@pytest.mark.parametrize("dims", DIMS)
+def test_conv_matches_torch(dims):
+    """The im2col convolution (3x3 or 3x3x3 with padding 1, and 1x1(x1)) and its three gradients
+    against torch's convolution and autograd."""
     rng = np.random.default_rng(0)
-    x, kernel, bias = rng.normal(size=(2, 9, 6, 3)), rng.normal(size=(3, 3, 3, 4)), rng.normal(size=4)
-    g = rng.normal(size=(2, 9, 6, 4))
-    whole_y, whole_g = reference.conv2d(x, kernel, bias, 1), reference.conv2d_backward(g, x, kernel, 1)
+    x = rng.normal(size=(2, *OP_SIDES[dims], 3))
+    torch_conv = {2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
+    for k, pad in ((3, 1), (1, 0)):
+        weight = rng.normal(size=(4, 3, *[k] * dims))  # canonical OIHW / OIDHW
+        kernel = np.moveaxis(weight, (0, 1), (-1, -2))  # HWIO / DHWIO
+        bias = rng.normal(size=4)
+        g = rng.normal(size=(2, *OP_SIDES[dims], 4))
+        xt, wt, bt = (torch.from_numpy(channels_first(x)), torch.from_numpy(weight), torch.from_numpy(bias))
+        for tensor in (xt, wt, bt):
+            tensor.requires_grad_(True)
+        yt = torch_conv(xt, wt, bt, padding=pad)
+        yt.backward(torch.from_numpy(channels_first(g)))
+        gx, gkernel, gbias = reference.conv_backward(g, x, kernel, pad)
+        assert rel(reference.conv(x, kernel, bias, pad), channels_last(yt.detach().numpy())) <= FLOAT64_BOUND
+        assert rel(gx, channels_last(xt.grad.numpy())) <= FLOAT64_BOUND
+        assert rel(np.moveaxis(gkernel, (-1, -2), (0, 1)), wt.grad.numpy()) <= FLOAT64_BOUND
+        assert rel(gbias, bt.grad.numpy()) <= FLOAT64_BOUND
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_conv_in_row_bands_is_the_same(monkeypatch, dims):
+    rng = np.random.default_rng(0)
+    sides = {2: (9, 6), 3: (5, 4, 3)}[dims]
+    x, kernel, bias = rng.normal(size=(2, *sides, 3)), rng.normal(size=(*[3] * dims, 3, 4)), rng.normal(size=4)
+    g = rng.normal(size=(2, *sides, 4))
+    whole_y, whole_g = reference.conv(x, kernel, bias, 1), reference.conv_backward(g, x, kernel, 1)
     monkeypatch.setattr(reference, "IM2COL_ELEMENTS", 100)
-    assert len(reference._row_bands(9, 2 * 6 * 9 * 3)) == 9
-    np.testing.assert_allclose(reference.conv2d(x, kernel, bias, 1), whole_y, rtol=1e-13, atol=1e-13)
-    for banded, single in zip(reference.conv2d_backward(g, x, kernel, 1), whole_g, strict=True):
+    patch_row = 2 * math.prod(sides[1:]) * 3**dims * 3  # batch * the other sides * taps * channels
+    assert len(reference._row_bands(sides[0], patch_row)) == sides[0]  # one row per band
+    np.testing.assert_allclose(reference.conv(x, kernel, bias, 1), whole_y, rtol=1e-13, atol=1e-13)
+    for banded, single in zip(reference.conv_backward(g, x, kernel, 1), whole_g, strict=True):
         np.testing.assert_allclose(banded, single, rtol=1e-13, atol=1e-13)
 
 
-def test_max_pool_backward_matches_torch_with_ties_and_odd_sizes():
+@pytest.mark.parametrize("dims", DIMS)
+def test_max_pool_backward_matches_torch_with_ties_and_odd_sizes(dims):
+    """Floor for odd sides, and on ties the gradient goes to the first maximum of the window in
+    torch's scan order ((dy, dx), or (dz, dy, dx), lexicographic)."""
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 3, size=(2, 7, 9, 3)).astype(np.float64)  # many ties
-    g = rng.normal(size=(2, 3, 4, 3))
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-    yt = torch.nn.functional.max_pool2d(xt, 2)
-    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
-    np.testing.assert_array_equal(reference.max_pool(x), yt.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(reference.max_pool_backward(g, x), xt.grad.numpy().transpose(0, 2, 3, 1))
+    sides = {2: (7, 9), 3: (5, 7, 9)}[dims]
+    x = rng.integers(0, 3, size=(2, *sides, 3)).astype(np.float64)  # many ties
+    g = rng.normal(size=(2, *(side // 2 for side in sides), 3))
+    windows = reference._pool_windows(x)
+    tied = np.count_nonzero(windows == windows.max(axis=-1, keepdims=True), axis=-1) > 1
+    assert np.mean(tied) > 1 / 3, "the test needs windows whose maximum is not unique"
+    torch_pool = {2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[dims]
+    xt = torch.from_numpy(channels_first(x)).requires_grad_(True)
+    yt = torch_pool(xt, 2)
+    yt.backward(torch.from_numpy(channels_first(g)))
+    np.testing.assert_array_equal(reference.max_pool(x), channels_last(yt.detach().numpy()))
+    np.testing.assert_array_equal(reference.max_pool_backward(g, x), channels_last(xt.grad.numpy()))
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_upsample_and_pad_match_torch(dims):
+    """Bilinear (trilinear) x2 with aligned corners, then the zero padding to a larger skip with
+    d // 2 before, and their gradients, against torch's interpolate, pad and autograd."""
+    rng = np.random.default_rng(0)
+    sides = OP_SIDES[dims]
+    skip = (2, *(2 * side + 1 + axis for axis, side in enumerate(sides)), 3)  # differences 1, 2, (3)
+    x = rng.normal(size=(2, *sides, 3))
+    g = rng.normal(size=skip)
+    xt = torch.from_numpy(channels_first(x)).requires_grad_(True)
+    mode = {2: "bilinear", 3: "trilinear"}[dims]
+    upsampled = torch.nn.functional.interpolate(xt, scale_factor=2, mode=mode, align_corners=True)
+    widths = []
+    for axis in range(upsampled.dim() - 1, 1, -1):  # F.pad takes the last axis first
+        d = skip[axis - 1] - upsampled.shape[axis]
+        widths += [d // 2, d - d // 2]
+    yt = torch.nn.functional.pad(upsampled, widths)
+    yt.backward(torch.from_numpy(channels_first(g)))
+    up = reference.upsample(x)
+    assert rel(reference.pad_to(up, skip), channels_last(yt.detach().numpy())) <= FLOAT64_BOUND
+    gx = reference.upsample_backward(reference.pad_to_backward(g, up.shape))
+    assert rel(gx, channels_last(xt.grad.numpy())) <= FLOAT64_BOUND
 
 
 def test_relu_gradient_is_zero_at_zero():
@@ -152,8 +235,8 @@ def test_relu_gradient_is_zero_at_zero():
 # --- the whole network -----------------------------------------------------------------------
 
 
-def test_gradients_match_finite_differences():
-    config, size = TINY, (37, 53)
+@pytest.mark.parametrize("config,size", RANKS, ids=RANK_IDS)
+def test_gradients_match_finite_differences(config, size):
     tensors = dict(checkpoint(config).tensors)
     x, target = data(config, size)
     grads = reference.gradients(tensors, x, target, config=config)
@@ -216,8 +299,8 @@ def test_gradients_match_torch_float64(config, size):
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_train_step_matches_torch_optim(optimizer):
-    config, size = TINY, (37, 53)
+@pytest.mark.parametrize("config,size", RANKS, ids=RANK_IDS)
+def test_train_step_matches_torch_optim(config, size, optimizer):
     ckpt = checkpoint(config)
     x, target = data(config, size)
     ours = reference.train_step(ckpt.tensors, x, target, optimizer=optimizer, config=config)
@@ -233,9 +316,9 @@ def test_train_step_matches_torch_optim(optimizer):
     assert np.count_nonzero(moved) > 0.5 * moved.size
 
 
-def test_train_step_matches_the_torch_runner():
+@pytest.mark.parametrize("config,size", [(TINY, (16, 16)), (TINY_3D, VOLUME)], ids=RANK_IDS)
+def test_train_step_matches_the_torch_runner(config, size):
     runner = pytest.importorskip("impl_torch.runner")
-    config, size = TINY, (16, 16)
     ckpt = checkpoint(config)
     x, target = data(config, size)
     names = trainable(config)
@@ -284,35 +367,94 @@ def test_fit_adam_state_persists_across_steps():
     assert rel(whole(two, "param/", names), whole({f"param/{n}": tensors[n] for n in names}, "param/", names)) > 1e-6
 
 
-def test_perturbing_one_weight_changes_the_gradient():
+@pytest.mark.parametrize("config,size", RANKS, ids=RANK_IDS)
+def test_perturbing_one_weight_changes_the_gradient(config, size):
     """The comparison is sensitive: a 1e-4 change of one gate weight moves the whole gradient far
     beyond the float64 bound."""
-    config, size = TINY, (37, 53)
     ckpt = checkpoint(config)
     x, target = data(config, size)
     names = trainable(config)
     base = reference.gradients(ckpt.tensors, x, target, config=config)
     tensors = dict(ckpt.tensors)
-    tensors["d2.ag.Ws.0.weight"] = tensors["d2.ag.Ws.0.weight"].copy()
-    tensors["d2.ag.Ws.0.weight"][0, 0, 0, 0] += 1e-4
+    weight = tensors["d2.ag.Ws.0.weight"] = tensors["d2.ag.Ws.0.weight"].copy()
+    weight[(0,) * weight.ndim] += 1e-4
     perturbed = reference.gradients(tensors, x, target, config=config)
     assert rel(whole(perturbed, "grad/", names), whole(base, "grad/", names)) > 1e3 * FLOAT64_BOUND
 
 
-def test_forward_keys_and_train_state():
-    config, size = TINY, (37, 53)
+# Plausible mistakes in an op, each in every rank: the larger half of the padding before (torch
+# puts d // 2 before), the kernel's spatial axes reversed on the way to channels last (OIDHW ->
+# WHDIO), and the upsampling's samples at half-pixel centres (align_corners=False).
+
+
+def pad_widths_larger_half_first(shape, target):
+    return [(d - d // 2, d // 2) for d in (t - s for s, t in zip(shape[1:-1], target[1:-1], strict=True))]
+
+
+def kernel_spatial_axes_reversed(rank):
+    return (*range(rank - 1, 1, -1), 1, 0)
+
+
+def interpolation_half_pixel(n, dtype=np.float64):
+    m = np.zeros((2 * n, n))
+    for i in range(2 * n):
+        src = min(max((i + 0.5) / 2 - 0.5, 0.0), n - 1)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, n - 1)
+        m[i, lo] += 1 - (src - lo)
+        m[i, hi] += src - lo
+    return m.astype(dtype)
+
+
+WRONG_OPS = {
+    "pad-larger-half-first": ("_pad_widths", pad_widths_larger_half_first),
+    "kernel-spatial-axes-reversed": ("_channels_last_kernel", kernel_spatial_axes_reversed),
+    "upsample-half-pixel": ("interpolation_matrix", interpolation_half_pixel),
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(WRONG_OPS))
+@pytest.mark.parametrize("config,size", RANKS, ids=RANK_IDS)
+def test_a_wrong_op_is_caught_by_the_torch_comparison(config, size, wrong, monkeypatch):
+    """The comparison with PyTorch float64 sees each op's convention: with one op of the
+    reference made wrong, the output and the gradient are far beyond the float64 bound."""
+    ckpt = checkpoint(config)
+    x, target = data(config, size)
+    names = trainable(config)
+    model = torch_model(ckpt)
+    loss = torch_loss(model, x, target)
+    loss.backward()
+    theirs = {f"grad/{n}": p.grad.numpy() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        output = model(torch.from_numpy(x)).numpy()
+    monkeypatch.setattr(reference, *WRONG_OPS[wrong])
+    ours = reference.train_steps(ckpt.tensors, x, target, optimizers=(), config=config, forward=True)
+    assert rel(ours["output"], output) > 1e3 * FLOAT64_BOUND
+    assert rel(whole(ours, "grad/", names), whole(theirs, "grad/", names)) > 1e3 * FLOAT64_BOUND
+
+
+@pytest.mark.parametrize("config,size", RANKS, ids=RANK_IDS)
+def test_forward_matches_torch_in_every_block(config, size):
+    """Every block output, eval and train mode, and the running statistics after the train-mode
+    pass, against the PyTorch model of the same rank in float64."""
     ckpt = checkpoint(config)
     x, _ = data(config, size)
     blocks = ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output"]  # depth 2
-    out = reference.forward(ckpt.tensors, x, config=config)
-    assert list(out) == blocks
-    assert out["output"].shape == (2, 1, *size) and out["d2.ag"].shape == (2, 4, *size)
-    train = reference.forward(ckpt.tensors, x, train=True, config=config)
-    assert sorted(k for k in train if k.startswith("state/")) == sorted(f"state/{n}" for n in buffers(config))
     model = from_checkpoint(ckpt, "float64")
-    with torch.no_grad():
-        assert rel(out["output"], model(torch.from_numpy(x)).numpy()) <= FLOAT64_BOUND
-        assert rel(train["output"], model.train()(torch.from_numpy(x)).numpy()) <= FLOAT64_BOUND
+    assert model.config == config
+    for train in (False, True):
+        out = reference.forward(ckpt.tensors, x, train=train, config=config)
+        with torch.no_grad():
+            _, named = model.train(train)(torch.from_numpy(x), return_intermediates=True)
+        assert list(named) == blocks
+        assert [k for k in out if not k.startswith("state/")] == blocks
+        assert out["output"].shape == (2, 1, *size) and out["d2.ag"].shape == (2, 4, *size)
+        for name in blocks:
+            assert rel(out[name], named[name].numpy()) <= FLOAT64_BOUND, (train, name)
+    state = model.state_dict()
+    assert sorted(k for k in out if k.startswith("state/")) == sorted(f"state/{n}" for n in buffers(config))
+    for n in buffers(config):
+        assert rel(out[f"state/{n}"], state[n].numpy()) <= FLOAT64_BOUND, n
 
 
 def test_unknown_precision_and_optimizer_are_refused():
@@ -322,6 +464,12 @@ def test_unknown_precision_and_optimizer_are_refused():
         reference.forward(ckpt.tensors, x, precision="float16")
     with pytest.raises(ValueError, match="optimizer"):
         reference.train_step(ckpt.tensors, x, target, optimizer="rmsprop")
+
+
+def test_an_input_of_the_other_rank_is_refused():
+    x, _ = data(TINY_3D, (16, 16))  # NCHW for a 3D model
+    with pytest.raises(ValueError, match=r"3D model takes NCDHW inputs, got a 4-D array"):
+        reference.forward(checkpoint(TINY_3D).tensors, x)
 
 
 # --- reduced precision -----------------------------------------------------------------------
@@ -363,8 +511,8 @@ def test_reduced_precision_noise_is_plausible(config, size, precision, record_pr
     assert abs(float(rounded["loss"]) - float(exact["loss"])) <= NOISE[precision]["train"][1] * float(exact["loss"])
 
 
-def test_mixed_bfloat16_rounds_activations_not_parameters():
-    config, size = TINY, (16, 16)
+@pytest.mark.parametrize("config,size", [(TINY, (16, 16)), (TINY_3D, VOLUME)], ids=RANK_IDS)
+def test_mixed_bfloat16_rounds_activations_not_parameters(config, size):
     ckpt = checkpoint(config)
     x, target = data(config, size)
     out = reference.forward(ckpt.tensors, x, config=config, train=True, precision="mixed_bfloat16")

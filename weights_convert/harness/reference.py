@@ -4,9 +4,14 @@ multi-step training that every implementation is compared with.
 
 Eval mode uses the running statistics; train mode normalises with the batch statistics and
 returns the updated running statistics (torch's rule: ``new = 0.9 * old + 0.1 * batch``, the
-variance unbiased) as ``state/<name>``. Inputs and results are NCHW arrays with canonical names
-and layouts (conv OIHW); internally activations are NHWC and kernels HWIO, so that every
-convolution is one BLAS matmul of the k*k taps side by side (im2col) with the kernel.
+variance unbiased) as ``state/<name>``. Inputs and results are NCHW arrays, NCDHW for a 3D model
+(``ModelConfig.spatial_dims``, inferred from the kernels' rank), with canonical names and layouts
+(conv OIHW, OIDHW); internally activations are channels last (NHWC, NDHWC) and kernels HWIO
+(DHWIO), so that every convolution is one BLAS matmul of the k**dims taps side by side (im2col:
+9, or 27 in 3D) with the kernel. Every op is one code path for both ranks: BatchNorm normalises
+over every axis but the channels, the max pool takes 2x2 (2x2x2) windows, the upsampling is
+bilinear (trilinear) as one interpolation matrix per axis, the zero padding pads every spatial
+axis to the skip.
 
 The backward is a tape: each op of the forward appends ``(backward, inputs, output)``, where
 ``backward`` maps the output's gradient to its inputs' gradients (and stores the gradients of
@@ -27,12 +32,15 @@ activations used more than once (the skip connections, the gate's inputs).
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import ml_dtypes
 import numpy as np
 
 from weights_convert.core.optim import check_fit_batches, check_optimizer, state_results
 from weights_convert.core.optimizer_state import reference_step
-from weights_convert.core.spec import ModelConfig, infer_config, param_specs
+from weights_convert.core.spec import ModelConfig, infer_config, layout, param_specs
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: weight of the new batch statistic
@@ -66,69 +74,94 @@ class Precision:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ops on NHWC arrays, forward and backward (one function each).
+# Ops on channels-last arrays (N, *spatial, C): NHWC or NDHWC, forward and backward (one
+# function each). Every op is written once for any number of spatial axes.
 
 
 IM2COL_ELEMENTS = 2**23  # largest patch matrix built at once (64 MiB in float64); larger inputs go in row bands
 
 
 def _row_bands(h: int, elements_per_row: int):
-    """(start, stop) output-row bands whose patch matrices hold at most IM2COL_ELEMENTS."""
+    """(start, stop) bands of output rows (indices along the first spatial axis: H, or D in 3D)
+    whose patch matrices hold at most IM2COL_ELEMENTS."""
     rows = max(1, IM2COL_ELEMENTS // max(1, elements_per_row))
     return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
 
 
-def _patches(xp, k: int, h: int, w: int):
-    """(N, h+k-1, w+k-1, C) -> (N*h*w, k*k*C): the k*k taps side by side, tap-major (dy, dx, c),
-    which is the row order of an HWIO kernel reshaped to (k*k*C, O)."""
+def _taps(k: int, dims: int):
+    """The k**dims kernel offsets, one tuple per tap, in row-major order ((dy, dx), or (dz, dy, dx))."""
+    return list(itertools.product(range(k), repeat=dims))
+
+
+def _box(start, sides):
+    """The index of a box of an (N, *spatial, C) array: ``sides`` positions from ``start`` on
+    each spatial axis, every sample and channel (one tap's input window, a crop, a pooled region)."""
+    return (slice(None), *(slice(a, a + s) for a, s in zip(start, sides, strict=True)), slice(None))
+
+
+def _patches(xp, k: int, sides):
+    """(N, *(sides + k - 1), C) -> (N * prod(sides), k**dims * C): the taps side by side,
+    tap-major ((dy, dx, c), or (dz, dy, dx, c)), which is the row order of an HWIO (DHWIO) kernel
+    reshaped to (k**dims * C, O)."""
+    channels = xp.shape[-1]
     if k == 1:
-        return xp.reshape(-1, xp.shape[3])
-    taps = [xp[:, dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k)]
-    return np.concatenate(taps, axis=3).reshape(-1, k * k * xp.shape[3])
+        return xp.reshape(-1, channels)
+    taps = [xp[_box(offset, sides)] for offset in _taps(k, len(sides))]
+    return np.concatenate(taps, axis=-1).reshape(-1, len(taps) * channels)
 
 
-def conv2d(x, kernel, bias, pad):
-    """x (N, H, W, C), kernel (k, k, C, O) -> (N, H', W', O); stride 1, symmetric zero padding.
-    One matmul over the k*k taps and the channels (products summed in the operands' dtype)."""
+def _pad_spatial(x, pad: int):
+    """Symmetric zero padding of every spatial axis of an (N, *spatial, C) array."""
+    if not pad:
+        return x
+    return np.pad(x, ((0, 0), *[(pad, pad)] * (x.ndim - 2), (0, 0)))
+
+
+def conv(x, kernel, bias, pad):
+    """x (N, *spatial, C), kernel (*[k] * dims, C, O) (HWIO or DHWIO) -> (N, *spatial', O); stride 1,
+    symmetric zero padding. One matmul over the k**dims taps and the channels (products summed in
+    the operands' dtype), in bands of output rows."""
     k = kernel.shape[0]
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-    n, hp, wp, c = xp.shape
-    h, w = hp - k + 1, wp - k + 1
-    kmat = kernel.reshape(k * k * c, -1)
-    out = np.empty((n, h, w, kmat.shape[1]), dtype=np.result_type(x, kernel))
-    for r0, r1 in _row_bands(h, n * w * k * k * c):
-        out[:, r0:r1] = (_patches(xp[:, r0 : r1 + k - 1], k, r1 - r0, w) @ kmat).reshape(n, r1 - r0, w, -1)
+    xp = _pad_spatial(x, pad)
+    n = xp.shape[0]
+    h, *rest = (side - k + 1 for side in xp.shape[1:-1])  # output sides: the banded axis, the others
+    kmat = kernel.reshape(-1, kernel.shape[-1])  # (k**dims * C, O)
+    out = np.empty((n, h, *rest, kmat.shape[1]), dtype=np.result_type(x, kernel))
+    for r0, r1 in _row_bands(h, n * math.prod(rest) * kmat.shape[0]):
+        band = _patches(xp[:, r0 : r1 + k - 1], k, (r1 - r0, *rest))
+        out[:, r0:r1] = (band @ kmat).reshape(n, r1 - r0, *rest, -1)
     return out + bias
 
 
-def conv2d_backward(g, x, kernel, pad, need_input=True):
-    """Gradients of ``conv2d`` with respect to x (None unless ``need_input``), kernel and bias:
+def conv_backward(g, x, kernel, pad, need_input=True):
+    """Gradients of ``conv`` with respect to x (None unless ``need_input``), kernel and bias:
     the kernel's is patches^T @ g, x's is g @ kernel^T scattered back onto the taps."""
     k = kernel.shape[0]
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-    n, h, w, o = g.shape
-    c = x.shape[3]
-    kmat = kernel.reshape(k * k * c, o)
+    xp = _pad_spatial(x, pad)
+    n, h, *rest, o = g.shape
+    c = x.shape[-1]
+    taps = _taps(k, g.ndim - 2)
+    kmat = kernel.reshape(len(taps) * c, o)
     gkmat = np.zeros(kmat.shape, dtype=np.result_type(g, x))
     gxp = np.zeros(xp.shape, dtype=np.result_type(g, kernel)) if need_input else None
-    for r0, r1 in _row_bands(h, n * w * k * k * c):
+    for r0, r1 in _row_bands(h, n * math.prod(rest) * kmat.shape[0]):
+        sides = (r1 - r0, *rest)
         g2 = g[:, r0:r1].reshape(-1, o)
-        gkmat += _patches(xp[:, r0 : r1 + k - 1], k, r1 - r0, w).T @ g2
+        gkmat += _patches(xp[:, r0 : r1 + k - 1], k, sides).T @ g2
         if need_input:
-            gpatches = (g2 @ kmat.T).reshape(n, r1 - r0, w, k * k, c)
-            for dy in range(k):
-                for dx in range(k):
-                    gxp[:, r0 + dy : r1 + dy, dx : dx + w] += gpatches[:, :, :, dy * k + dx]
+            gpatches = (g2 @ kmat.T).reshape(n, *sides, len(taps), c)
+            for t, (first, *others) in enumerate(taps):
+                gxp[_box((r0 + first, *others), sides)] += gpatches[..., t, :]
     gx = None
     if need_input:
-        gx = gxp[:, pad : pad + x.shape[1], pad : pad + x.shape[2]] if pad else gxp
+        gx = gxp[_box([pad] * (x.ndim - 2), x.shape[1:-1])] if pad else gxp
     return gx, gkmat.reshape(kernel.shape), channel_sum(g)
 
 
 def channel_sum(x):
     """Per-channel sum of an (..., C) array by pairwise summation (NumPy sums a contiguous last
-    axis pairwise, other axes one row at a time): a float32 sum over N*H*W then errs ~log(n)*eps,
-    as a framework's tree reduction does, not ~n*eps."""
+    axis pairwise, other axes one row at a time): a float32 sum over every axis but the channels
+    then errs ~log(n)*eps, as a framework's tree reduction does, not ~n*eps."""
     return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T).sum(axis=1)
 
 
@@ -142,7 +175,7 @@ def batch_norm_backward(g, xhat, weight, inv_std, train):
     gweight = channel_sum(g * xhat)
     gbias = channel_sum(g)
     if train:
-        n = g.size // g.shape[3]
+        n = g.size // g.shape[-1]
         gx = (weight * inv_std) * (g - gbias / n - xhat * (gweight / n))
     else:
         gx = g * (weight * inv_std)
@@ -166,33 +199,46 @@ def sigmoid_backward(g, y):
     return g * (y * (1 - y))
 
 
+def _window_axes(dims: int) -> tuple[int, ...]:
+    """The transpose of (N, S1//2, 2, S2//2, 2, .., C) to (N, S1//2, S2//2, .., C, 2, 2, ..): the
+    window offsets last, in the order of the spatial axes."""
+    return (0, *range(1, 2 * dims, 2), 2 * dims + 1, *range(2, 2 * dims + 1, 2))
+
+
 def _pool_windows(x):
-    """(N, H, W, C) -> (N, H//2, W//2, C, 4): each 2x2 window in row-major order (floor)."""
-    n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+    """(N, *S, C) -> (N, *(S // 2), C, 2**dims): each 2x2 (2x2x2) window flattened in row-major
+    order of its offsets ((dy, dx), or (dz, dy, dx)); odd sides floored."""
+    n, *sides, c = x.shape
+    dims = len(sides)
+    pooled = [side // 2 for side in sides]
+    covered = x[_box([0] * dims, [2 * p for p in pooled])]
+    split = covered.reshape(n, *itertools.chain.from_iterable((p, 2) for p in pooled), c)
+    return split.transpose(_window_axes(dims)).reshape(n, *pooled, c, 2**dims)
 
 
 def max_pool(x):
-    """2x2, stride 2, floor for odd sizes."""
+    """2x2 (2x2x2), stride 2, floor for odd sizes."""
     return _pool_windows(x).max(axis=-1)
 
 
 def max_pool_backward(g, x):
-    """The gradient goes to each window's maximum; on ties, to the first in row-major order."""
-    n, h, w, c = x.shape
+    """The gradient goes to each window's maximum; on ties, to the first in row-major order of
+    the window's offsets (lexicographic over (dy, dx), or (dz, dy, dx)), as torch's kernels scan."""
+    n, *pooled, c = g.shape
+    dims = len(pooled)
     windows = _pool_windows(x)
-    first_max = windows.argmax(axis=-1)[..., None] == np.arange(4)
+    first_max = windows.argmax(axis=-1)[..., None] == np.arange(2**dims)
     gwindows = np.where(first_max, g[..., None], 0)
+    covered = [2 * p for p in pooled]
+    split = gwindows.reshape(n, *pooled, c, *[2] * dims).transpose(np.argsort(_window_axes(dims)))
     gx = np.zeros_like(x, dtype=g.dtype)
-    gx[:, : h // 2 * 2, : w // 2 * 2] = (
-        gwindows.reshape(n, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    )
+    gx[_box([0] * dims, covered)] = split.reshape(n, *covered, c)
     return gx
 
 
 def interpolation_matrix(n: int, dtype=np.float64) -> np.ndarray:
-    """(2n, n) bilinear weights with align_corners=True: output i samples input i*(n-1)/(2n-1)."""
+    """(2n, n) linear interpolation weights along one axis with align_corners=True: output i
+    samples input i*(n-1)/(2n-1)."""
     m = np.zeros((2 * n, n))
     for i in range(2 * n):
         src = i * (n - 1) / (2 * n - 1)
@@ -203,33 +249,53 @@ def interpolation_matrix(n: int, dtype=np.float64) -> np.ndarray:
     return m.astype(dtype)
 
 
+# einsum letters of the spatial axes before (n) and after (2n) the upsampling; a 2D array takes
+# the last two.
+_SIDES = "dhw"
+_SIDES_UPSAMPLED = "kij"
+
+
+def _interpolate(x, sides, upsampled: bool):
+    """Each spatial axis of x (N, *S, C) mapped by the interpolation matrix M (2s, s) of its
+    ``sides`` entry s: by M (s -> 2s) when x is not ``upsampled``, else by M^T (2s -> s). One
+    einsum, the operands in the order (M_1, x, M_2, ..): that order and these letters fix the
+    contraction path NumPy picks, so that 2D computes bit for bit what ``ih,nhwc,jw->nijc`` does."""
+    dims = len(sides)
+    small, large = _SIDES[-dims:], _SIDES_UPSAMPLED[-dims:]
+    given, result = (large, small) if upsampled else (small, large)
+    matrices = [interpolation_matrix(side, x.dtype) for side in sides]
+    subscripts = [f"{to}{of}" for to, of in zip(large, small, strict=True)]  # each M is (2s, s)
+    operands = [matrices[0], x, *matrices[1:]]
+    inputs = [subscripts[0], f"n{given}c", *subscripts[1:]]
+    return np.einsum(f"{','.join(inputs)}->n{result}c", *operands, optimize=True)
+
+
 def upsample(x):
-    """Bilinear x2, align_corners=True: y = Mh x Mw^T on each (H, W) plane."""
-    mh, mw = interpolation_matrix(x.shape[1], x.dtype), interpolation_matrix(x.shape[2], x.dtype)
-    return np.einsum("ih,nhwc,jw->nijc", mh, x, mw, optimize=True)
+    """Bilinear (trilinear in 3D) x2, align_corners=True: separable, the matrix of each axis
+    applied along it (y = Mh x Mw^T on each (H, W) plane in 2D)."""
+    return _interpolate(x, x.shape[1:-1], upsampled=False)
 
 
 def upsample_backward(g):
-    """The transpose of the interpolation: gx = Mh^T g Mw."""
-    mh, mw = interpolation_matrix(g.shape[1] // 2, g.dtype), interpolation_matrix(g.shape[2] // 2, g.dtype)
-    return np.einsum("ih,nijc,jw->nhwc", mh, g, mw, optimize=True)
+    """The transpose of the interpolation: each axis mapped by its M^T (gx = Mh^T g Mw in 2D)."""
+    return _interpolate(g, [side // 2 for side in g.shape[1:-1]], upsampled=True)
 
 
-def _pad_widths(shape, h, w):
-    dh, dw = h - shape[1], w - shape[2]
-    return (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)
+def _pad_widths(shape, target):
+    """(before, after) zeros on each spatial axis from an (N, *S, C) ``shape`` to the ``target``
+    shape's sides: d // 2 before, the rest after."""
+    return [(d // 2, d - d // 2) for d in (t - s for s, t in zip(shape[1:-1], target[1:-1], strict=True))]
 
 
-def pad_to(x, h, w):
-    """Zeros to the skip's size: d // 2 before, the rest after."""
-    ph, pw = _pad_widths(x.shape, h, w)
-    return np.pad(x, ((0, 0), ph, pw, (0, 0)))
+def pad_to(x, target):
+    """Zeros on every spatial axis up to the ``target`` shape's sides (the skip's shape)."""
+    return np.pad(x, ((0, 0), *_pad_widths(x.shape, target), (0, 0)))
 
 
 def pad_to_backward(g, shape):
     """The gradient of the unpadded region: ``shape`` is the input's shape."""
-    (top, _), (left, _) = _pad_widths(shape, g.shape[1], g.shape[2])
-    return g[:, top : top + shape[1], left : left + shape[2]]
+    before = [b for b, _ in _pad_widths(shape, g.shape)]
+    return g[_box(before, shape[1:-1])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,13 +354,14 @@ class Graph:
 
     def conv(self, x: Node, prefix: str, pad: int) -> Node:
         r = self.p.round
-        kernel = r(self.t[f"{prefix}.weight"]).transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        weight = self.t[f"{prefix}.weight"]
+        kernel = r(weight).transpose(_channels_last_kernel(weight.ndim))  # OIHW -> HWIO, OIDHW -> DHWIO
         xv = r(x.value)
-        y = r(conv2d(xv, kernel, self.t[f"{prefix}.bias"], pad))
+        y = r(conv(xv, kernel, self.t[f"{prefix}.bias"], pad))
 
         def backward(g):
-            gx, gkernel, gbias = conv2d_backward(g, xv, kernel, pad, need_input=x.needs_grad)
-            self.grads[f"{prefix}.weight"] = gkernel.transpose(3, 2, 0, 1)
+            gx, gkernel, gbias = conv_backward(g, xv, kernel, pad, need_input=x.needs_grad)
+            self.grads[f"{prefix}.weight"] = gkernel.transpose(np.argsort(_channels_last_kernel(weight.ndim)))
             self.grads[f"{prefix}.bias"] = gbias
             return (None if gx is None else r(gx),)
 
@@ -305,7 +372,7 @@ class Graph:
         weight, bias = self.t[f"{prefix}.weight"], self.t[f"{prefix}.bias"]
         train = self.train
         if train:
-            n = xv.size // xv.shape[3]
+            n = xv.size // xv.shape[-1]
             mean = channel_mean(xv)
             var = channel_mean((xv - mean) ** 2)  # biased: what normalises the batch
             unbiased = var * n / (n - 1)  # what torch stores in running_var
@@ -353,13 +420,14 @@ class Graph:
     def upsample(self, x: Node) -> Node:
         return self.op(self.p.round(upsample(x.value)), (x,), lambda g: (self.p.round(upsample_backward(g)),))
 
-    def pad_to(self, x: Node, h: int, w: int) -> Node:
+    def pad_to(self, x: Node, target: tuple[int, ...]) -> Node:
+        """``x`` zero-padded to the spatial sides of the ``target`` shape (the skip's)."""
         shape = x.value.shape
-        return self.op(pad_to(x.value, h, w), (x,), lambda g: (pad_to_backward(g, shape),))
+        return self.op(pad_to(x.value, target), (x,), lambda g: (pad_to_backward(g, shape),))
 
     def concat(self, a: Node, b: Node) -> Node:
-        split = a.value.shape[3]
-        return self.op(np.concatenate([a.value, b.value], axis=3), (a, b), lambda g: (g[..., :split], g[..., split:]))
+        split = a.value.shape[-1]
+        return self.op(np.concatenate([a.value, b.value], axis=-1), (a, b), lambda g: (g[..., :split], g[..., split:]))
 
     # -- blocks -------------------------------------------------------------------------------
 
@@ -386,19 +454,37 @@ class Graph:
         x = named["b1"] = self.conv_block(x, "b1.conv")
         for j in range(1, config.depth + 1):
             s = skips[-j]
-            x = self.pad_to(self.upsample(x), s.value.shape[1], s.value.shape[2])
+            x = self.pad_to(self.upsample(x), s.value.shape)
             a = named[f"d{j}.ag"] = self.gate(x, s, f"d{j}.ag")
             x = named[f"d{j}"] = self.conv_block(self.concat(x, self.multiply(a, s)), f"d{j}.c1.conv")
         named["output"] = self.conv(x, "output", 0)
         return named
 
 
-def _nhwc(x):
-    return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+def _channels_last_kernel(rank: int) -> tuple[int, ...]:
+    """The transpose of a canonical kernel to channels last: OIHW -> HWIO, OIDHW -> DHWIO."""
+    return (*range(2, rank), 1, 0)
 
 
-def _nchw(x):
-    return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+def _channels_last(x):
+    """NCHW -> NHWC, NCDHW -> NDHWC."""
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1))
+
+
+def _channels_first(x):
+    """NHWC -> NCHW, NDHWC -> NCDHW."""
+    return np.ascontiguousarray(np.moveaxis(x, -1, 1))
+
+
+def _input(x, config: ModelConfig, p: Precision) -> Node:
+    """The network's input as a channels-last node, refused unless of rank ``spatial_dims + 2``."""
+    x = p.array(x)
+    if x.ndim != config.spatial_dims + 2:
+        axes = layout(config, "channels_first")
+        raise ValueError(
+            f"the {config.spatial_dims}D model takes {axes} inputs, got a {x.ndim}-D array of shape {x.shape}"
+        )
+    return Node(_channels_last(x), needs_grad=False)
 
 
 def _config(tensors, config):
@@ -421,25 +507,25 @@ def forward(
     tensors: dict, x, *, train: bool = False, config: ModelConfig | None = None, precision: str = "float64"
 ) -> dict[str, np.ndarray]:
     """Named block outputs (``e1``.., ``b1``, ``d1.ag`` (the attention map), ``d1``.., ``output``),
-    NCHW, computed at ``precision`` (see the module docstring); in train mode also ``state/<name>``
-    for every running statistic after the pass."""
+    NCHW (NCDHW in 3D), computed at ``precision`` (see the module docstring); in train mode also
+    ``state/<name>`` for every running statistic after the pass."""
     config = _config(tensors, config)
     graph = Graph(tensors, train=train, precision=precision)
-    named = graph(Node(_nhwc(graph.p.array(x)), needs_grad=False), config)
-    results = {k: _nchw(v.value) for k, v in named.items()}
+    named = graph(_input(x, config, graph.p), config)
+    results = {k: _channels_first(v.value) for k, v in named.items()}
     results.update({f"state/{k}": v for k, v in graph.state.items()})
     return results
 
 
 def _loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision: str):
-    """(loss, {name: gradient}, {name: running statistic after the pass}, {block: NCHW output}) of
-    one train-mode pass."""
+    """(loss, {name: gradient}, {name: running statistic after the pass}, {block: NCHW or NCDHW
+    output}) of one train-mode pass."""
     graph = Graph(tensors, train=True, precision=precision, record=True)
     p = graph.p
-    named = graph(Node(_nhwc(p.array(x)), needs_grad=False), config)
-    blocks = {k: _nchw(v.value) for k, v in named.items()}  # before the backward frees the tape
+    named = graph(_input(x, config, p), config)
+    blocks = {k: _channels_first(v.value) for k, v in named.items()}  # before the backward frees the tape
     output = named["output"]
-    diff = output.value - _nhwc(p.array(target))
+    diff = output.value - _channels_last(p.array(target))
     loss = np.mean(diff * diff)
     graph.backward(output, p.round(diff * (2 / diff.size)))
     grads = {name: np.ascontiguousarray(graph.grads[name], dtype=p.dtype) for name in _trainable(config)}
