@@ -2,7 +2,8 @@
 that make the same runner calls.
 
 ``test_framework_parity``, ``test_keras_parity`` and ``test_parity_all`` check training on one
-model at one batch shape (``SMALL_CONFIG`` at ``SMALL_SIZE``, batch 2): the frameworks that run
+model at one batch shape (``SMALL_CONFIG`` at ``SMALL_SIZE``, batch 2), and in 3D on one more
+(``SMALL_3D_CONFIG`` at ``SMALL_3D_SIZE``): the frameworks that run
 in the test process (Flax, and Keras under the process's backend) compile each training step
 once per dtype for all of them.
 
@@ -30,6 +31,10 @@ from weights_convert.harness import keras_worker
 SMALL_CONFIG = ModelConfig(3, 2, (4, 8, 16))
 SMALL_SIZE = (19, 13)
 SMALL_CHECKPOINT = random_checkpoint(SMALL_CONFIG, seed=1, dtype="float64")
+# The same in 3D, a volume of odd sides: what the 3D training checks run.
+SMALL_3D_CONFIG = ModelConfig(2, 2, (4, 8, 16), spatial_dims=3)
+SMALL_3D_SIZE = (9, 12, 11)
+SMALL_3D_CHECKPOINT = random_checkpoint(SMALL_3D_CONFIG, seed=1, dtype="float64")
 
 _run_batch_in_backend = keras_worker.run_batch_in_backend
 _recorded: dict[tuple, dict] = {}

@@ -7,6 +7,7 @@ Nothing here asserts a time: timings depend on the machine and its load.
 import dataclasses
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import bench, cli
 
 TINY = '{"channels": [4, 8, 16]}'
+TINY_3D = '{"spatial_dims": 3, "in_channels": 2, "channels": [4, 8, 16]}'
 ROW_KEYS = {"framework", "backend", "variant", "mode", "precision", "device", "dtype", "batch", "size", "median_ms"}
 ROW_KEYS |= {"gflops", "ratio_to_ceiling", "matmul_precision"}
 # The matmul setting each backend reports for a row of each precision: on JAX it is the one seen
@@ -34,25 +36,23 @@ def run_bench(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def hand_count(config: ModelConfig, height: int, width: int) -> int:
-    """Convolution FLOPs of one image written out level by level, independently of the spec's table."""
+def hand_count(config: ModelConfig, *sides: int) -> int:
+    """Convolution FLOPs of one image (H W) or volume (D H W) written out level by level,
+    independently of the spec's table: a 3x3 conv has 9 taps, a 3x3x3 one 27."""
     c = config.channels
-    sizes = [(height, width)]
-    for _ in range(config.depth):
-        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    taps = 3 ** len(sides)
+    positions = [math.prod(side // 2**level for side in sides) for level in range(config.depth + 1)]
     total, c_in = 0, config.in_channels
     for i in range(config.depth):
-        h, w = sizes[i]
-        total += 2 * 9 * h * w * (c_in * c[i] + c[i] * c[i])
+        total += 2 * taps * positions[i] * (c_in * c[i] + c[i] * c[i])
         c_in = c[i]
-    h, w = sizes[-1]
-    total += 2 * 9 * h * w * (c[-2] * c[-1] + c[-1] * c[-1])
+    total += 2 * taps * positions[-1] * (c[-2] * c[-1] + c[-1] * c[-1])
     for j in range(config.depth):
         c_g, c_s = c[-1 - j], c[-2 - j]
-        h, w = sizes[config.depth - 1 - j]
-        total += 2 * h * w * (c_g * c_s + c_s * c_s + c_s * c_s)  # the gate's three 1x1 convolutions
-        total += 2 * 9 * h * w * ((c_g + c_s) * c_s + c_s * c_s)
-    return total + 2 * height * width * c[0] * config.out_channels
+        at = positions[config.depth - 1 - j]
+        total += 2 * at * (c_g * c_s + c_s * c_s + c_s * c_s)  # the gate's three 1x1 convolutions
+        total += 2 * taps * at * ((c_g + c_s) * c_s + c_s * c_s)
+    return total + 2 * positions[0] * c[0] * config.out_channels
 
 
 def test_default_model_is_91_2_gflop():
@@ -68,6 +68,8 @@ def test_default_model_is_91_2_gflop():
         (ModelConfig(3, 1, (4, 8, 16)), (37, 53)),
         (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8)),
         (ModelConfig(1, 2, (4, 8)), (3, 2)),
+        (ModelConfig(2, 2, (4, 8, 16), spatial_dims=3), (9, 12, 11)),
+        (ModelConfig(1, 1, (4, 8), spatial_dims=3), (2, 5, 3)),
     ],
 )
 def test_flops_match_hand_count(config, size):
@@ -75,7 +77,12 @@ def test_flops_match_hand_count(config, size):
 
 
 @pytest.mark.parametrize(
-    "config, size", [(ModelConfig(3, 1, (4, 8, 16)), (37, 53)), (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8))]
+    "config, size",
+    [
+        (ModelConfig(3, 1, (4, 8, 16)), (37, 53)),
+        (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8)),
+        (ModelConfig(2, 2, (4, 8, 16), spatial_dims=3), (9, 12, 11)),
+    ],
 )
 def test_flops_match_torch_flop_counter(config, size):
     """torch's FlopCounterMode counts the executed convolutions (and their backward) per module."""
@@ -84,7 +91,8 @@ def test_flops_match_torch_flop_counter(config, size):
 
     import impl_torch
 
-    model = impl_torch.AttentionUNet(config.in_channels, config.out_channels, config.channels).train()
+    model = impl_torch.AttentionUNet(config.in_channels, config.out_channels, config.channels, config.spatial_dims)
+    model.train()
     x = torch.randn(2, config.in_channels, *size)
     with FlopCounterMode(display=False) as counter:
         output = model(x)
@@ -95,7 +103,7 @@ def test_flops_match_torch_flop_counter(config, size):
     with FlopCounterMode(display=False) as counter:
         torch.mean(model(x) ** 2).backward()
     assert counter.get_total_flops() == bench.train_step_flops(config, size, batch=2)
-    assert output.shape[-2:] == size
+    assert output.shape[2:] == size
 
 
 def check_ceilings(report: dict) -> None:
@@ -109,7 +117,9 @@ def check_ceilings(report: dict) -> None:
     assert report["sgemm_gflops"] == ceilings["float32"]
 
 
-def check_rows(report: dict, framework: str, backend: str, variants: set[str], dtype="float32", modes=None) -> None:
+def check_rows(
+    report: dict, framework: str, backend: str, variants: set[str], dtype="float32", modes=None, size=(16, 24)
+) -> None:
     check_ceilings(report)
     rows = [r for r in report["results"] if r["framework"] == framework and r["backend"] == backend]
     modes = modes or bench.MODES
@@ -118,7 +128,7 @@ def check_rows(report: dict, framework: str, backend: str, variants: set[str], d
     for row in rows:
         assert ROW_KEYS <= set(row), row
         assert "error" not in row, row
-        assert (row["device"], row["dtype"], row["batch"], row["size"]) == ("cpu", dtype, 2, [16, 24])
+        assert (row["device"], row["dtype"], row["batch"], row["size"]) == ("cpu", dtype, 2, list(size))
         assert row["precision"] == dtype  # on CPU, one precision per dtype: no tf32 rows
         assert row["matmul_precision"] == MATMUL_SETTING[backend][dtype], row
         assert row["median_ms"] > 0
@@ -148,6 +158,26 @@ def test_torch_rows(capsys):
         "spatial_dims": 2,
     }
     assert len(report["load_avg_start"]) == 3
+
+
+def test_torch_rows_of_a_3d_model(capsys):
+    """A volume: FLOPs of 3x3x3 convolutions, channels_last is torch's channels_last_3d."""
+    pytest.importorskip("torch")
+    report = run_bench(
+        capsys,
+        "--frameworks",
+        "torch",
+        "--variants",
+        "eager,channels_last",
+        "--config",
+        TINY_3D,
+        "--size",
+        "8",
+        "12",
+        "10",
+    )
+    assert report["flops"]["forward"] == 2 * hand_count(ModelConfig(2, 1, (4, 8, 16), spatial_dims=3), 8, 12, 10)
+    check_rows(report, "torch", "torch", {"eager", "channels_last"}, size=(8, 12, 10))
 
 
 def test_flax_rows(capsys):
@@ -267,7 +297,9 @@ def test_table_output(capsys):
     [
         (["--frameworks", "mxnet"], "unknown frameworks ['mxnet']"),
         (["--modes", "backward"], "modes must be"),
-        (["--size", "2", "64"], "size must be H W with both >= 4"),
+        (["--size", "2", "64"], "--size 2 64 is too small for depth 2: every side needs at least 4"),
+        (["--size", "8", "8", "8"], "--size takes 2 positive sides (H W) for this 2D model, got 8 8 8"),
+        (["--config", TINY_3D, "--size", "8", "8"], "--size takes 3 positive sides (D H W) for this 3D model"),
         (["--batch", "0"], "batch must be a positive integer"),
     ],
 )

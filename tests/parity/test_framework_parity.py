@@ -23,11 +23,16 @@ DTYPES = ["float64", "float32", "mixed_bfloat16"]
 # The training checks run one model at one batch shape: Flax compiles its gradient once per dtype
 # in this process for the train and fit tests here and the parity command's (test_parity_all).
 TRAIN_CONFIG, TRAIN_SIZE = shared_runs.SMALL_CONFIG, shared_runs.SMALL_SIZE
+TRAIN = [
+    pytest.param(TRAIN_CONFIG, TRAIN_SIZE, id="2d"),
+    pytest.param(shared_runs.SMALL_3D_CONFIG, shared_runs.SMALL_3D_SIZE, id="3d"),
+]
 SMALL = [
     pytest.param(ModelConfig(3, 1, (4, 8, 16)), (16, 16), id="depth2-16x16"),
     pytest.param(ModelConfig(3, 1, (4, 8, 16)), (37, 53), id="depth2-37x53"),
     # The case that once failed a fixed 1e-5 float32 bound on Intel CPUs and passed on AMD ones.
     pytest.param(ModelConfig(2, 3, (8, 16, 32, 64, 128)), (45, 33), id="depth4-45x33"),
+    pytest.param(ModelConfig(2, 2, (4, 8, 16), spatial_dims=3), (13, 9, 10), id="3d-depth2-13x9x10"),
 ]
 
 
@@ -66,8 +71,8 @@ def test_train_forward_and_running_statistics(config, size, framework, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_train_statistics_gradients_and_steps(framework, dtype):
-    config, size = TRAIN_CONFIG, TRAIN_SIZE
+@pytest.mark.parametrize("config, size", TRAIN)
+def test_train_statistics_gradients_and_steps(config, size, framework, dtype):
     report = assert_report_passes(check(random_checkpoint(config, seed=2), framework, dtype, "train", size))
     trainable = [p.name for p in param_specs(config) if not p.is_buffer]
     buffers = [p.name for p in param_specs(config) if p.is_buffer]
@@ -84,10 +89,10 @@ def test_train_statistics_gradients_and_steps(framework, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_fit(framework, dtype):
-    config = TRAIN_CONFIG
+@pytest.mark.parametrize("config, size", TRAIN)
+def test_fit(config, size, framework, dtype):
     report = assert_report_passes(
-        check(random_checkpoint(config, seed=3), framework, dtype, "fit", TRAIN_SIZE, steps=4, optimizer="adam")
+        check(random_checkpoint(config, seed=3), framework, dtype, "fit", size, steps=4, optimizer="adam")
     )
     quantities = [r.quantity for r in report.results]
     assert quantities[:4] == [f"loss/step{k}" for k in range(1, 5)]
@@ -109,16 +114,17 @@ def test_fit_float64_ten_steps_sgd_and_the_curve():
     assert curve.shape == (10,) and len(set(np.round(curve, 12))) == 10
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize(
     "name, block",
     [("e2.conv.conv.3.weight", "e2"), ("d1.ag.Ws.1.running_var", "d1.ag"), ("d2.c1.conv.0.bias", "d2")],
 )
-def test_a_perturbed_parameter_fails_and_names_its_block(framework, name, block):
+def test_a_perturbed_parameter_fails_and_names_its_block(framework, name, block, spatial_dims):
     """A parity check that cannot fail proves nothing: change one tensor on one side only."""
-    config = ModelConfig(3, 1, (4, 8, 16))
+    config = ModelConfig(3, 1, (4, 8, 16), spatial_dims=spatial_dims)
     checkpoint = random_checkpoint(config, seed=4, dtype="float64")
-    inputs = parity.Inputs(*parity.make_inputs(config, 2, (16, 16)))
+    inputs = parity.Inputs(*parity.make_inputs(config, 2, (16, 16) if spatial_dims == 2 else (9, 12, 11)))
     reference, _ = reference_and_noise(checkpoint, inputs, parity.Run(), "float64")
     perturbed = weights_convert.Checkpoint(checkpoint.config, dict(checkpoint.tensors))
     perturbed.tensors[name] = perturbed.tensors[name] * (1 + 1e-6)

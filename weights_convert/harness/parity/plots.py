@@ -82,25 +82,32 @@ def _plot_resume(report: Report, plt):
     return fig
 
 
+def _plane(image: np.ndarray) -> np.ndarray:
+    """The (C, H, W) plane of the first item's image, or of a volume (C, D, H, W) its middle slice."""
+    return image if image.ndim == 3 else image[:, image.shape[1] // 2]
+
+
 def _plot_outputs(report: Report, plt):
-    """Input, reference and per-implementation masks, and heat maps of |difference|."""
+    """Input, reference and per-implementation masks, and heat maps of |difference| (of a volume,
+    the middle slice along its depth)."""
     labels = list(report.outputs)
     columns = 2 + len(labels)
     fig, axes = plt.subplots(2, columns, figsize=(3 * columns, 6), squeeze=False)
-    image = report.input[0].transpose(1, 2, 0)
+    image = _plane(report.input[0]).transpose(1, 2, 0)
     image = image[..., :3] if image.shape[-1] >= 3 else image[..., 0]
     axes[0, 0].imshow(image, cmap=None if image.ndim == 3 else "gray")
     axes[0, 0].set_title("input")
-    axes[0, 1].imshow(report.reference_output[0, 0] > 0, cmap="gray")
+    reference_logits = _plane(report.reference_output[0])[0]
+    axes[0, 1].imshow(reference_logits > 0, cmap="gray")
     axes[0, 1].set_title("reference mask")
     axes[1, 0].axis("off")
-    axes[1, 1].imshow(report.reference_output[0, 0], cmap="viridis")
+    axes[1, 1].imshow(reference_logits, cmap="viridis")
     axes[1, 1].set_title("reference logits")
     for i, label in enumerate(labels):
-        output = report.outputs[label]
-        axes[0, 2 + i].imshow(output[0, 0] > 0, cmap="gray")
+        logits = _plane(report.outputs[label][0])[0]
+        axes[0, 2 + i].imshow(logits > 0, cmap="gray")
         axes[0, 2 + i].set_title(f"{label}\nmask", fontsize=8)
-        heat = axes[1, 2 + i].imshow(np.abs(output[0, 0] - report.reference_output[0, 0]), cmap="magma")
+        heat = axes[1, 2 + i].imshow(np.abs(logits - reference_logits), cmap="magma")
         axes[1, 2 + i].set_title("|difference|", fontsize=8)
         fig.colorbar(heat, ax=axes[1, 2 + i], fraction=0.046)
     for ax in axes.flat:

@@ -150,9 +150,9 @@ def summary_line(report: Report) -> str:
         worst = max(gating, key=lambda r: r.rel_diff / r.tolerance)
         share = 100 * worst.rel_diff / worst.tolerance
         rows += f", largest error {share:.2g}% of its bound ({_label(worst)} {worst.quantity})"
-    batch, _, height, width = np.shape(report.input)
+    batch, _, *sides = np.shape(report.input)
     config = json.dumps(report.config.to_dict())
-    run = f"size {height}x{width}, batch {batch}, seed {report.seed}, {report.dtype}, {report.mode}"
+    run = f"size {'x'.join(map(str, sides))}, batch {batch}, seed {report.seed}, {report.dtype}, {report.mode}"
     return f"{verdict} | {rows} | config {config} | {run}"
 
 
