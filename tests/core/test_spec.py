@@ -2,7 +2,14 @@ import ast
 
 import pytest
 
-from weights_convert.core.spec import ModelConfig, infer_config, param_table, parameter_count
+from weights_convert.core.spec import (
+    ModelConfig,
+    check_input_shape,
+    check_sides,
+    infer_config,
+    param_table,
+    parameter_count,
+)
 
 
 def test_default_table_equals_article_keys(reference_dir):
@@ -13,6 +20,21 @@ def test_default_table_equals_article_keys(reference_dir):
 
 def test_default_parameter_count():
     assert parameter_count(ModelConfig()) == 8_135_745
+
+
+def test_3d_table_has_the_2d_names_and_a_depth_axis_on_every_kernel():
+    flat, volume = param_table(ModelConfig()), param_table(ModelConfig(spatial_dims=3))
+    assert list(volume) == list(flat)
+    for name, shape in flat.items():
+        is_kernel = len(shape) == 4
+        assert volume[name] == ((*shape, shape[-1]) if is_kernel else shape), name
+    assert volume["e1.conv.conv.0.weight"] == (64, 3, 3, 3, 3) and volume["output.weight"] == (1, 64, 1, 1, 1)
+    assert parameter_count(ModelConfig(spatial_dims=3)) == 23_695_809
+
+
+def test_a_config_without_spatial_dims_is_2d():
+    assert ModelConfig.from_dict({"in_channels": 3, "out_channels": 1, "channels": [4, 8]}).spatial_dims == 2
+    assert ModelConfig.from_json('{"spatial_dims": 3, "channels": [4, 8]}').spatial_dims == 3
 
 
 @pytest.mark.parametrize(
@@ -28,6 +50,10 @@ def test_default_parameter_count():
         ({"channels": (64, "128")}, "(bad: ['128'])"),
         ({"channels": 64}, "got 64"),
         ({"channels": "64"}, "got '64'"),
+        ({"spatial_dims": 1}, "spatial_dims must be one of [2, 3], got 1"),
+        ({"spatial_dims": 4}, "spatial_dims must be one of [2, 3], got 4"),
+        ({"spatial_dims": True}, "got True"),
+        ({"spatial_dims": "3"}, "got '3'"),
     ],
 )
 def test_config_validation_echoes_bad_value(kwargs, fragment):
@@ -50,9 +76,58 @@ def test_config_dict_round_trip_and_unknown_fields():
         ModelConfig.from_dict({"depth": 3})
 
 
-@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(1, 4, (4, 8)), ModelConfig(2, 3, (8, 16, 32, 64, 128))])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(),
+        ModelConfig(1, 4, (4, 8)),
+        ModelConfig(2, 3, (8, 16, 32, 64, 128)),
+        ModelConfig(2, 2, (4, 8, 16), spatial_dims=3),
+    ],
+)
 def test_infer_config_from_shapes(config):
     assert infer_config(param_table(config)) == config
+
+
+def test_infer_config_refuses_kernels_of_both_ranks():
+    table = dict(param_table(ModelConfig(2, 2, (4, 8, 16))))
+    table["output.weight"] = (*table["output.weight"], 1)
+    with pytest.raises(ValueError, match="the kernels mix 2D and 3D shapes"):
+        infer_config(table)
+
+
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ((1, 2, 9, 12), "expected input of shape (N, 2, D, H, W) with D, H, W >= 4, got a 4-D tensor"),
+        ((1, 2, 9, 3, 12), "got (1, 2, 9, 3, 12)"),
+        ((1, 3, 9, 12, 11), "got (1, 3, 9, 12, 11)"),
+    ],
+)
+def test_3d_input_check(shape, fragment):
+    config = ModelConfig(2, 1, (4, 8, 16), spatial_dims=3)
+    check_input_shape(config, (2, 2, 4, 5, 6), "channels_first")
+    check_input_shape(config, (2, 4, 5, 6, 2), "channels_last")
+    with pytest.raises(ValueError) as info:
+        check_input_shape(config, shape, "channels_first")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, sides, message",
+    [
+        (2, (9, 12, 11), "--size takes 2 positive sides (H W) for this 2D model, got 9 12 11"),
+        (3, (9, 12), "--size takes 3 positive sides (D H W) for this 3D model, got 9 12"),
+        (3, (9, 0, 11), "--size takes 3 positive sides (D H W) for this 3D model, got 9 0 11"),
+        (3, (9, 3, 11), "--size 9 3 11 is too small for depth 2: every side needs at least 4"),
+    ],
+)
+def test_sides_are_checked_against_the_model(spatial_dims, sides, message):
+    config = ModelConfig(2, 1, (4, 8, 16), spatial_dims=spatial_dims)
+    with pytest.raises(ValueError) as info:
+        check_sides(config, sides)
+    assert str(info.value) == message
+    assert check_sides(config, (4,) * spatial_dims) == (4,) * spatial_dims
 
 
 @pytest.mark.parametrize(
@@ -63,6 +138,7 @@ def test_infer_config_from_shapes(config):
         ModelConfig(channels=(64, 128, 256, 256)),
         ModelConfig(channels=(32, 128, 256, 512)),
         ModelConfig(channels=(64, 128, 512)),
+        ModelConfig(spatial_dims=3),
     ],
 )
 def test_every_field_changes_the_parameter_count(changed):

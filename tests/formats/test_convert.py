@@ -325,3 +325,38 @@ def test_convert_names_every_dtype_of_a_mixed_checkpoint(tmp_path, capsys):
     written = weights_convert.read(tmp_path / "mixed.safetensors").float_dtypes
     summary = capsys.readouterr().err.strip().splitlines()[0]
     assert f"{len(written['float16'])} float16, {len(written['float32'])} float32" in summary, summary
+
+
+def test_a_3d_training_checkpoint_crosses_every_format_bit_for_bit(tmp_path):
+    """OIDHW kernels and their Adam slots through every format and back to .safetensors: the weights
+    unchanged in each, the optimizer state in each format that holds one, the config still 3D."""
+    from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
+    from weights_convert.core.spec import param_specs
+    from weights_convert.formats import FORMATS
+    from weights_convert.formats.io import holds_optimizer
+
+    config = ModelConfig(2, 2, (4, 8, 16), spatial_dims=3)
+    original = random_checkpoint(config, seed=6)
+    rng = np.random.default_rng(6)
+    trainable = [spec for spec in param_specs(config) if not spec.is_buffer]
+    slots = {slot: {s.name: rng.random(s.shape, np.float32) for s in trainable} for slot in ("exp_avg", "exp_avg_sq")}
+    state = OptimizerState("adam", hyperparameters("adam"), 3, slots)
+    training = weights_convert.Checkpoint.from_tensors(original.tensors, config, optimizer=state)
+    source = tmp_path / "start.safetensors"
+    weights_convert.write(training, source)
+    for fmt in FORMATS:
+        path = tmp_path / f"m{fmt.suffixes[0]}"
+        keeps_state = holds_optimizer(path)
+        weights_convert.convert(source, path, weights_only=not keeps_state)
+        back_path = tmp_path / f"back_from{fmt.suffixes[0]}.safetensors"
+        weights_convert.convert(path, back_path)
+        for read in (weights_convert.read(path), weights_convert.read(back_path)):
+            assert read.config == config, fmt.suffixes
+            assert read.tensors["e1.conv.conv.0.weight"].shape == (4, 2, 3, 3, 3)
+            assert_same_tensors(read, original)
+            if keeps_state:
+                assert read.optimizer.header() == state.header(), fmt.suffixes
+                changed = [
+                    k for k, v in state.tensors().items() if v.tobytes() != read.optimizer.tensors()[k].tobytes()
+                ]
+                assert changed == [], (fmt.suffixes, changed)

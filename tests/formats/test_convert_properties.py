@@ -25,6 +25,7 @@ configs = st.builds(
     in_channels=st.integers(1, 4),
     out_channels=st.integers(1, 3),
     channels=st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple),
+    spatial_dims=st.sampled_from([2, 3]),
 )
 
 
