@@ -151,7 +151,8 @@ class AttentionUNet(nnx.Module):
 
     def __call__(self, x: jax.Array, return_intermediates: bool = False):
         """Logits of shape (N, H, W, out_channels) (or N, D, H, W, out_channels); with
-        ``return_intermediates`` also a dict of every block's output (NHWC, NDHWC): ``e1``.. (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
+        ``return_intermediates`` also a dict of every block's output (NHWC, NDHWC): ``e1``..
+        (skips), ``b1``, ``d1.ag`` (gate map), ``d1``.., ``output``."""
         self.check_input(x)
         x = jnp.asarray(x, self.dtype)
         named: dict[str, jax.Array] = {}
