@@ -78,7 +78,8 @@ def check_dtype(dtype, param_dtype=None) -> np.dtype:
 
 
 class BatchNorm(nnx.Module):
-    """BatchNorm over the channel (last) axis with torch's training semantics.
+    """BatchNorm over the channel (last) axis with torch's training semantics: the statistics are
+    over the batch and every spatial axis (BatchNorm2d on NHWC, BatchNorm3d on NDHWC).
 
     ``nnx.BatchNorm`` cannot be used: it stores the biased batch variance in the running variance,
     while torch stores the unbiased one (times n / (n - 1)), so the two drift apart after the first
@@ -183,9 +184,10 @@ def upsample2x(x: jax.Array) -> jax.Array:
     output i samples input i * (n - 1) / (2n - 1).
 
     ``jax.image.resize`` samples at half-pixel centres instead, a different function; the rule is
-    ``weights_convert.core.upsampling``'s, the Keras model's too, one linear interpolation per
-    spatial axis (trilinear is bilinear followed by one more along depth). Computed in at least
-    float32, as torch's kernel does for bfloat16 input, and returned in ``x``'s dtype."""
+    ``weights_convert.core.upsampling``'s, the Keras model's too: one linear interpolation along
+    each spatial axis in turn (trilinear is three of them, torch's one kernel to rounding).
+    Computed in at least float32, as torch's kernel does for bfloat16 input, and returned in
+    ``x``'s dtype."""
     spatial_axes = tuple(range(1, x.ndim - 1))
     return upsampling.upsample2x(JNP_OPS, x, spatial_axes, jnp.promote_types(x.dtype, jnp.float32))
 
