@@ -1,4 +1,4 @@
-"""Attention U-Net in Flax NNX (NHWC), with checkpoint load/save through ``weights_convert``; in
+"""Attention U-Net in Flax NNX (NHWC, or NDHWC in 3D), with checkpoint load/save through ``weights_convert``; in
 float32, float64 or mixed bfloat16 (float32 parameters, bfloat16 compute: ``dtype="mixed_bfloat16"``)."""
 
 from impl_flax.io import from_checkpoint, load, save, to_checkpoint

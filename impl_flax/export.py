@@ -1,10 +1,10 @@
 """Deployment export of the Flax model, and its runtime: a serialized ``jax.export.Exported``
 (``.jaxexport``), mirroring ``impl_torch/export.py``.
 
-The file takes NHWC input and returns NHWC logits (eval mode: BatchNorm uses its running
-statistics), with a symbolic batch, height and width (``jax.export`` shape polymorphism): any
-batch >= 1 and any H, W >= the model's ``min_size`` (2**depth), odd sizes included; the
-constraint is checked when the function is called. Loads with ``jax.export.deserialize`` and
+The file takes NHWC input and returns NHWC logits (NDHWC for a 3D model; eval mode: BatchNorm
+uses its running statistics), with a symbolic batch and spatial sides (``jax.export`` shape
+polymorphism): any batch >= 1 and any H, W (D, H, W) >= the model's ``min_size`` (2**depth), odd
+sizes included; the constraint is checked when the function is called. Loads with ``jax.export.deserialize`` and
 runs with ``.call`` on any JAX platform it was exported for (CPU). A float64 file needs JAX's
 64-bit mode to run (``run`` switches it on for the call).
 """
@@ -25,8 +25,14 @@ from weights_convert.core.checkpoint import Checkpoint
 SUFFIXES = (".jaxexport",)
 
 
+def symbolic_axes(model: AttentionUNet) -> list[str]:
+    """The input's symbolic axes, in order (channels last, which is not symbolic): ``batch``, then
+    ``depth`` (3D), ``height`` and ``width``; the names ``impl_torch.export.dynamic_axes`` gives."""
+    return ["batch", *("depth", "height", "width")[-model.config.spatial_dims :]]
+
+
 def exported(model: AttentionUNet) -> jax.export.Exported:
-    """``jax.export`` of the eval model's logits with a symbolic batch, height and width."""
+    """``jax.export`` of the eval model's logits with a symbolic batch and spatial sides."""
     config = model.config
     model.eval()
     graphdef, state = nnx.split(model)
@@ -34,10 +40,11 @@ def exported(model: AttentionUNet) -> jax.export.Exported:
     def logits(x):
         return nnx.merge(graphdef, state)(x)
 
-    batch, height, width = jax.export.symbolic_shape(
-        "batch, height, width", constraints=(f"height >= {config.min_size}", f"width >= {config.min_size}")
+    batch, *spatial = symbolic_axes(model)
+    sizes = jax.export.symbolic_shape(
+        ", ".join([batch, *spatial]), constraints=tuple(f"{side} >= {config.min_size}" for side in spatial)
     )
-    spec = jax.ShapeDtypeStruct((batch, height, width, config.in_channels), model.dtype)
+    spec = jax.ShapeDtypeStruct((*sizes, config.in_channels), model.dtype)
     return jax.export.export(jax.jit(logits))(spec)
 
 
@@ -60,7 +67,7 @@ def export(checkpoint: Checkpoint, path, dtype: str = "float32") -> None:
 
 
 def run(path, x: np.ndarray) -> np.ndarray:
-    """The logits (NHWC) of the exported file ``path`` on ``x`` (NHWC, in the file's dtype), with
+    """The logits (NHWC, NDHWC) of the exported file ``path`` on ``x`` (NHWC, NDHWC, in the file's dtype), with
     ``jax.export.deserialize``."""
     function = jax.export.deserialize(bytearray(Path(path).read_bytes()))
     float64 = any(aval.dtype == jnp.float64 for aval in function.in_avals)

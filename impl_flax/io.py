@@ -1,5 +1,6 @@
 """Between ``impl_flax.AttentionUNet`` and the canonical checkpoint: the NNX state path of every
-canonical tensor comes from ``weights_convert.core.flax_layout.nnx_path``; conv kernels go OIHW <-> HWIO."""
+canonical tensor comes from ``weights_convert.core.flax_layout.nnx_path``; conv kernels go OIHW <-> HWIO
+(OIDHW <-> DHWIO for a 3D model)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
     # Build the module tree without initializing 8M random weights, then fill every variable.
     abstract = nnx.eval_shape(
         lambda: AttentionUNet(
-            config.in_channels, config.out_channels, config.channels, dtype=compute, param_dtype=param, rngs=nnx.Rngs(0)
+            config.in_channels,
+            config.out_channels,
+            config.channels,
+            config.spatial_dims,
+            dtype=compute,
+            param_dtype=param,
+            rngs=nnx.Rngs(0),
         )
     )
     graphdef, state = nnx.split(abstract)

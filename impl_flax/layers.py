@@ -1,9 +1,12 @@
 """The layers of the Flax model where Flax's defaults are not the contract (ARCHITECTURE.md
 section 3): BatchNorm with torch's semantics, explicit conv padding, max pooling that floors odd
-sizes, the bilinear x2 upsampling with aligned corners and the zero padding to the skip; and the
-precision rule (compute dtype, parameter dtype) every layer is built with.
+sizes, the bilinear (trilinear) x2 upsampling with aligned corners and the zero padding to the
+skip, each for 2D and 3D (``dims``, the config's ``spatial_dims``); and the precision rule
+(compute dtype, parameter dtype) every layer is built with.
 
-Activations are NHWC. ``impl_torch/layers.py`` and ``impl_keras/layers.py`` hold the same names.
+Activations are NHWC or NDHWC: the channel axis is last, the spatial axes are all those between
+the batch and the channels, so every layer but ``conv`` takes its rank from its input.
+``impl_torch/layers.py`` and ``impl_keras/layers.py`` hold the same names.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def check_dtype(dtype, param_dtype=None) -> np.dtype:
 
 
 class BatchNorm(nnx.Module):
-    """BatchNorm over the channel (last) axis with torch's training semantics.
+    """BatchNorm over the channel (last) axis with torch's training semantics: the statistics are
+    over the batch and every spatial axis (BatchNorm2d on NHWC, BatchNorm3d on NDHWC).
 
     ``nnx.BatchNorm`` cannot be used: it stores the biased batch variance in the running variance,
     while torch stores the unbiased one (times n / (n - 1)), so the two drift apart after the first
@@ -125,14 +129,15 @@ class BatchNorm(nnx.Module):
         return jnp.asarray(x * alpha + (self.bias[...] - mean * alpha), self.dtype)
 
 
-def conv(c_in: int, c_out: int, kernel_size: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(c_in: int, c_out: int, kernel_size: int, dims: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    """A ``kernel_size`` convolution along each of ``dims`` spatial axes (3x3 or 3x3x3, 1x1 or 1x1x1)."""
     # Explicit symmetric padding: 'SAME' is not torch's padding=1 for every kernel size.
     pad = kernel_size // 2
     return nnx.Conv(
         c_in,
         c_out,
-        (kernel_size, kernel_size),
-        padding=((pad, pad), (pad, pad)),
+        (kernel_size,) * dims,
+        padding=((pad, pad),) * dims,
         dtype=dtype,  # inputs and kernel are cast to it: bfloat16 convolutions under mixed precision
         param_dtype=param_dtype,
         rngs=rngs,
@@ -148,11 +153,15 @@ def sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
 
 
 def max_pool2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pool, stride 2, flooring odd sizes (torch's MaxPool2d(2)): the odd last row and column
-    are dropped first, so the reshape holds with symbolic sizes too."""
-    n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+    """2x2 (2x2x2) max pool, stride 2, flooring odd sizes (torch's MaxPool2d(2), MaxPool3d(2)) on
+    NHWC (NDHWC): the odd last slice of every spatial axis is dropped first, so the reshape holds
+    with symbolic sizes too. Each spatial side ``s`` is split into (s // 2, 2) and the 2s reduced."""
+    n, *sides, c = x.shape
+    halves = [side // 2 for side in sides]
+    x = x[(slice(None), *(slice(None, half * 2) for half in halves))]
+    windows = [size for half in halves for size in (half, 2)]
+    window_axes = tuple(range(2, 2 + 2 * len(sides), 2))
+    return jnp.max(x.reshape(n, *windows, c), axis=window_axes)
 
 
 # The keras.ops names the shared upsampling rule (weights_convert.core.upsampling) calls, over jax.numpy.
@@ -171,12 +180,16 @@ JNP_OPS = types.SimpleNamespace(
 # inside an outer nnx.jit it is simply inlined.
 @jax.jit
 def upsample2x(x: jax.Array) -> jax.Array:
-    """Bilinear x2 with align_corners=True on NHWC: output i samples input i * (n - 1) / (2n - 1).
+    """Bilinear (trilinear) x2 with align_corners=True on NHWC (NDHWC): along each spatial axis,
+    output i samples input i * (n - 1) / (2n - 1).
 
     ``jax.image.resize`` samples at half-pixel centres instead, a different function; the rule is
-    ``weights_convert.core.upsampling``'s, the Keras model's too. Computed in at least float32, as
-    torch's kernel does for bfloat16 input, and returned in ``x``'s dtype."""
-    return upsampling.upsample2x(JNP_OPS, x, (1, 2), jnp.promote_types(x.dtype, jnp.float32))
+    ``weights_convert.core.upsampling``'s, the Keras model's too: one linear interpolation along
+    each spatial axis in turn (trilinear is three of them, torch's one kernel to rounding).
+    Computed in at least float32, as torch's kernel does for bfloat16 input, and returned in
+    ``x``'s dtype."""
+    spatial_axes = tuple(range(1, x.ndim - 1))
+    return upsampling.upsample2x(JNP_OPS, x, spatial_axes, jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _is_concrete(size) -> bool:
@@ -184,13 +197,14 @@ def _is_concrete(size) -> bool:
     return isinstance(size, (int, np.integer))
 
 
-def pad_to(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+def pad_to(x: jax.Array, skip: jax.Array) -> jax.Array:
+    """Zero-pad every spatial axis of ``x`` (NHWC, NDHWC) up to the skip's size: d // 2 before, the
+    rest after.
 
     With symbolic sizes (``jax.export``) the pad widths are symbolic too, and it is always a pad."""
-    dh, dw = height - x.shape[1], width - x.shape[2]
-    if _is_concrete(dh) and _is_concrete(dw) and dh == 0 and dw == 0:
+    differences = [target - side for target, side in zip(skip.shape[1:-1], x.shape[1:-1], strict=True)]
+    if all(_is_concrete(d) and d == 0 for d in differences):
         return x
     no_pad = (0, 0, 0)
-    widths = (no_pad, (dh // 2, dh - dh // 2, 0), (dw // 2, dw - dw // 2, 0), no_pad)
+    widths = (no_pad, *((d // 2, d - d // 2, 0) for d in differences), no_pad)
     return jax.lax.pad(x, jnp.zeros((), x.dtype), widths)

@@ -1,5 +1,6 @@
 """What the parity harness runs in Flax NNX: the functions of ``impl_torch.runner``, same
-signatures, numpy in and out in canonical layouts (NCHW activations, canonical names, OIHW kernels).
+signatures, numpy in and out in canonical layouts (NCHW or NCDHW activations, canonical names, OIHW
+or OIDHW kernels); the model itself runs channels last (NHWC, NDHWC).
 
 - ``forward(checkpoint, x, *, dtype, device, train)``: every named block output; in train mode also
   ``state/<name>`` for every running statistic after the forward.
@@ -29,12 +30,14 @@ from weights_convert.core.checkpoint import Checkpoint
 __all__ = ["fit", "forward", "loss_fn", "train_step"]
 
 
-def to_nhwc(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x).transpose(0, 2, 3, 1)
+def to_channels_last(x: np.ndarray) -> np.ndarray:
+    """NCHW -> NHWC, NCDHW -> NDHWC."""
+    return np.moveaxis(np.asarray(x), 1, -1)
 
 
-def to_nchw(x) -> np.ndarray:
-    return _numpy(x).transpose(0, 3, 1, 2)
+def to_channels_first(x) -> np.ndarray:
+    """NHWC -> NCHW, NDHWC -> NCDHW, as numpy (``to_result``)."""
+    return np.moveaxis(_numpy(x), -1, 1)
 
 
 def _model(checkpoint: Checkpoint, dtype: str, train: bool) -> AttentionUNet:
@@ -51,8 +54,8 @@ def _named_outputs(model: AttentionUNet, x: jax.Array) -> dict:
 def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
     with _scope(dtype, device) as input_dtype:
         model = _model(checkpoint, dtype, train)
-        named = _named_outputs(model, jnp.asarray(to_nhwc(x), input_dtype))
-        results = {name: to_nchw(named[name]) for name in model.block_names}
+        named = _named_outputs(model, jnp.asarray(to_channels_last(x), input_dtype))
+        results = {name: to_channels_first(named[name]) for name in model.block_names}
         if train:
             statistics = canonical(nnx.state(model, nnx.BatchStat), model.config)
             results.update({f"state/{name}": value for name, value in statistics.items()})

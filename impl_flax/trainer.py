@@ -151,11 +151,12 @@ class FlaxTrainer:
         return self.step_fn(self.model, self.optimizer, x, target)
 
     def _feed(self, batch) -> jax.Array:
-        """NHWC in the feed dtype; on D devices this process's consecutive part of the global batch."""
-        nhwc = np.asarray(batch, self.feed).transpose(0, 2, 3, 1)
+        """A channels-first batch (NCHW, NCDHW) channels last (NHWC, NDHWC) in the feed dtype; on D
+        devices this process's consecutive part of the global batch."""
+        channels_last = np.moveaxis(np.asarray(batch, self.feed), 1, -1)
         if self.mesh is None:
-            return jnp.asarray(nhwc)
-        local = shard(nhwc, jax.process_index(), jax.process_count())
+            return jnp.asarray(channels_last)
+        local = shard(channels_last, jax.process_index(), jax.process_count())
         return jax.make_array_from_process_local_data(distributed.batch_sharding(self.mesh), local)
 
     def loss(self, loss) -> np.ndarray:

@@ -53,6 +53,19 @@ def zero_gradient_biases(config: ModelConfig) -> set[str]:
     return biases
 
 
+def move_errors(actual: dict, expected: dict, checkpoint) -> dict:
+    """The moves of the parameters in a fit (a few lr * g, far below the parameters' own scale),
+    relative to the largest move, as gradients are compared."""
+    trainable = [n.split("/", 1)[1] for n in expected if n.startswith("param/")]
+    moves = {n: (actual[f"param/{n}"], expected[f"param/{n}"] - checkpoint.tensors[n]) for n in trainable}
+    largest = max(float(np.max(np.abs(move))) for _, move in moves.values())
+    return {
+        f"move/{name}": float(np.max(np.abs(value - checkpoint.tensors[name] - move))) / largest
+        for name, (value, move) in moves.items()
+        if name not in zero_gradient_biases(checkpoint.config)
+    }
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_fit_float64_matches_torch(optimizer):
     checkpoint = checkpoint64()
@@ -66,14 +79,7 @@ def test_fit_float64_matches_torch(optimizer):
         assert actual[name].shape == value.shape and actual[name].dtype == value.dtype, name
         # Losses, parameters and statistics, each relative to its own scale.
         errors[name] = rel_error(actual[name], value, floor=1e-30)
-    # The moves of the parameters (a few lr * g, far below the parameters' own scale), relative to
-    # the largest move, as gradients are compared.
-    trainable = [n.split("/", 1)[1] for n in expected if n.startswith("param/")]
-    moves = {n: (actual[f"param/{n}"], expected[f"param/{n}"] - checkpoint.tensors[n]) for n in trainable}
-    largest = max(float(np.max(np.abs(move))) for _, move in moves.values())
-    for name, (value, move) in moves.items():
-        if name not in zero_gradient_biases(CONFIG):
-            errors[f"move/{name}"] = float(np.max(np.abs(value - checkpoint.tensors[name] - move))) / largest
+    errors.update(move_errors(actual, expected, checkpoint))
     worst = max(errors, key=errors.get)
     print(f"fit float64 {optimizer}: worst relative error {errors[worst]:.2e} ({worst})")
     assert all(error <= TOLERANCES["float64"] for error in errors.values()), worst
@@ -186,3 +192,29 @@ def test_mixed_bfloat16_forward_and_train_step():
     # while float32 stays far below; the gradient, through 20 train-mode BatchNorms, within 1.
     assert 1e-4 < errors["eval output"] < 1e-1 and 1e-4 < errors["train output"] < 1e-1
     assert errors["eval float32 output"] < 1e-5 and errors["gradient"] < 1
+
+
+# A 3D model (NCDHW in and out of the runner, NDHWC inside) through the same functions.
+CONFIG_3D = ModelConfig(2, 1, (4, 8), spatial_dims=3)
+SIZE_3D = (5, 7, 6)
+
+
+def test_3d_forward_and_fit_float64_match_torch():
+    """The runner's layout changes and the trainer's feed are rank-generic: a train-mode forward
+    (blocks and running statistics) and a two-step SGD fit of a volume match PyTorch's in float64."""
+    checkpoint = random_checkpoint(CONFIG_3D, seed=6, dtype="float64")
+    rng = np.random.default_rng(7)
+    xs = rng.uniform(size=(2, 2, CONFIG_3D.in_channels, *SIZE_3D))
+    targets = rng.uniform(size=(2, 2, CONFIG_3D.out_channels, *SIZE_3D))
+    forward = runner.forward(checkpoint, xs[0], dtype="float64", train=True)
+    expected_forward = torch_runner.forward(checkpoint, xs[0], dtype="float64", train=True)
+    actual = runner.fit(checkpoint, xs, targets, dtype="float64", optimizer="sgd")
+    expected = torch_runner.fit(checkpoint, xs, targets, dtype="float64", optimizer="sgd")
+    assert list(forward) == list(expected_forward) and list(actual) == list(expected)
+    assert forward["output"].shape == (2, CONFIG_3D.out_channels, *SIZE_3D)
+    errors = {f"forward/{name}": rel_error(forward[name], value) for name, value in expected_forward.items()}
+    errors.update({f"fit/{name}": rel_error(actual[name], value, floor=1e-30) for name, value in expected.items()})
+    errors.update(move_errors(actual, expected, checkpoint))
+    worst = max(errors, key=errors.get)
+    print(f"3D forward and fit float64: worst relative error {errors[worst]:.2e} ({worst})")
+    assert all(error <= TOLERANCES["float64"] for error in errors.values()), worst
