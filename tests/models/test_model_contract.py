@@ -4,8 +4,8 @@ named intermediates, the input check, every argument reaching the model, bit-exa
 dtype refusal. What only one framework has is in ``test_<framework>_model.py`` beside this file.
 
 Each framework is a small adapter (``TorchModel``, ``FlaxModel``, ``KerasModel``) that takes and
-returns NCHW numpy, so a test states its expectation once; the adapters import their framework
-only when a case of theirs runs.
+returns channels-first numpy (NCHW, or NCDHW for a volume), so a test states its expectation once;
+the adapters import their framework only when a case of theirs runs.
 """
 
 import contextlib
@@ -96,10 +96,12 @@ class TorchModel:
         return not model.training
 
     @staticmethod
-    def pad_to(x, height, width):
+    def pad_to(x, sides):
+        """``x`` (channels first) zero-padded to a skip of spatial ``sides``."""
         import torch
 
-        return TorchModel.layers().pad_to(torch.as_tensor(x), height, width).numpy()
+        skip = torch.zeros((*x.shape[:2], *sides))
+        return TorchModel.layers().pad_to(torch.as_tensor(x), skip).numpy()
 
 
 class FlaxModel:
@@ -154,7 +156,7 @@ class FlaxModel:
         from flax import nnx
 
         out = nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros(nhwc(np.zeros(shape)).shape))
-        return (out.shape[0], out.shape[3], *out.shape[1:3])
+        return (out.shape[0], out.shape[-1], *out.shape[1:-1])
 
     @staticmethod
     def call_on_zeros(model, shape):
@@ -176,10 +178,11 @@ class FlaxModel:
         return all(bn.use_running_average for _, bn in nnx.iter_graph(model) if isinstance(bn, batch_norm))
 
     @staticmethod
-    def pad_to(x, height, width):
+    def pad_to(x, sides):
         import jax.numpy as jnp
 
-        return nchw(FlaxModel.layers().pad_to(jnp.asarray(nhwc(x)), height, width))
+        skip = jnp.zeros((x.shape[0], *sides, x.shape[1]))
+        return nchw(FlaxModel.layers().pad_to(jnp.asarray(nhwc(x)), skip))
 
 
 class KerasModel:
@@ -238,10 +241,10 @@ class KerasModel:
         return True  # a Keras model has no mode: ``training`` is an argument of each call
 
     @staticmethod
-    def pad_to(x, height, width):
+    def pad_to(x, sides):
         import keras
 
-        return nchw(keras.ops.convert_to_numpy(KerasModel.layers().pad_to(nhwc(x), height, width)))
+        return nchw(keras.ops.convert_to_numpy(KerasModel.layers().pad_to(nhwc(x), sides)))
 
 
 FRAMEWORKS = {"torch": TorchModel, "flax": FlaxModel, "keras": KerasModel}
@@ -283,14 +286,25 @@ def test_reproduces_article_float64(framework, reference_dir, reference_input):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_odd_size_pads_before_and_after(framework):
     """A 1-pixel difference goes after; a 3-pixel one splits 1 before, 2 after."""
-    padded = FRAMEWORKS[framework].pad_to(np.ones((1, 1, 2, 2), np.float32), 5, 3)
+    padded = FRAMEWORKS[framework].pad_to(np.ones((1, 1, 2, 2), np.float32), (5, 3))
     assert padded.shape == (1, 1, 5, 3)
     assert padded[0, 0, :, :].sum(axis=1).tolist() == [0, 2, 2, 0, 0]
     assert padded[0, 0, :, :].sum(axis=0).tolist() == [2, 2, 0]
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_odd_volume_pads_every_axis_before_and_after(framework):
+    """The same rule on each of a volume's three axes: depth 2 -> 5, height 2 -> 3, width 2 -> 2."""
+    padded = FRAMEWORKS[framework].pad_to(np.ones((1, 1, 2, 2, 2), np.float32), (5, 3, 2))
+    assert padded.shape == (1, 1, 5, 3, 2)
+    assert padded[0, 0].sum(axis=(1, 2)).tolist() == [0, 4, 4, 0, 0]
+    assert padded[0, 0].sum(axis=(0, 2)).tolist() == [4, 4, 0]
+    assert padded[0, 0].sum(axis=(0, 1)).tolist() == [4, 4]
+
+
 def upsample_float64(framework, x):
-    """Flax's and Keras' upsampling (one rule, ``weights_convert.core.upsampling``) of NCHW float64 ``x``."""
+    """Flax's and Keras' upsampling (one rule, ``weights_convert.core.upsampling``) of channels-first
+    float64 ``x``: bilinear for an image, trilinear for a volume."""
     if framework == "flax":
         import jax
         import jax.numpy as jnp
@@ -302,23 +316,29 @@ def upsample_float64(framework, x):
     return nchw(keras.ops.convert_to_numpy(KerasModel.layers().Upsample2x(dtype="float64")(nhwc(x))))
 
 
-UPSAMPLE_CASES = [("flax", size) for size in [(1, 1), (1, 2), (2, 3), (5, 4), (7, 13)]]
-UPSAMPLE_CASES += [("keras", size) for size in [(1, 1), (2, 3), (5, 8), (7, 4)]]
+UPSAMPLE_CASES = [("flax", size) for size in [(1, 1), (1, 2), (2, 3), (5, 4), (7, 13), (1, 2, 3), (3, 5, 2)]]
+UPSAMPLE_CASES += [("keras", size) for size in [(1, 1), (2, 3), (5, 8), (7, 4), (2, 1, 3), (4, 3, 5)]]
 
 
 @pytest.mark.parametrize("framework, size", UPSAMPLE_CASES)
-def test_upsample_is_bilinear_with_aligned_corners_as_torch(framework, size):
+def test_upsample_is_bi_or_trilinear_with_aligned_corners_as_torch(framework, size):
     import torch
 
     x = np.random.default_rng(0).normal(size=(2, 3, *size))
     actual = upsample_float64(framework, x)
-    assert actual.shape == (2, 3, 2 * size[0], 2 * size[1])
-    matrix_h, matrix_w = reference.interpolation_matrix(size[0]), reference.interpolation_matrix(size[1])
-    np.testing.assert_allclose(actual, np.einsum("ih,nchw,jw->ncij", matrix_h, x, matrix_w), rtol=0, atol=1e-14)
+    assert actual.shape == (2, 3, *(2 * side for side in size))
+    matrices = [reference.interpolation_matrix(side) for side in size]
+    spatial = "dhw"[-len(size) :]
+    rule = ",".join(f"{out}{axis}" for out, axis in zip("ijk", spatial, strict=False))
+    rule = f"{rule},nc{spatial}->nc{'ijk'[: len(size)]}"
+    expected_by_matrices = np.einsum(rule, *matrices, x)
+    np.testing.assert_allclose(actual, expected_by_matrices, rtol=0, atol=1e-14)
     # Corners are copied, and torch's align_corners=True agrees.
-    assert np.array_equal(actual[:, :, [0, -1]][:, :, :, [0, -1]], x[:, :, [0, -1]][:, :, :, [0, -1]])
+    corners = np.ix_(*[range(2), range(3)] + [[0, -1]] * len(size))
+    assert np.array_equal(actual[corners], x[corners])
+    mode = "bilinear" if len(size) == 2 else "trilinear"
     expected = torch.nn.functional.interpolate(
-        torch.from_numpy(x), scale_factor=2, mode="bilinear", align_corners=True
+        torch.from_numpy(x), scale_factor=2, mode=mode, align_corners=True
     ).numpy()
     assert rel_error(actual, expected) <= TOLERANCES["float64"]
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-14)
@@ -338,25 +358,53 @@ def test_intermediates_are_named(framework):
     assert named["d1.ag"].shape == (2, 8, 4, 5) and np.array_equal(named["output"], out)
 
 
-# Bad inputs, in NCHW; the NHWC frameworks get them with the channel axis moved last.
-BAD_INPUTS = [
-    ((3, 16, 16), "got a 3-D tensor of shape {shape}"),
-    ((1, 1, 3, 16, 16), "got a 5-D tensor"),
-    ((1, 4, 16, 16), "expected input of shape {expected} with H, W >= 4, got {shape}"),
-    ((1, 3, 3, 16), "got {shape}"),
-    ((1, 3, 16, 2), "got {shape}"),
-]
+SMALL_3D = ModelConfig(2, 2, (4, 8, 16), spatial_dims=3)
 
 
-@pytest.mark.parametrize("shape, fragment", BAD_INPUTS)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_bad_input_raises_clear_value_error(framework, shape, fragment):
+def test_3d_float64_matches_the_reference_at_an_odd_volume(framework):
+    """``load(..., dtype="float64")`` of a 3D file takes NCDHW (torch) or NDHWC (Flax, Keras) and
+    agrees with the independent NumPy computation to the float64 bound, every block named."""
+    fw = FRAMEWORKS[framework]
+    checkpoint = random_checkpoint(SMALL_3D, seed=5, dtype="float64")
+    x = np.random.default_rng(5).uniform(size=(2, 2, 9, 12, 11))
+    expected = reference.forward(checkpoint.tensors, x, config=SMALL_3D)
+    with fw.scope("float64"):
+        model = fw.package().from_checkpoint(checkpoint, "float64")
+        actual = fw.logits(model, x, "float64")
+    assert actual.shape == (2, 2, 9, 12, 11) and actual.dtype == np.float64
+    assert rel_error(actual, expected["output"]) <= TOLERANCES["float64"]
+
+
+# Bad inputs, channels first; the channels-last frameworks get them with the channel axis moved last.
+BAD_INPUTS = [
+    (2, (3, 16, 16), "got a 3-D tensor of shape {shape}"),
+    (2, (1, 1, 3, 16, 16), "got a 5-D tensor"),
+    (2, (1, 4, 16, 16), "expected input of shape {expected} with H, W >= 4, got {shape}"),
+    (2, (1, 3, 3, 16), "got {shape}"),
+    (2, (1, 3, 16, 2), "got {shape}"),
+    (3, (1, 3, 16, 16), "expected input of shape {expected} with D, H, W >= 4, got a 4-D tensor"),
+    (3, (1, 3, 8, 3, 8), "got {shape}"),
+    (3, (1, 2, 8, 8, 8), "got {shape}"),
+]
+EXPECTED_INPUT = {
+    (2, "channels_first"): "(N, 3, H, W)",
+    (2, "channels_last"): "(N, H, W, 3)",
+    (3, "channels_first"): "(N, 3, D, H, W)",
+    (3, "channels_last"): "(N, D, H, W, 3)",
+}
+
+
+@pytest.mark.parametrize("spatial_dims, shape, fragment", BAD_INPUTS)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_bad_input_raises_clear_value_error(framework, spatial_dims, shape, fragment):
     """One check (``core.spec.check_input_shape``), one wording, in each framework's layout."""
     fw = FRAMEWORKS[framework]
-    if fw.layout == "NHWC":
-        shape = (*shape[:-3], *shape[-2:], shape[-3])
-    expected = "(N, 3, H, W)" if fw.layout == "NCHW" else "(N, H, W, 3)"
-    model = fw.build(channels=(4, 8, 16))
+    data_format = "channels_first" if fw.layout == "NCHW" else "channels_last"
+    if data_format == "channels_last" and len(shape) > 2:
+        shape = (shape[0], *shape[2:], shape[1])
+    expected = EXPECTED_INPUT[spatial_dims, data_format]
+    model = fw.build(channels=(4, 8, 16), spatial_dims=spatial_dims)
     with pytest.raises(ValueError) as info:
         fw.call_on_zeros(model, shape)
     assert fragment.format(shape=shape, expected=expected) in str(info.value) and "\n" not in str(info.value)
@@ -369,6 +417,7 @@ FIELD_CHANGES = [
     {"channels": (4, 12, 16)},
     {"channels": (6, 8, 16)},
     {"channels": (4, 8, 16, 32)},
+    {"spatial_dims": 3},
 ]
 
 
@@ -377,12 +426,13 @@ FIELD_CHANGES = [
 def test_every_argument_reaches_the_model(framework, change):
     """A silently ignored argument changes neither the parameter count nor the output."""
     fw = FRAMEWORKS[framework]
-    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16))
+    base = dict(in_channels=3, out_channels=1, channels=(4, 8, 16), spatial_dims=2)
     changed = {**base, **change}
     model = fw.build(**changed)
-    assert model.config == ModelConfig(changed["in_channels"], changed["out_channels"], changed["channels"])
+    assert model.config == ModelConfig(**changed)
     assert fw.parameter_count(model) == parameter_count(model.config) != parameter_count(ModelConfig(**base))
-    assert fw.output_shape(model, (1, changed["in_channels"], 16, 16)) == (1, changed["out_channels"], 16, 16)
+    sides = (16, 16) if changed["spatial_dims"] == 2 else (8, 8, 8)
+    assert fw.output_shape(model, (1, changed["in_channels"], *sides)) == (1, changed["out_channels"], *sides)
 
 
 # Checkpoints: each framework's own formats and the canonical ones.
@@ -391,12 +441,13 @@ ROUND_TRIPS += [("flax", suffix) for suffix in (".pt", ".safetensors", ".msgpack
 ROUND_TRIPS += [("keras", suffix) for suffix in (".weights.h5", ".keras", ".safetensors", ".pt")]
 
 
+@pytest.mark.parametrize("config", [SMALL, SMALL_3D], ids=["2d", "3d"])
 @pytest.mark.parametrize("framework, suffix", ROUND_TRIPS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_save_load_round_trip_is_bit_exact(tmp_path, framework, suffix, dtype):
+def test_save_load_round_trip_is_bit_exact(tmp_path, framework, suffix, dtype, config):
     fw = FRAMEWORKS[framework]
     package = fw.package()
-    checkpoint = random_checkpoint(SMALL, seed=3, dtype=dtype)
+    checkpoint = random_checkpoint(config, seed=3, dtype=dtype)
     with fw.scope(dtype):
         model = package.from_checkpoint(checkpoint, dtype)
         path = tmp_path / f"model{suffix}"

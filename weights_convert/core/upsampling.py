@@ -1,11 +1,12 @@
-"""Bilinear x2 upsampling with align_corners=True (ARCHITECTURE.md section 3), written once for the
-Flax and the Keras model; imports nothing.
+"""Bilinear (2D) and trilinear (3D) x2 upsampling with align_corners=True (ARCHITECTURE.md
+section 3), written once for the Flax and the Keras model; imports nothing.
 
-PyTorch has it built in (``F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)``)
-and no other framework does: ``jax.image.resize``, ``keras.layers.UpSampling2D`` and
+PyTorch has it built in (``F.interpolate(x, scale_factor=2.0, mode="bilinear"`` or ``"trilinear",
+align_corners=True)``) and no other framework does: ``jax.image.resize``, ``keras.layers.UpSampling2D`` and
 ``tf.image.resize`` sample at half-pixel centres ((i + 0.5) / 2 - 0.5), a different function. Here,
 as in torch's kernel, output i of 2n samples input position i * (n - 1) / (2n - 1), so the first
-and last outputs are the input's edge samples: one linear interpolation along H, then one along W.
+and last outputs are the input's edge samples: one linear interpolation along each spatial axis in
+turn (H then W; D, H then W), which is the bilinear (trilinear) rule since it is separable.
 
 ``ops`` is ``keras.ops`` or a namespace with the same names over another array library
 (``impl_flax.layers.JNP_OPS``, over ``jax.numpy``): ``arange``, ``cast``, ``floor``, ``minimum``,
@@ -16,8 +17,8 @@ shape polymorphism, a TensorFlow SavedModel's ``None``) flows through the same a
 from __future__ import annotations
 
 
-def upsample2x(ops, x, axes: tuple[int, int], compute_dtype):
-    """``x`` upsampled twice along both ``axes`` (its height and width), returned in ``x``'s dtype.
+def upsample2x(ops, x, axes: tuple[int, ...], compute_dtype):
+    """``x`` upsampled twice along every one of ``axes`` (its spatial axes), returned in ``x``'s dtype.
 
     Sample positions, weights and the blend are computed in ``compute_dtype``: the input's dtype,
     but at least float32, as torch's kernel does for bfloat16 input (its "opmath" type): bfloat16
