@@ -202,12 +202,15 @@ class AttentionUNet(keras.Model):
         in_channels: int = 3,
         out_channels: int = 1,
         channels: tuple[int, ...] = (64, 128, 256, 512),
+        spatial_dims: int = 2,
         dtype=None,
         kernel_initializer=KERNEL_INITIALIZER,
         data_format: str | None = None,
         **kwargs,
     ):
-        config = ModelConfig(in_channels, out_channels, tuple(channels) if channels is not None else channels)
+        config = ModelConfig(
+            in_channels, out_channels, tuple(channels) if channels is not None else channels, spatial_dims
+        )
         if data_format not in (None, "channels_first", "channels_last"):
             raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
         super().__init__(dtype=dtype, **kwargs)
