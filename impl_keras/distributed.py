@@ -76,7 +76,12 @@ def distributed_model(config, dtype: str, device: str, data_parallel: int):
     distribution = keras.distribution.DataParallel(device_mesh=mesh)
     with distribution.scope():
         model = AttentionUNet(
-            config.in_channels, config.out_channels, config.channels, dtype=dtype, kernel_initializer="zeros"
+            config.in_channels,
+            config.out_channels,
+            config.channels,
+            config.spatial_dims,
+            dtype=dtype,
+            kernel_initializer="zeros",
         )
     return model, distribution
 

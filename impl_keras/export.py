@@ -2,11 +2,11 @@
 (``*.savedmodel``), mirroring ``impl_torch/export.py``.
 
 Written by ``model.export(..., format="tf_saved_model")`` on Keras' TensorFlow backend. The
-SavedModel takes NHWC input ``x`` and returns NHWC logits (eval mode: BatchNorm uses its
-running statistics) through its ``serve`` endpoint and ``serving_default`` signature, with a
-dynamic batch, height and width (``None`` in the signature): any batch >= 1 and any H, W >= the
-model's ``min_size`` (2**depth), odd sizes included. Loads with ``tf.saved_model.load``; running
-it needs TensorFlow only, not Keras.
+SavedModel takes channels-last input ``x`` (NHWC, or NDHWC for a 3D model) and returns logits in
+the same layout (eval mode: BatchNorm uses its running statistics) through its ``serve`` endpoint
+and ``serving_default`` signature, with a dynamic batch and spatial sizes (``None`` in the
+signature): any batch >= 1 and any side >= the model's ``min_size`` (2**depth), odd sizes
+included. Loads with ``tf.saved_model.load``; running it needs TensorFlow only, not Keras.
 
 Keras' backend is fixed when it is imported, so a process on another backend exports through one
 ``KERAS_BACKEND=tensorflow python -m impl_keras.export CHECKPOINT DST --dtype D`` subprocess.
@@ -27,10 +27,12 @@ SUFFIXES = (".savedmodel",)
 
 
 def export_savedmodel(model, path) -> None:
-    """``model.export`` as a SavedModel with a dynamic batch, height and width (TensorFlow backend)."""
+    """``model.export`` as a SavedModel with a dynamic batch and spatial sizes (TensorFlow backend)."""
     import keras
 
-    spec = keras.InputSpec(shape=(None, None, None, model.config.in_channels), dtype=model.dtype_policy.compute_dtype)
+    config = model.config
+    shape = (None,) * (config.spatial_dims + 1) + (config.in_channels,)  # NHWC / NDHWC, sizes dynamic
+    spec = keras.InputSpec(shape=shape, dtype=model.dtype_policy.compute_dtype)
     model.export(str(path), format="tf_saved_model", input_signature=[spec], verbose=False)
 
 
@@ -69,7 +71,7 @@ def _export_in_subprocess(checkpoint: Checkpoint, path, dtype: str) -> None:
 
 
 def run(path, x: np.ndarray) -> np.ndarray:
-    """The logits (NHWC) of the SavedModel ``path`` on ``x`` (NHWC, in the model's dtype), with
+    """The logits (NHWC / NDHWC) of the SavedModel ``path`` on ``x`` (same layout, the model's dtype), with
     ``tf.saved_model.load``."""
     import tensorflow as tf
 

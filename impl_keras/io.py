@@ -1,7 +1,7 @@
 """Between ``impl_keras.AttentionUNet`` and the canonical checkpoint.
 
 The model's variable paths are the canonical module paths (``keras_path``), so the mapping is
-one function, ``keras_variables``: no per-layer table. Conv kernels change layout (OIHW <-> HWIO)
+one function, ``keras_variables``: no per-layer table. Conv kernels change layout (OIHW <-> HWIO, OIDHW <-> DHWIO)
 through ``weights_convert.core.layouts.LEAF_RULES``.
 """
 
@@ -49,7 +49,12 @@ def build_model(checkpoint: Checkpoint, dtype=None) -> AttentionUNet:
     dtype = str(checkpoint.float_dtype) if dtype is None else dtype
     # Every value is overwritten below, so skip the random kernel initializer (costly under JAX).
     model = AttentionUNet(
-        config.in_channels, config.out_channels, config.channels, dtype=dtype, kernel_initializer="zeros"
+        config.in_channels,
+        config.out_channels,
+        config.channels,
+        config.spatial_dims,
+        dtype=dtype,
+        kernel_initializer="zeros",
     )
     assign_checkpoint(model, checkpoint)
     return model

@@ -1,8 +1,9 @@
 """The layers of the Keras model where Keras' defaults are not the contract (ARCHITECTURE.md
 section 3): BatchNorm with torch's numerics and state, conv padding, max pooling, the bilinear x2
-upsampling with aligned corners and the zero padding to the skip; and the layout helpers, since the
-activations inside the model use the layout the backend's CPU convolutions prefer
-(``default_data_format``) while the model takes and returns NHWC.
+upsampling with aligned corners and the zero padding to the skip, each for 2D or 3D (``dims``, the
+config's ``spatial_dims``: ``Conv2D`` or ``Conv3D``, bilinear or trilinear); and the layout helpers,
+since the activations inside the model use the layout the backend's CPU convolutions prefer
+(``default_data_format``) while the model takes and returns channels last (NHWC or NDHWC).
 
 Only ``keras.layers`` and ``keras.ops``, so every backend runs them. ``impl_torch/layers.py`` and
 ``impl_flax/layers.py`` hold the same names.
@@ -11,6 +12,7 @@ Only ``keras.layers`` and ``keras.ops``, so every backend runs them. ``impl_torc
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 
 import keras
@@ -65,34 +67,45 @@ def at_least_float32(dtype) -> str:
     return dtype if dtype in ("float32", "float64") else "float32"
 
 
-def channel_axis(data_format: str) -> int:
-    return 1 if data_format == "channels_first" else 3
+def channel_axis(data_format: str, dims: int) -> int:
+    """The channel axis of a ``dims``-spatial-axis activation (NCHW / NCDHW: 1; NHWC / NDHWC: last)."""
+    return 1 if data_format == "channels_first" else dims + 1
 
 
-def spatial_axes(data_format: str) -> tuple[int, int]:
-    return (2, 3) if data_format == "channels_first" else (1, 2)
+def spatial_axes(data_format: str, dims: int) -> tuple[int, ...]:
+    """The spatial axes (H, W or D, H, W) of a ``dims``-spatial-axis activation."""
+    first = 2 if data_format == "channels_first" else 1
+    return tuple(range(first, first + dims))
 
 
-def build_shape(channels: int, data_format: str) -> tuple:
+def build_shape(channels: int, data_format: str, dims: int) -> tuple:
     """The build shape of a layer that sees ``channels`` channels at any batch size and resolution."""
-    return (None, channels, None, None) if data_format == "channels_first" else (None, None, None, channels)
+    shape = [None] * (dims + 2)
+    shape[channel_axis(data_format, dims)] = channels
+    return tuple(shape)
 
 
 def with_channels(shape, channels: int, data_format: str) -> tuple:
-    """``shape`` with its channel dimension set to ``channels`` (for ``compute_output_shape``)."""
+    """``shape`` (of any rank) with its channel dimension set to ``channels`` (for ``compute_output_shape``)."""
     shape = list(shape)
-    shape[channel_axis(data_format)] = channels
+    shape[channel_axis(data_format, len(shape) - 2)] = channels
     return tuple(shape)
 
 
 def to_internal(x, data_format: str):
-    """NHWC input in the model's internal layout."""
-    return ops.transpose(x, (0, 3, 1, 2)) if data_format == "channels_first" else x
+    """Channels-last input (NHWC or NDHWC) in the model's internal layout."""
+    if data_format != "channels_first":
+        return x
+    rank = len(x.shape)
+    return ops.transpose(x, (0, rank - 1, *range(1, rank - 1)))
 
 
-def to_nhwc(x, data_format: str):
-    """An activation of the internal layout as NHWC, the model's output layout on every backend."""
-    return ops.transpose(x, (0, 2, 3, 1)) if data_format == "channels_first" else x
+def to_channels_last(x, data_format: str):
+    """An activation of the internal layout as NHWC (NDHWC), the model's output layout on every backend."""
+    if data_format != "channels_first":
+        return x
+    rank = len(x.shape)
+    return ops.transpose(x, (0, *range(2, rank), 1))
 
 
 @serializable
@@ -187,14 +200,20 @@ class BatchNorm(layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum, "axis": self.axis}
 
 
-def batch_norm(name: str, dtype, data_format: str) -> BatchNorm:
-    return BatchNorm(BN_EPS, BN_MOMENTUM, axis=channel_axis(data_format), name=name, dtype=dtype)
+# The Keras convolutions of each spatial rank (``impl_torch.layers`` has torch's under the same name).
+CONVS = {2: layers.Conv2D, 3: layers.Conv3D}
 
 
-def conv(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer, data_format: str) -> layers.Conv2D:
-    # At stride 1, "same" for a 3x3 kernel is exactly the symmetric pad 1 of the contract.
+def batch_norm(name: str, dtype, data_format: str, dims: int) -> BatchNorm:
+    return BatchNorm(BN_EPS, BN_MOMENTUM, axis=channel_axis(data_format, dims), name=name, dtype=dtype)
+
+
+def conv(
+    c_out: int, kernel_size: int, name: str, dtype, kernel_initializer, data_format: str, dims: int
+) -> layers.Conv2D | layers.Conv3D:
+    # At stride 1, "same" for a 3x3 (3x3x3) kernel is exactly the symmetric pad 1 of the contract.
     padding = "same" if kernel_size == 3 else "valid"
-    return layers.Conv2D(
+    return CONVS[dims](
         c_out,
         kernel_size,
         padding=padding,
@@ -205,19 +224,19 @@ def conv(c_out: int, kernel_size: int, name: str, dtype, kernel_initializer, dat
     )
 
 
-def max_pool2x2(name: str, dtype, data_format: str) -> layers.MaxPooling2D:
-    # 2x2, stride 2, "valid": odd sizes floor, as torch's MaxPool2d(2) does.
-    return layers.MaxPooling2D(pool_size=2, data_format=data_format, name=name, dtype=dtype)
+def max_pool2x2(name: str, dtype, data_format: str, dims: int) -> MaxPool2x:
+    return MaxPool2x(data_format, name=name, dtype=dtype)
 
 
 @serializable
-class Upsample2x(layers.Layer):
-    """Bilinear x2 with align_corners=True: output i samples input i * (n - 1) / (2n - 1).
+class MaxPool2x(layers.Layer):
+    """2x2 (2x2x2 for a volume) max pooling, stride 2, "valid": odd sizes floor, as torch's
+    MaxPool2d(2) / MaxPool3d(2) do; the spatial axes are those of the input's rank.
 
-    ``keras.layers.UpSampling2D(interpolation="bilinear")`` and ``tf.image.resize`` sample at
-    half-pixel centres ((i + 0.5) / 2 - 0.5): a different function. The rule is
-    ``weights_convert.core.upsampling``'s, the Flax model's too: computed in at least float32, as
-    torch's kernel does for bfloat16 input, and rounded to the input's dtype once.
+    ``ops.max_pool``, what ``keras.layers.MaxPooling2D`` / ``MaxPooling3D`` call, except where
+    the backend has no such kernel: TensorFlow's MaxPool3D takes no float64. There the maximum is
+    taken over the window's 2**dims strided slices, in the window's scan order, so a tie's gradient
+    goes to the first maximum, as torch's does.
     """
 
     def __init__(self, data_format="channels_last", **kwargs):
@@ -225,11 +244,59 @@ class Upsample2x(layers.Layer):
         self.data_format = data_format
 
     def call(self, x):
-        return upsampling.upsample2x(ops, x, spatial_axes(self.data_format), at_least_float32(x.dtype))
+        dims = len(x.shape) - 2
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        no_kernel = keras.backend.backend() == "tensorflow" and dims == 3 and dtype == "float64"
+        if not no_kernel:
+            return ops.max_pool(x, pool_size=2, strides=2, padding="valid", data_format=self.data_format)
+        return self.max_of_slices(x, spatial_axes(self.data_format, dims))
+
+    @staticmethod
+    def max_of_slices(x, axes):
+        shape = ops.shape(x)
+        pooled = None
+        for offsets in itertools.product((0, 1), repeat=len(axes)):
+            index = [slice(None)] * len(shape)
+            for axis, offset in zip(axes, offsets, strict=True):
+                index[axis] = slice(offset, offset + 2 * (shape[axis] // 2), 2)
+            window = x[tuple(index)]
+            pooled = window if pooled is None else ops.maximum(pooled, window)
+        return pooled
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
-        for axis in spatial_axes(self.data_format):
+        for axis in spatial_axes(self.data_format, len(shape) - 2):
+            shape[axis] = None if shape[axis] is None else shape[axis] // 2
+        return tuple(shape)
+
+    def get_config(self):
+        return {**super().get_config(), "data_format": self.data_format}
+
+
+@serializable
+class Upsample2x(layers.Layer):
+    """Bilinear (trilinear for a volume) x2 with align_corners=True: along each spatial axis,
+    output i samples input i * (n - 1) / (2n - 1). The spatial axes are those of the input's rank
+    (NHWC / NCHW or NDHWC / NCDHW).
+
+    ``keras.layers.UpSampling2D(interpolation="bilinear")`` and ``tf.image.resize`` sample at
+    half-pixel centres ((i + 0.5) / 2 - 0.5): a different function. The rule is
+    ``weights_convert.core.upsampling``'s, the Flax model's too, one linear interpolation per axis
+    (separable, as torch's trilinear kernel is): computed in at least float32, as torch's kernel
+    does for bfloat16 input, and rounded to the input's dtype once.
+    """
+
+    def __init__(self, data_format="channels_last", **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = data_format
+
+    def call(self, x):
+        axes = spatial_axes(self.data_format, len(x.shape) - 2)
+        return upsampling.upsample2x(ops, x, axes, at_least_float32(x.dtype))
+
+    def compute_output_shape(self, input_shape):
+        shape = list(input_shape)
+        for axis in spatial_axes(self.data_format, len(shape) - 2):
             shape[axis] = None if shape[axis] is None else 2 * shape[axis]
         return tuple(shape)
 
@@ -237,16 +304,20 @@ class Upsample2x(layers.Layer):
         return {**super().get_config(), "data_format": self.data_format}
 
 
-def pad_to(x, height, width, data_format="channels_last"):
-    """Zero-pad H and W up to the skip's size: d // 2 before, the rest after.
+def pad_to(x, sizes, data_format="channels_last"):
+    """Zero-pad every spatial axis of ``x`` up to ``sizes``, the skip's spatial sizes (H, W or
+    D, H, W): d // 2 before, the rest after.
 
     Known equal sizes return ``x`` itself; a symbolic size (a SavedModel trace) always pads, its
     widths symbolic too, so the exported graph holds for every size."""
     shape = ops.shape(x)
-    h_axis, w_axis = spatial_axes(data_format)
-    dh, dw = height - shape[h_axis], width - shape[w_axis]
-    if isinstance(dh, int) and isinstance(dw, int) and dh == 0 and dw == 0:
+    axes = spatial_axes(data_format, len(shape) - 2)
+    if len(sizes) != len(axes):
+        raise ValueError(f"pad_to takes {len(axes)} sizes for a {len(shape)}-D tensor, got {tuple(sizes)}")
+    missing = {axis: size - shape[axis] for axis, size in zip(axes, sizes, strict=True)}
+    if all(isinstance(d, int) and d == 0 for d in missing.values()):
         return x
-    pad = [[0, 0]] * 4
-    pad[h_axis], pad[w_axis] = [dh // 2, dh - dh // 2], [dw // 2, dw - dw // 2]
+    pad = [[0, 0]] * len(shape)
+    for axis, d in missing.items():
+        pad[axis] = [d // 2, d - d // 2]
     return ops.pad(x, pad)

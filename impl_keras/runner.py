@@ -1,7 +1,7 @@
 """What the parity harness runs in Keras: the same three functions as ``impl_torch.runner``, numpy in
-and numpy out in canonical layouts (NCHW, canonical names), under the backend of this process.
+and numpy out in canonical layouts (NCHW or NCDHW, canonical names), under the backend of this process.
 
-- ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW array}`` (every named
+- ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW (NCDHW) array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
 - ``train_step`` and ``fit``: the trainer's (``impl_keras.trainer``, the step of
@@ -29,8 +29,8 @@ from impl_keras.steps import jax_state as _jax_state
 from impl_keras.trainer import device_scope as _device_scope
 from impl_keras.trainer import model_for as _model
 from impl_keras.trainer import statistics as _state
-from impl_keras.trainer import to_nchw as _nchw
-from impl_keras.trainer import to_nhwc as _nhwc
+from impl_keras.trainer import to_channels_first as _channels_first
+from impl_keras.trainer import to_channels_last as _channels_last
 from impl_keras.trainer import train_step
 from weights_convert.processes import Call, serve_calls
 
@@ -40,8 +40,8 @@ __all__ = ["fit", "forward", "train_step"]
 def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
-        named = _call(model, _nhwc(x, dtype), train)
-        results = {name: _nchw(value) for name, value in named.items()}
+        named = _call(model, _channels_last(x, dtype), train)
+        results = {name: _channels_first(value) for name, value in named.items()}
         if train:
             results.update({f"state/{name}": value for name, value in _state(model).items()})
     return results

@@ -69,7 +69,7 @@ def to_result(value) -> np.ndarray:
 
 
 def canonical(spec, value) -> np.ndarray:
-    """A parameter-shaped array in the canonical layout (conv kernels HWIO -> OIHW)."""
+    """A parameter-shaped array in the canonical layout (conv kernels HWIO -> OIHW, DHWIO -> OIDHW)."""
     from weights_convert.core.layouts import rule
 
     return rule(spec).from_channels_last(to_result(value))

@@ -56,7 +56,12 @@ def _empty_model(config, dtype: str, device: str):
     from impl_keras.model import AttentionUNet
 
     return AttentionUNet(
-        config.in_channels, config.out_channels, config.channels, dtype=dtype, kernel_initializer="zeros"
+        config.in_channels,
+        config.out_channels,
+        config.channels,
+        config.spatial_dims,
+        dtype=dtype,
+        kernel_initializer="zeros",
     )
 
 
@@ -67,17 +72,18 @@ def statistics(model) -> dict:
     return {k: v for k, v in to_checkpoint(model).tensors.items() if k.rsplit(".", 1)[-1] in BUFFERS}
 
 
-def to_nhwc(x, dtype):
-    """NCHW numpy -> an NHWC tensor of the variable dtype ("mixed_bfloat16" feeds float32, and the
-    model casts it to bfloat16 itself)."""
+def to_channels_last(x, dtype):
+    """Channels-first numpy (NCHW, NCDHW) -> a channels-last tensor (NHWC, NDHWC) of the variable
+    dtype ("mixed_bfloat16" feeds float32, and the model casts it to bfloat16 itself)."""
     import keras
 
     feed = keras.dtype_policies.get(dtype).variable_dtype
-    return keras.ops.convert_to_tensor(np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1)), dtype=feed)
+    return keras.ops.convert_to_tensor(np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1)), dtype=feed)
 
 
-def to_nchw(value) -> np.ndarray:
-    return np.ascontiguousarray(to_result(value).transpose(0, 3, 1, 2))
+def to_channels_first(value) -> np.ndarray:
+    """A channels-last tensor (NHWC, NDHWC) as channels-first numpy (NCHW, NCDHW)."""
+    return np.ascontiguousarray(np.moveaxis(to_result(value), -1, 1))
 
 
 class device_scope:
@@ -169,7 +175,7 @@ class KerasTrainer:
 
     def step(self, x, target):
         if self.distribution is None:
-            return self.steps.step(*(to_nhwc(a, self.settings.dtype) for a in (x, target)))
+            return self.steps.step(*(to_channels_last(a, self.settings.dtype) for a in (x, target)))
         import jax
 
         from impl_keras.distributed import sharded
@@ -177,7 +183,7 @@ class KerasTrainer:
         x, target = (
             sharded(
                 self.distribution,
-                to_nhwc(shard(np.asarray(a), jax.process_index(), jax.process_count()), self.settings.dtype),
+                to_channels_last(shard(np.asarray(a), jax.process_index(), jax.process_count()), self.settings.dtype),
             )
             for a in (x, target)
         )
