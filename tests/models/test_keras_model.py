@@ -333,29 +333,19 @@ def test_keras_archive_loads_with_plain_load_model_in_a_fresh_process(tmp_path):
     assert np.array_equal(np.load(out), numpy(model(x)))
 
 
-@pytest.mark.parametrize(
-    "writer",
-    [
-        "keras",
-        pytest.param(
-            "impl_keras",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="weights_convert.core.keras_layout names the Sequentials' conv groups conv2d at "
-                "either rank; Keras saves a Conv3D under conv3d",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("writer", ["keras", "impl_keras"])
 def test_3d_keras_archive_round_trips_through_load_model(tmp_path, writer):
     """A 3D ``.keras`` file, written by Keras' ``model.save`` or by ``impl_keras.save`` (the
-    converter's writer), loads with plain ``keras.saving.load_model`` as the same 3D model."""
+    converter's writer), loads with plain ``keras.saving.load_model`` as the same 3D model, and
+    the converter reads it back bit for bit (Keras saves a Conv3D under ``conv3d``)."""
     checkpoint = random_checkpoint(SMALL_3D, seed=9)
     model = impl_keras.from_checkpoint(checkpoint)
     path = tmp_path / "volume.keras"
     model.save(path) if writer == "keras" else impl_keras.save(model, path)
     loaded = keras.saving.load_model(path)
     assert type(loaded) is impl_keras.AttentionUNet and loaded.config == SMALL_3D
+    read = weights_convert.read(path)
+    assert read.config == SMALL_3D and all(np.array_equal(read.tensors[k], v) for k, v in checkpoint.tensors.items())
     assert all(np.array_equal(v, checkpoint.tensors[k]) for k, v in to_checkpoint(loaded).tensors.items())
     x = np.random.default_rng(0).uniform(size=(1, *SIZES[3], 2)).astype("float32")
     assert np.array_equal(numpy(loaded(x)), numpy(model(x)))

@@ -3,8 +3,8 @@ group and dataset of every canonical tensor, the shapes Keras stores them in, an
 that holds a checkpoint's tensors. Names and shapes only: no h5py, no Keras.
 
 Keras writes one HDF5 group per layer at the layer's *attribute* path, a ``layers`` group for each
-``keras.Sequential`` whose members are named after their class (``conv2d``, ``batch_norm``,
-``re_lu``, then ``conv2d_1`` ...), and below each layer a ``vars`` group carrying the layer's
+``keras.Sequential`` whose members are named after their class (``conv2d``, or ``conv3d`` in 3D,
+``batch_norm``, ``re_lu``, then ``conv2d_1`` ...), and below each layer a ``vars`` group carrying the layer's
 *name* as an attribute and its variables as datasets ``0``, ``1``, ... in creation order. The
 layer names are the canonical module names and the creation order is the canonical leaf order, so
 ``keras_layers(config)`` (the model's layer tree, mirroring ``impl_keras/model.py`` class by class)
@@ -45,12 +45,13 @@ class KerasLayer:
 
 def keras_layers(config: ModelConfig) -> list[KerasLayer]:
     """Every layer of ``impl_keras.AttentionUNet(config)`` with the group Keras saves it under."""
+    conv = f"conv{config.spatial_dims}d"  # Keras' Conv2D or Conv3D, saved under its snake-case name
     layers = [KerasLayer("", MODEL_NAME)]
     for i in range(config.depth):
-        layers += _encoder_block(f"e{i + 1}")
-    layers += _conv_block("b1", "b1", "b1")
+        layers += _encoder_block(f"e{i + 1}", conv)
+    layers += _conv_block("b1", "b1", "b1", conv)
     for j in range(config.depth):
-        layers += _decoder_block(f"d{j + 1}")
+        layers += _decoder_block(f"d{j + 1}", conv)
     layers.append(KerasLayer("head", "output", "output"))  # the attribute ``head``, named ``output``
     return layers
 
@@ -70,48 +71,48 @@ def _sequential(path: str, name: str, module: str, members) -> list[KerasLayer]:
     return layers
 
 
-def _conv_block(path: str, name: str, module: str) -> list[KerasLayer]:
+def _conv_block(path: str, name: str, module: str, conv: str) -> list[KerasLayer]:
     """``ConvBlock``: a Sequential ``conv`` of Conv(0) BN(1) ReLU(2) Conv(3) BN(4) ReLU(5)."""
     members = (
-        ("conv2d", "0", True),
+        (conv, "0", True),
         ("batch_norm", "1", True),
         ("re_lu", "2", False),
-        ("conv2d", "3", True),
+        (conv, "3", True),
         ("batch_norm", "4", True),
         ("re_lu", "5", False),
     )
     return [KerasLayer(path, name), *_sequential(f"{path}/conv", "conv", f"{module}.conv", members)]
 
 
-def _encoder_block(name: str) -> list[KerasLayer]:
+def _encoder_block(name: str, conv: str) -> list[KerasLayer]:
     """``EncoderBlock``: ``conv`` (a ConvBlock) and ``pool``."""
     return [
         KerasLayer(name, name),
-        *_conv_block(f"{name}/conv", "conv", f"{name}.conv"),
+        *_conv_block(f"{name}/conv", "conv", f"{name}.conv", conv),
         KerasLayer(f"{name}/pool", "pool"),
     ]
 
 
-def _attention_gate(path: str, module: str) -> list[KerasLayer]:
+def _attention_gate(path: str, module: str, conv: str) -> list[KerasLayer]:
     """``AttentionGate``: Sequentials ``Wg`` and ``Ws`` (conv, BN), ``relu``, and the Sequential
     named ``output`` (conv, sigmoid) held as the attribute ``out``."""
-    conv_bn = (("conv2d", "0", True), ("batch_norm", "1", True))
+    conv_bn = ((conv, "0", True), ("batch_norm", "1", True))
     return [
         KerasLayer(path, "ag"),
         *_sequential(f"{path}/Wg", "Wg", f"{module}.Wg", conv_bn),
         *_sequential(f"{path}/Ws", "Ws", f"{module}.Ws", conv_bn),
         KerasLayer(f"{path}/relu", "relu"),
-        *_sequential(f"{path}/out", "output", f"{module}.output", (("conv2d", "0", True), ("activation", "1", False))),
+        *_sequential(f"{path}/out", "output", f"{module}.output", ((conv, "0", True), ("activation", "1", False))),
     ]
 
 
-def _decoder_block(name: str) -> list[KerasLayer]:
+def _decoder_block(name: str, conv: str) -> list[KerasLayer]:
     """``DecoderBlock``: ``up``, ``ag`` (an AttentionGate) and ``c1`` (a ConvBlock)."""
     return [
         KerasLayer(name, name),
         KerasLayer(f"{name}/up", "up"),
-        *_attention_gate(f"{name}/ag", f"{name}.ag"),
-        *_conv_block(f"{name}/c1", "c1", f"{name}.c1"),
+        *_attention_gate(f"{name}/ag", f"{name}.ag", conv),
+        *_conv_block(f"{name}/c1", "c1", f"{name}.c1", conv),
     ]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.keras_layout import canonical_shape, dataset_paths, keras_layers, stored_shape
 from weights_convert.core.layouts import rule
-from weights_convert.core.spec import ModelConfig, ParamSpec, infer_config, param_specs
+from weights_convert.core.spec import SPATIAL_DIMS, ModelConfig, ParamSpec, infer_config, param_specs
 from weights_convert.formats.safetensors_format import checksum
 
 CHECKSUM_ATTR = "attention_unet_sha256"
@@ -113,8 +113,10 @@ def _infer_config(f, datasets: dict, source: str) -> ModelConfig:
         depth += 1
     if depth == 0 or not datasets:
         raise CheckpointError(f"{source}: no layer variables found; not a Keras .weights.h5 of this model")
-    # Dataset paths depend on the depth only, so any channels of that depth give them.
-    probe = ModelConfig(channels=(1,) * (depth + 1))
+    # Dataset paths depend on the depth and on the rank (Keras saves a Conv3D under ``conv3d``) only,
+    # so any channels of that depth give them: the rank whose first kernel is there.
+    probes = [ModelConfig(channels=(1,) * (depth + 1), spatial_dims=dims) for dims in SPATIAL_DIMS]
+    probe = next((c for c in probes if dataset_paths(c)["e1.conv.conv.0.weight"] in datasets), probes[0])
     specs = {spec.name: spec for spec in param_specs(probe)}
     shapes = {
         name: canonical_shape(specs[name], datasets[path].shape)
