@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
 from weights_convert.core import precisions as core_precisions
 from weights_convert.core import upsampling
@@ -129,11 +130,33 @@ class BatchNorm(nnx.Module):
         return jnp.asarray(x * alpha + (self.bias[...] - mean * alpha), self.dtype)
 
 
-def conv(c_in: int, c_out: int, kernel_size: int, dims: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
+class Conv(nnx.Conv):
+    """``nnx.Conv`` whose bias is added in at least float32 and the sum rounded once to the compute
+    dtype. Under mixed bfloat16, nnx.Conv adds a bfloat16 bias, so the bias's gradient, a sum over
+    every position of the batch, would accumulate in bfloat16 (8 significant bits: a volume's
+    thousands of terms drift by tens of percent); here it accumulates in float32, as torch's
+    autocast convolutions and the NumPy reference do. Same variables (``kernel``, ``bias``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, promote_dtype=_promote_keeping_bias, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.asarray(super().__call__(x), self.dtype)
+
+
+def _promote_keeping_bias(args, /, *, dtype=None, inexact=True):
+    """nnx.Conv's cast of (inputs, kernel, bias): inputs and kernel to the compute ``dtype``, the
+    bias to at least float32."""
+    inputs, kernel, bias = args
+    inputs, kernel = promote_dtype((inputs, kernel), dtype=dtype, inexact=inexact)
+    return inputs, kernel, None if bias is None else jnp.asarray(bias, jnp.promote_types(bias.dtype, jnp.float32))
+
+
+def conv(c_in: int, c_out: int, kernel_size: int, dims: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> Conv:
     """A ``kernel_size`` convolution along each of ``dims`` spatial axes (3x3 or 3x3x3, 1x1 or 1x1x1)."""
     # Explicit symmetric padding: 'SAME' is not torch's padding=1 for every kernel size.
     pad = kernel_size // 2
-    return nnx.Conv(
+    return Conv(
         c_in,
         c_out,
         (kernel_size,) * dims,

@@ -69,20 +69,13 @@ def distributed_model(config, dtype: str, device: str, data_parallel: int):
     ``impl_keras.trainer`` reuses its models, so later runs skip building and compiling again."""
     import keras
 
-    from impl_keras.model import AttentionUNet
+    from impl_keras.model import empty_model
 
     devices = keras.distribution.list_devices(device)[:data_parallel]
     mesh = keras.distribution.DeviceMesh((data_parallel,), [AXIS], devices)
     distribution = keras.distribution.DataParallel(device_mesh=mesh)
     with distribution.scope():
-        model = AttentionUNet(
-            config.in_channels,
-            config.out_channels,
-            config.channels,
-            config.spatial_dims,
-            dtype=dtype,
-            kernel_initializer="zeros",
-        )
+        model = empty_model(config, dtype)
     return model, distribution
 
 

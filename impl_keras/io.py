@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 import weights_convert
-from impl_keras.model import AttentionUNet
+from impl_keras.model import AttentionUNet, empty_model
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.keras_layout import keras_path
 from weights_convert.core.layouts import rule
@@ -47,15 +47,7 @@ def build_model(checkpoint: Checkpoint, dtype=None) -> AttentionUNet:
     dtype, any of float16/bfloat16/float32/float64)."""
     config = checkpoint.config
     dtype = str(checkpoint.float_dtype) if dtype is None else dtype
-    # Every value is overwritten below, so skip the random kernel initializer (costly under JAX).
-    model = AttentionUNet(
-        config.in_channels,
-        config.out_channels,
-        config.channels,
-        config.spatial_dims,
-        dtype=dtype,
-        kernel_initializer="zeros",
-    )
+    model = empty_model(config, dtype)
     assign_checkpoint(model, checkpoint)
     return model
 

@@ -326,3 +326,16 @@ class AttentionUNet(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), **self.config.to_dict()}
+
+
+def empty_model(config: ModelConfig, dtype=None) -> AttentionUNet:
+    """A model of ``config`` whose kernels start at zeros, for weights about to be assigned: the
+    random kernel initializer is costly under JAX, and every value is overwritten anyway."""
+    return AttentionUNet(
+        config.in_channels,
+        config.out_channels,
+        config.channels,
+        config.spatial_dims,
+        dtype=dtype,
+        kernel_initializer="zeros",
+    )

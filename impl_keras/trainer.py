@@ -53,16 +53,9 @@ def model_for(checkpoint, dtype: str, device: str):
 
 @functools.lru_cache(maxsize=4)
 def _empty_model(config, dtype: str, device: str):
-    from impl_keras.model import AttentionUNet
+    from impl_keras.model import empty_model
 
-    return AttentionUNet(
-        config.in_channels,
-        config.out_channels,
-        config.channels,
-        config.spatial_dims,
-        dtype=dtype,
-        kernel_initializer="zeros",
-    )
+    return empty_model(config, dtype)
 
 
 def statistics(model) -> dict:

@@ -130,7 +130,7 @@ def test_version_and_the_defaults_in_help(capsys):
         _, out, _ = run_cli(capsys, command, "--help")
         text = " ".join(out.split())
         assert option in text and f"(default: {default})" in text, command
-    sizes = {"train": "64 64", "parity": "64 64", "bench": "256 256"}
+    sizes = {"train": "64 64, or 32 32 32", "parity": "64 64, or 32 32 32", "bench": "256 256, or 64 64 64"}
     for command, size in sizes.items():
         _, out, _ = run_cli(capsys, command, "--help")
         assert f"(default: {size})" in " ".join(out.split()), command

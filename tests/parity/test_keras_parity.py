@@ -4,7 +4,8 @@ backend, which is fixed when Keras is imported).
 
 Block outputs in eval and train mode, running statistics, gradients, one SGD and one Adam step and
 multi-step fits, in float64 (1e-10), float32 and mixed bfloat16 (relative to the reference's own
-noise at that precision); the article's outputs from its ``.pt`` file, and files in the Keras formats.
+noise at that precision), of an image model and (train mode, a float64 fit) of a volume one; the
+article's outputs from its ``.pt`` file, and files in the Keras formats.
 """
 
 import numpy as np
@@ -28,12 +29,20 @@ DEEPER_CHECKPOINT = random_checkpoint(DEEPER, seed=2, dtype="float64")
 INPUTS = parity.Inputs(*parity.make_inputs(CONFIG, 2, shared_runs.SMALL_SIZE))
 DEEPER_INPUTS = parity.Inputs(*parity.make_inputs(DEEPER, 1, (24, 17)))
 FIT_INPUTS = parity.Inputs(*parity.make_inputs(CONFIG, 2, shared_runs.SMALL_SIZE, steps=3))
+# The same in 3D: the volume test_parity_all's 3D rows run too.
+CONFIG_3D, CHECKPOINT_3D = shared_runs.SMALL_3D_CONFIG, shared_runs.SMALL_3D_CHECKPOINT
+INPUTS_3D = parity.Inputs(*parity.make_inputs(CONFIG_3D, 2, shared_runs.SMALL_3D_SIZE))
+FIT_INPUTS_3D = parity.Inputs(*parity.make_inputs(CONFIG_3D, 2, shared_runs.SMALL_3D_SIZE, steps=3))
+# Cases by dimension: the suffix of their names and their checkpoint.
+DIMENSIONS = {"2d": ("", CHECKPOINT), "3d": ("_3d", CHECKPOINT_3D)}
 DTYPES = ["float64", "float32", "mixed_bfloat16"]
 
 # One parameter changed on the Keras side only: the comparison must fail and name its block.
 PERTURBED_NAME = "d1.ag.Ws.0.weight"  # the skip's 1x1 conv in the deepest gate: first seen in "d1.ag"
 PERTURBED = weights_convert.Checkpoint(CONFIG, dict(CHECKPOINT.tensors))
 PERTURBED.tensors[PERTURBED_NAME] = PERTURBED.tensors[PERTURBED_NAME] * (1 + 1e-6)
+PERTURBED_3D = weights_convert.Checkpoint(CONFIG_3D, dict(CHECKPOINT_3D.tensors))
+PERTURBED_3D.tensors[PERTURBED_NAME] = PERTURBED_3D.tensors[PERTURBED_NAME] * (1 + 1e-6)
 
 
 def cases(reference_dir, keras_files) -> dict:
@@ -48,6 +57,9 @@ def cases(reference_dir, keras_files) -> dict:
         table[f"eval_{dtype}"] = (CHECKPOINT, CHECKPOINT, INPUTS, eval_, dtype)
         table[f"train_{dtype}"] = (CHECKPOINT, CHECKPOINT, INPUTS, train, dtype)
         table[f"fit_{dtype}"] = (CHECKPOINT, CHECKPOINT, FIT_INPUTS, fit, dtype)
+        table[f"train_{dtype}_3d"] = (CHECKPOINT_3D, CHECKPOINT_3D, INPUTS_3D, train, dtype)
+    table["fit_float64_3d"] = (CHECKPOINT_3D, CHECKPOINT_3D, FIT_INPUTS_3D, fit, "float64")
+    table["perturbed_3d"] = (PERTURBED_3D, CHECKPOINT_3D, INPUTS_3D, eval_, "float64")
     table["eval_float64_deeper"] = (DEEPER_CHECKPOINT, DEEPER_CHECKPOINT, DEEPER_INPUTS, eval_, "float64")
     table["perturbed"] = (PERTURBED, CHECKPOINT, INPUTS, eval_, "float64")
     for dtype in ("float32", "float64"):
@@ -134,16 +146,19 @@ def test_eval_deeper(keras_runs, references, backend):
     check(keras_runs, references, backend, "eval_float64_deeper", "float64")
 
 
+@pytest.mark.parametrize("dims", DIMENSIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_train_statistics_gradients_and_steps(keras_runs, references, backend, dtype):
-    rows = check(keras_runs, references, backend, f"train_{dtype}", dtype)
-    trainable = len([p for p in param_specs(CONFIG) if not p.is_buffer])
-    for prefix, count in (("state/", len(param_specs(CONFIG)) - trainable), ("grad/", trainable)):
+def test_train_statistics_gradients_and_steps(keras_runs, references, backend, dtype, dims):
+    suffix, checkpoint = DIMENSIONS[dims]
+    rows = check(keras_runs, references, backend, f"train_{dtype}{suffix}", dtype)
+    specs = param_specs(checkpoint.config)
+    trainable = len([p for p in specs if not p.is_buffer])
+    for prefix, count in (("state/", len(specs) - trainable), ("grad/", trainable)):
         assert len([r for r in rows if r.quantity.startswith(prefix)]) == count, prefix
-    actual = keras_runs(backend)[f"train_{dtype}"]
+    actual = keras_runs(backend)[f"train_{dtype}{suffix}"]
     counters = [k for k in actual if k.endswith("num_batches_tracked")]
-    assert counters and all(actual[k] == CHECKPOINT.tensors[k[len("state/") :]] + 1 for k in counters)
+    assert counters and all(actual[k] == checkpoint.tensors[k[len("state/") :]] + 1 for k in counters)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -154,9 +169,17 @@ def test_fit(keras_runs, references, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_perturbed_parameter_fails_and_names_its_block(keras_runs, references, backend):
-    reference, _ = references("perturbed")
-    rows = judge(keras_runs(backend)["perturbed"], reference, None, "float64")
+def test_fit_3d(keras_runs, references, backend):
+    rows = check(keras_runs, references, backend, "fit_float64_3d", "float64")
+    assert [r.quantity for r in rows[:3]] == ["loss/step1", "loss/step2", "loss/step3"]
+
+
+@pytest.mark.parametrize("dims", DIMENSIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturbed_parameter_fails_and_names_its_block(keras_runs, references, backend, dims):
+    suffix, _ = DIMENSIONS[dims]
+    reference, _ = references(f"perturbed{suffix}")
+    rows = judge(keras_runs(backend)[f"perturbed{suffix}"], reference, None, "float64")
     assert first_failure(rows) == "d1.ag"
     assert all(r.passed for r in rows[:3])  # e1, e2, b1 do not see the change
 

@@ -76,6 +76,42 @@ def test_fit_and_mixed_precision_everywhere(capsys, small_checkpoint, args):
     assert not any(r.get("informational") for r in report["results"])
 
 
+@pytest.fixture
+def small_3d_checkpoint(tmp_path, monkeypatch):
+    """``shared_runs.SMALL_3D_CHECKPOINT`` as a file; Keras calls answered as for ``small_checkpoint``."""
+    monkeypatch.setattr(keras_worker, "run_batch_in_backend", shared_runs.run_batch)
+    path = tmp_path / "small3d.safetensors"
+    weights_convert.write(shared_runs.SMALL_3D_CHECKPOINT, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--mode", "train", "--dtype", "float64"], id="train-float64"),
+        pytest.param(["--mode", "train", "--dtype", "float32"], id="train-float32"),
+        pytest.param(["--mode", "train", "--dtype", "mixed_bfloat16"], id="train-mixed_bfloat16"),
+        pytest.param(["--mode", "fit", "--steps", "3", "--optimizer", "adam", "--dtype", "float64"], id="fit-float64"),
+    ],
+)
+def test_3d_everywhere(capsys, small_3d_checkpoint, args):
+    """A 3D checkpoint at an odd volume (``--size D H W``) in every framework and backend: block
+    outputs, running statistics, gradients and steps (or a fit), float64 rows within 1e-10."""
+    size = ["--size", *map(str, shared_runs.SMALL_3D_SIZE), "--batch", "2"]
+    code, report = run_json(capsys, "parity", small_3d_checkpoint, *args, *size)
+    rows = report["results"]
+    failing = [(r["framework"], r["backend"], r["quantity"]) for r in rows if not r["passed"]]
+    assert code == 0 and report["passed"], failing[:10]
+    assert {(r["framework"], r["backend"]) for r in rows} == ALL_TARGETS
+    assert report["config"]["spatial_dims"] == 3 and report["input_shape"] == [2, 2, *shared_runs.SMALL_3D_SIZE]
+    prefixes = ("state/", "grad/", "step/sgd/", "step/adam/") if "train" in args else ("loss/", "param/", "state/")
+    for prefix in prefixes:
+        per_target = {(r["framework"], r["backend"]) for r in rows if r["quantity"].startswith(prefix)}
+        assert per_target == ALL_TARGETS, prefix
+    if "float64" in args:
+        assert max(r["rel_diff"] for r in rows) <= 1e-10
+
+
 def test_perturbed_flax_weights_fail_and_name_the_block(capsys, monkeypatch, tmp_path):
     path = tmp_path / "small.safetensors"
     weights_convert.write(random_checkpoint(ModelConfig(3, 1, (4, 8, 16)), seed=9), path)

@@ -60,6 +60,13 @@ def test_json_shape_and_pass(capsys, small_checkpoint):
     assert code == 0
     report = json.loads(out)
     assert report["passed"] is True
+    assert report["config"] == {"in_channels": 3, "out_channels": 2, "channels": [4, 8, 16], "spatial_dims": 2}
+    assert (report["input_shape"], report["dtype"], report["mode"], report["seed"]) == (
+        [3, 3, 13, 17],
+        "float64",
+        "eval",
+        0,
+    )
     rows = report["results"]
     assert [r["quantity"] for r in rows] == ["e1", "e2", "b1", "d1.ag", "d1", "d2.ag", "d2", "output", "mask"]
     assert all(set(r) == set(parity.RESULT_FIELDS) for r in rows[:-1])

@@ -38,6 +38,13 @@ SESSION = textwrap.dedent(
     for batchnorm in ("sync", "local"):
         report = parity.check(checkpoint, dtype="float64", batchnorm=batchnorm, keras_backends=("jax",), **common)
         out[f"float64/{batchnorm}"] = report.to_json()
+    # A volume, float64, sync BatchNorm: 3D data parallelism in every framework.
+    from weights_convert.core.random_init import random_checkpoint
+    from weights_convert.core.spec import ModelConfig
+    volume = random_checkpoint(ModelConfig(2, 1, (4, 8), spatial_dims=3), seed=0)
+    report = parity.check(volume, dtype="float64", batchnorm="sync", keras_backends=("jax",),
+                          **{**common, "steps": 2, "size": (5, 6, 7)})
+    out["float64/sync/3d"] = report.to_json()
     # float32 under the noise-relative bound (torch only: the JAX programs would compile again).
     report = parity.check(checkpoint, frameworks=("torch",), dtype="float32", batchnorm="local", **common)
     out["float32/local"] = report.to_json()
@@ -129,6 +136,17 @@ def test_parity_float64_every_framework(session, batchnorm):
     worst = max(rows, key=lambda r: r["rel_diff"])
     assert report["passed"], worst
     assert worst["rel_diff"] <= tolerance("float64") and worst["tolerance"] == tolerance("float64")
+
+
+def test_parity_float64_every_framework_on_a_volume(session):
+    """The same on a 3D checkpoint (a 4x2x5x6x7 batch per step, split over 2 devices)."""
+    report = session[0]["float64/sync/3d"]
+    rows = report["results"]
+    assert report["config"]["spatial_dims"] == 3 and report["input_shape"][2:] == [5, 6, 7]
+    assert {(r["framework"], r["backend"]) for r in rows} == {("torch", "torch"), ("flax", "flax"), ("keras", "jax")}
+    worst = max(rows, key=lambda r: r["rel_diff"])
+    assert report["passed"], worst
+    assert worst["rel_diff"] <= tolerance("float64")
 
 
 def test_parity_float32_local_within_noise_bound(session):

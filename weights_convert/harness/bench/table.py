@@ -19,9 +19,11 @@ def format_table(report: dict) -> str:
     each rate is also given as a fraction of its own precision's matmul ceiling."""
     ceilings = ["float32"] + [c for c in ("tf32", "bfloat16", "float64") if c in report.get("matmul_gflops", {})]
     lines = [_ceiling_line(report, ceiling) for ceiling in ceilings]
+    config = report.get("settings", {}).get("config", {})
+    items = "volumes/s" if config.get("spatial_dims") == 3 else "images/s"  # the field stays images_per_s
     lines += [
         "",
-        "| framework | backend | variant | mode | precision | median ms | GFLOP/s | of ceiling | images/s |",
+        f"| framework | backend | variant | mode | precision | median ms | GFLOP/s | of ceiling | {items} |",
         "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for row in report["results"]:

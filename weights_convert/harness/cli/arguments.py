@@ -39,10 +39,10 @@ def choices(allowed):
     return parse
 
 
-def add_size(parser, help_text: str, default=None) -> None:
+def add_size(parser, help_text: str) -> None:
     """The ``--size`` option: two sides (H W) or three (D H W), checked against the model later
     (``core.spec.check_sides``), since the model's dimension is known only from its config."""
-    parser.add_argument("--size", type=count("--size", 1), nargs="+", default=default, metavar="SIDE", help=help_text)
+    parser.add_argument("--size", type=count("--size", 1), nargs="+", metavar="SIDE", help=help_text)
 
 
 def config_json(config) -> str:

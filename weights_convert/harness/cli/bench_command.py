@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", type=names, help="only these, e.g. 'eager,nnx.jit' (default: all)")
     p.add_argument("--modes", type=names, default=["forward", "train_step"], help="comma-separated")
     p.add_argument("--batch", type=int, default=1, help="images per batch")
-    add_size(p, "the input's sides: H W, or D H W for a 3D config (default 256 256, or 64 64 64)")
+    add_size(p, "the input's sides: H W, or D H W for a 3D config (default: 256 256, or 64 64 64)")
     p.add_argument(
         "--dtype",
         choices=("float32", "float64", "mixed_bfloat16"),

@@ -122,7 +122,7 @@ def add_parser(sub) -> None:
         "resume/<from>-><to>/<optimizer>/... must match the uninterrupted reference run. Its optimizers are "
         "the training checkpoints' (sgd with momentum 0.9, adam, adamw)",
     )
-    add_size(p, "the input's sides: H W, or D H W for a 3D model (default 64 64, or 32 32 32)")
+    add_size(p, "the input's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
     p.add_argument("--batch", type=count("--batch", 1), default=parity.DEFAULT_BATCH, help="images per batch")
     p.add_argument("--seed", type=count("--seed", 0), default=0, help="seed of the input (and training target)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -54,7 +54,7 @@ class Result:
 class Report:
     results: list[Result]
     config: ModelConfig
-    outputs: dict[str, np.ndarray]  # target label -> output logits (NCHW), or losses per step in fit mode
+    outputs: dict[str, np.ndarray]  # target label -> output logits (channels first), or losses per step in fit mode
     reference_output: np.ndarray  # the float64 reference's logits, or its losses per step in fit mode
     input: np.ndarray
     mode: str = "eval"
@@ -79,7 +79,15 @@ class Report:
         return drift
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "results": [_json_row(r) for r in self.results]}
+        """The verdict, the run (config, input shape channels first, seed, dtype, mode) and every row."""
+        run = {"config": self.config.to_dict(), "input_shape": list(np.shape(self.input)), "seed": self.seed}
+        return {
+            "passed": self.passed,
+            **run,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "results": [_json_row(r) for r in self.results],
+        }
 
 
 def _label(r: Result) -> str:

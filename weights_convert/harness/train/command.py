@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps to train (after a training CHECKPOINT's)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="global batch (split over the devices)")
-    add_size(p, "the synthetic data's sides: H W, or D H W for a 3D model (default 64 64, or 32 32 32)")
+    add_size(p, "the synthetic data's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
     p.add_argument("--config", help="JSON model config for random initial weights, e.g. '{\"channels\": [8, 16]}'")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the data order")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
