@@ -328,10 +328,11 @@ class AttentionUNet(keras.Model):
         return {**super().get_config(), **self.config.to_dict()}
 
 
-def empty_model(config: ModelConfig, dtype=None) -> AttentionUNet:
-    """A model of ``config`` whose kernels start at zeros, for weights about to be assigned: the
-    random kernel initializer is costly under JAX, and every value is overwritten anyway."""
-    return AttentionUNet(
+def empty_model(config: ModelConfig, dtype=None, model_class: type[AttentionUNet] | None = None) -> AttentionUNet:
+    """A model of ``config`` (an ``AttentionUNet``, or ``model_class``, a subclass) whose kernels
+    start at zeros, for weights about to be assigned: the random kernel initializer is costly under
+    JAX, and every value is overwritten anyway."""
+    return (model_class or AttentionUNet)(
         config.in_channels,
         config.out_channels,
         config.channels,

@@ -187,11 +187,14 @@ def test_flax_rows(capsys):
     check_rows(report, "flax", "jax", {"nnx.jit"})
 
 
-def test_keras_rows_come_from_a_backend_subprocess(capsys):
+@pytest.mark.parametrize(
+    "args, size", [([], (16, 24)), (["--config", TINY_3D, "--size", "8", "12", "10"], (8, 12, 10))], ids=["2d", "3d"]
+)
+def test_keras_rows_come_from_a_backend_subprocess(capsys, args, size):
     pytest.importorskip("keras")
     pytest.importorskip("jax")
-    report = run_bench(capsys, "--frameworks", "keras", "--keras-backends", "jax", "--variants", "jit_compile")
-    check_rows(report, "keras", "jax", {"jit_compile"})
+    report = run_bench(capsys, "--frameworks", "keras", "--keras-backends", "jax", "--variants", "jit_compile", *args)
+    check_rows(report, "keras", "jax", {"jit_compile"}, size=size)
 
 
 def test_mixed_bfloat16_rows_in_every_framework(capsys):

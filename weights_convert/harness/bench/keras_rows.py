@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from impl_keras.io import assign_checkpoint, from_checkpoint
-from impl_keras.model import AttentionUNet
+from impl_keras.model import AttentionUNet, empty_model
 from impl_keras.steps import Steps, to_result
 from impl_keras.training import make_optimizer
 from weights_convert.core.random_init import random_checkpoint
@@ -80,10 +80,7 @@ def build(model_class: type[AttentionUNet], weights, dtype: str) -> AttentionUNe
         return from_checkpoint(weights, dtype)
     # Zeros, then the seeded weights, as from_checkpoint does: under JAX a random initializer
     # compiles one program per kernel shape (seconds each, even for a tiny model).
-    config = weights.config
-    model = model_class(
-        config.in_channels, config.out_channels, config.channels, dtype=dtype, kernel_initializer="zeros"
-    )
+    model = empty_model(weights.config, dtype, model_class)
     assign_checkpoint(model, weights)
     return model
 
