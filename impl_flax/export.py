@@ -21,6 +21,7 @@ from flax import nnx
 from impl_flax.io import from_checkpoint
 from impl_flax.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.spec import SPATIAL_NAMES
 
 SUFFIXES = (".jaxexport",)
 
@@ -28,7 +29,7 @@ SUFFIXES = (".jaxexport",)
 def symbolic_axes(model: AttentionUNet) -> list[str]:
     """The input's symbolic axes, in order (channels last, which is not symbolic): ``batch``, then
     ``depth`` (3D), ``height`` and ``width``; the names ``impl_torch.export.dynamic_axes`` gives."""
-    return ["batch", *("depth", "height", "width")[-model.config.spatial_dims :]]
+    return ["batch", *SPATIAL_NAMES[model.config.spatial_dims]]
 
 
 def exported(model: AttentionUNet) -> jax.export.Exported:

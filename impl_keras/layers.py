@@ -224,7 +224,7 @@ def conv(
     )
 
 
-def max_pool2x2(name: str, dtype, data_format: str, dims: int) -> MaxPool2x:
+def max_pool2x2(name: str, dtype, data_format: str) -> MaxPool2x:
     return MaxPool2x(data_format, name=name, dtype=dtype)
 
 

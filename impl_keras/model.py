@@ -94,7 +94,7 @@ class EncoderBlock(layers.Layer):
         self.c_in, self.c_out, self.dims, self.data_format = c_in, c_out, dims, data_format
         dtype = self.dtype_policy
         self.conv = ConvBlock(c_in, c_out, dims, kernel_initializer, data_format, name="conv", dtype=dtype)
-        self.pool = max_pool2x2("pool", dtype, data_format, dims)
+        self.pool = max_pool2x2("pool", dtype, data_format)
 
     def build(self, input_shape):
         self.conv.build(build_shape(self.c_in, self.data_format, self.dims))
@@ -106,10 +106,7 @@ class EncoderBlock(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         skip = with_channels(input_shape, self.c_out, self.data_format)
-        pooled = list(skip)
-        for axis in spatial_axes(self.data_format, self.dims):
-            pooled[axis] = None if skip[axis] is None else skip[axis] // 2
-        return skip, tuple(pooled)
+        return skip, self.pool.compute_output_shape(skip)
 
     def get_config(self):
         return {

@@ -30,7 +30,7 @@ from torch import nn
 from impl_torch.io import from_checkpoint
 from impl_torch.model import AttentionUNet
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.spec import expected_input, layout
+from weights_convert.core.spec import SPATIAL_NAMES, expected_input, layout
 
 SUFFIXES = (".onnx", ".pt2", ".torchscript")
 ONNX_OPSET = 20
@@ -84,7 +84,7 @@ def example_input(model: AttentionUNet) -> torch.Tensor:
 def dynamic_axes(model: AttentionUNet) -> dict[int, str]:
     """The input's dynamic axes, by position (channels first): ``batch``, then ``depth`` (3D),
     ``height`` and ``width``."""
-    spatial = ("depth", "height", "width")[-model.config.spatial_dims :]
+    spatial = SPATIAL_NAMES[model.config.spatial_dims]
     return {0: "batch", **{axis: name for axis, name in enumerate(spatial, start=2)}}
 
 

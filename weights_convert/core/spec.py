@@ -163,8 +163,9 @@ def _is_positive_int(value) -> bool:
 # NCDHW), or the channels last of Flax and Keras (NHWC, NDHWC).
 DATA_FORMATS = ("channels_first", "channels_last")
 
-# The letters of the spatial axes, by ``spatial_dims``.
+# The letters of the spatial axes, by ``spatial_dims``, and their names (an export's dynamic axes).
 SPATIAL_AXES = {2: "HW", 3: "DHW"}
+SPATIAL_NAMES = {2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
 def layout(config: ModelConfig, data_format: str) -> str:
@@ -211,10 +212,11 @@ def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
 DEFAULT_SIDES = {2: (64, 64), 3: (32, 32, 32)}
 
 
-def check_sides(config: ModelConfig, sides) -> tuple[int, ...]:
+def check_sides(config: ModelConfig, sides=None, defaults=DEFAULT_SIDES) -> tuple[int, ...]:
     """The spatial sides of an input (``--size``: H W, or D H W for a 3D model) as a tuple,
-    checked against ``config``; a one-line ValueError naming the problem otherwise."""
-    sides = tuple(sides)
+    checked against ``config``, ``defaults[config.spatial_dims]`` when ``sides`` is None; a
+    one-line ValueError naming the problem otherwise."""
+    sides = tuple(defaults[config.spatial_dims] if sides is None else sides)
     names = " ".join(SPATIAL_AXES[config.spatial_dims])
     if len(sides) != config.spatial_dims or not all(_is_positive_int(side) for side in sides):
         raise ValueError(

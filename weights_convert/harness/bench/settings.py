@@ -44,8 +44,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not (isinstance(self.batch, int) and self.batch > 0):
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
-        size = DEFAULT_BENCH_SIDES[self.config.spatial_dims] if self.size is None else self.size
-        object.__setattr__(self, "size", tuple(int(side) for side in check_sides(self.config, size)))
+        sides = check_sides(self.config, self.size, DEFAULT_BENCH_SIDES)
+        object.__setattr__(self, "size", tuple(int(side) for side in sides))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:

@@ -22,7 +22,7 @@ from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.frameworks import DEVICES, FRAMEWORKS, KERAS_BACKENDS
 from weights_convert.core.optimizer_state import DEFAULTS as TRAINING_OPTIMIZERS
 from weights_convert.core.precisions import DTYPES
-from weights_convert.core.spec import DEFAULT_SIDES, ModelConfig, check_sides
+from weights_convert.core.spec import ModelConfig, check_sides
 from weights_convert.formats.io import read
 from weights_convert.harness import data_parallel as dp
 from weights_convert.harness import export as export_files
@@ -150,7 +150,7 @@ def make_request(
         checkpoint = read(checkpoint)
     config = checkpoint.config if checkpoint is not None else ModelConfig()
     try:
-        size = DEFAULT_SIDES[config.spatial_dims] if size is None else check_sides(config, size)
+        size = check_sides(config, size)
     except ValueError as error:
         raise ParityError(str(error)) from None
     try:

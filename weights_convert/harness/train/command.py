@@ -11,7 +11,7 @@ from pathlib import Path
 from weights_convert.core.errors import shown
 from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.precisions import DTYPES, param_dtype
-from weights_convert.core.spec import DEFAULT_SIDES, ModelConfig, check_sides
+from weights_convert.core.spec import ModelConfig, check_sides
 from weights_convert.harness.cli.arguments import add_size
 from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation
 from weights_convert.harness.train.progress import Progress
@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
             return 1
     else:
         try:
-            size = DEFAULT_SIDES[config.spatial_dims] if args.size is None else check_sides(config, args.size)
+            size = check_sides(config, args.size)
         except ValueError as error:
             return _usage(str(error))
         data = SyntheticSegmentation(config, args.batch, size, args.seed)
