@@ -7,7 +7,9 @@ import torch
 
 import weights_convert
 from impl_torch.model import AttentionUNet
+from impl_torch.monai_model import MonaiAttentionUNet
 from weights_convert.core import precisions as core_precisions
+from weights_convert.core.architectures import warn_assumed
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.formats.torch_format import from_numpy, to_numpy
 
@@ -42,13 +44,23 @@ def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
     config = checkpoint.config
     # Cast before loading: load_state_dict copies into the existing parameters' dtype, which would
     # round a float64 checkpoint through float32.
-    model = AttentionUNet(
-        config.in_channels, config.out_channels, config.channels, config.spatial_dims, compute_dtype=compute_dtype
-    )
-    model = model.to(param_dtype)
+    model = build(config, compute_dtype).to(param_dtype)
     state = {k: from_numpy(v) for k, v in checkpoint.tensors.items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+# The model classes of this package, by the architecture of their config.
+MODELS = (AttentionUNet, MonaiAttentionUNet)
+
+
+def build(config, compute_dtype: torch.dtype | None = None) -> AttentionUNet | MonaiAttentionUNet:
+    """A freshly initialised model of ``config``'s architecture (torch's default initialisation)."""
+    if config.architecture == "monai":
+        return MonaiAttentionUNet(config, compute_dtype=compute_dtype)
+    return AttentionUNet(
+        config.in_channels, config.out_channels, config.channels, config.spatial_dims, compute_dtype=compute_dtype
+    )
 
 
 def to_checkpoint(model: AttentionUNet) -> Checkpoint:
@@ -57,15 +69,18 @@ def to_checkpoint(model: AttentionUNet) -> Checkpoint:
     return Checkpoint.from_tensors(tensors, model.config, allow_nonfinite=True)
 
 
-def load(path, dtype="float32") -> AttentionUNet:
+def load(path, dtype="float32", *, config=None) -> AttentionUNet | MonaiAttentionUNet:
     """Load any checkpoint ``weights_convert`` reads into an eval-mode model; ``dtype`` as in
-    ``from_checkpoint`` ("float32", "float64" or "mixed_bfloat16")."""
+    ``from_checkpoint`` ("float32", "float64" or "mixed_bfloat16"). ``config`` gives what a file
+    without one cannot (a MONAI state_dict's strides); a UserWarning says what was assumed otherwise."""
     precision(dtype)
-    return from_checkpoint(weights_convert.read(path), dtype)
+    checkpoint = weights_convert.read(path, config=config)
+    warn_assumed(checkpoint.assumed, path)
+    return from_checkpoint(checkpoint, dtype)
 
 
 def save(model: AttentionUNet, path, *, force: bool = False) -> None:
     """Save in the format named by ``path``'s extension (atomic; existing files kept unless ``force``)."""
-    if not isinstance(model, AttentionUNet):
-        raise CheckpointError(f"expected an impl_torch.AttentionUNet, got {type(model).__name__}")
+    if not isinstance(model, MODELS):
+        raise CheckpointError(f"expected an impl_torch.AttentionUNet or MonaiAttentionUNet, got {type(model).__name__}")
     weights_convert.write(to_checkpoint(model), path, force=force)

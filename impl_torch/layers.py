@@ -24,6 +24,8 @@ BATCH_NORMS = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 MAX_POOLS = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 INTERPOLATIONS = {2: "bilinear", 3: "trilinear"}
+CONV_TRANSPOSES = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+INSTANCE_NORMS = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
 def batch_norm(channels: int, dims: int) -> nn.BatchNorm2d | nn.BatchNorm3d:
@@ -35,6 +37,30 @@ def batch_norm(channels: int, dims: int) -> nn.BatchNorm2d | nn.BatchNorm3d:
 def conv(c_in: int, c_out: int, kernel_size: int, dims: int) -> nn.Conv2d | nn.Conv3d:
     # Explicit symmetric padding (1 for 3x3, 0 for 1x1), the contract the other two reproduce.
     return CONVS[dims](c_in, c_out, kernel_size=kernel_size, padding=kernel_size // 2)
+
+
+def strided_conv(c_in: int, c_out: int, kernel: tuple[int, ...], stride: int) -> nn.Conv2d | nn.Conv3d:
+    """MONAI's convolution: padding (k - 1) / 2 on each side of each axis, any stride (section 1b)."""
+    return CONVS[len(kernel)](c_in, c_out, kernel_size=kernel, stride=stride, padding=tuple(k // 2 for k in kernel))
+
+
+def conv_transpose(c_in: int, c_out: int, kernel: tuple[int, ...], stride: int) -> nn.ConvTranspose2d:
+    """MONAI's upsampling: padding (k - 1) / 2 and output padding stride - 1, so that a side n
+    becomes exactly n * stride (section 1b)."""
+    return CONV_TRANSPOSES[len(kernel)](
+        c_in,
+        c_out,
+        kernel_size=kernel,
+        stride=stride,
+        padding=tuple(k // 2 for k in kernel),
+        output_padding=stride - 1,
+    )
+
+
+def instance_norm(channels: int, dims: int) -> nn.InstanceNorm2d | nn.InstanceNorm3d:
+    # MONAI's merge: statistics of each sample over its spatial axes, biased variance, nothing
+    # learned and nothing tracked (torch's defaults), the same in train and eval.
+    return INSTANCE_NORMS[dims](channels, eps=BN_EPS, affine=False, track_running_stats=False)
 
 
 def max_pool2x2(dims: int) -> nn.MaxPool2d | nn.MaxPool3d:

@@ -2,11 +2,11 @@ import ast
 
 import pytest
 
+from weights_convert.core.architectures import config_from_dict, config_from_json, infer_config
 from weights_convert.core.spec import (
     ModelConfig,
     check_input_shape,
     check_sides,
-    infer_config,
     param_table,
     parameter_count,
 )
@@ -33,8 +33,8 @@ def test_3d_table_has_the_2d_names_and_a_depth_axis_on_every_kernel():
 
 
 def test_a_config_without_spatial_dims_is_2d():
-    assert ModelConfig.from_dict({"in_channels": 3, "out_channels": 1, "channels": [4, 8]}).spatial_dims == 2
-    assert ModelConfig.from_json('{"spatial_dims": 3, "channels": [4, 8]}').spatial_dims == 3
+    assert config_from_dict({"in_channels": 3, "out_channels": 1, "channels": [4, 8]}).spatial_dims == 2
+    assert config_from_json('{"spatial_dims": 3, "channels": [4, 8]}').spatial_dims == 3
 
 
 @pytest.mark.parametrize(
@@ -71,9 +71,12 @@ def test_config_is_frozen_and_normalises_channels():
 
 def test_config_dict_round_trip_and_unknown_fields():
     config = ModelConfig(2, 5, (4, 8))
-    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["architecture"] == "article"
+    assert ModelConfig.from_dict(config.to_dict()) == config == config_from_dict(config.to_dict())
     with pytest.raises(ValueError, match="unknown fields \\['depth'\\]"):
-        ModelConfig.from_dict({"depth": 3})
+        config_from_dict({"depth": 3})
+    with pytest.raises(ValueError, match="architecture must be one of \\['article', 'monai'\\], got 'unet'"):
+        config_from_dict({"architecture": "unet"})
 
 
 @pytest.mark.parametrize(

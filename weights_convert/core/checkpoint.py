@@ -6,9 +6,10 @@ import dataclasses
 
 import numpy as np
 
+from weights_convert.core.architectures import Config, assumed, infer_config
 from weights_convert.core.errors import CheckpointError
 from weights_convert.core.optimizer_state import OptimizerState
-from weights_convert.core.spec import LISTED_NAMES, ModelConfig, capped, infer_config, param_specs
+from weights_convert.core.spec import LISTED_NAMES, capped, param_specs
 
 
 @dataclasses.dataclass
@@ -17,15 +18,18 @@ class Checkpoint:
     training checkpoint also has ``optimizer``, the canonical optimizer state
     (``weights_convert.core.optimizer_state``)."""
 
-    config: ModelConfig
+    config: Config
     tensors: dict[str, np.ndarray]
     optimizer: OptimizerState | None = None
+    # Config fields that neither the file nor its tensors held, with the value assumed
+    # (``architectures.assumed``): MONAI's strides and dropout of a plain state_dict.
+    assumed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_tensors(
         cls,
         tensors: dict[str, np.ndarray],
-        config: ModelConfig | None = None,
+        config: Config | None = None,
         *,
         allow_nonfinite: bool = False,
         source: str = "checkpoint",
@@ -33,21 +37,23 @@ class Checkpoint:
     ) -> Checkpoint:
         """Validate ``tensors`` against ``config`` (inferred from shapes when None) and order them;
         ``optimizer``, when given, is validated against the same config."""
+        assumed_fields = {}
         if config is None:
             try:
                 config = infer_config({k: tuple(np.shape(v)) for k, v in tensors.items()})
             except ValueError as error:
                 raise CheckpointError(f"{source}: {error}") from None
+            assumed_fields = assumed(config)
         check_tensors(tensors, config, allow_nonfinite=allow_nonfinite, source=source)
         ordered = {p.name: np.asarray(tensors[p.name]) for p in param_specs(config)}
         if optimizer is not None:
             optimizer.check(config, allow_nonfinite=allow_nonfinite, source=source)
             optimizer = optimizer.ordered(config)
-        return cls(config, ordered, optimizer)
+        return cls(config, ordered, optimizer, assumed_fields)
 
     def weights_only(self) -> Checkpoint:
         """The same model tensors without the optimizer state."""
-        return Checkpoint(self.config, self.tensors)
+        return Checkpoint(self.config, self.tensors, assumed=self.assumed)
 
     @property
     def float_dtype(self) -> np.dtype:
@@ -100,7 +106,7 @@ class Checkpoint:
                             f"casting to {dtype} overflows to inf in {name}; pass --allow-overflow to write inf"
                         )
             optimizer = slots
-        return Checkpoint(self.config, cast, optimizer)
+        return Checkpoint(self.config, cast, optimizer, self.assumed)
 
     def parameter_count(self) -> int:
         return sum(
@@ -132,7 +138,7 @@ def as_float_dtype(dtype) -> np.dtype:
 
 def check_tensors(
     tensors: dict[str, np.ndarray],
-    config: ModelConfig,
+    config: Config,
     *,
     allow_nonfinite: bool = False,
     source: str = "checkpoint",

@@ -57,6 +57,13 @@ LEAF_RULES = {
     ("bn", "running_var"): LeafRule("var", "moving_variance"),
     # Flax and Keras BatchNorms here keep torch's counter too, so every format carries it.
     ("bn", "num_batches_tracked"): LeafRule("num_batches_tracked", "num_batches_tracked"),
+    # MONAI's AttentionUnet (docs/architecture.md section 1b). A transposed kernel (in, out, *k)
+    # takes the same transpose to (*k, out, in): the layout of Keras' ConvTranspose kernels.
+    ("conv", "weight"): CONV_KERNEL,
+    ("conv", "bias"): LeafRule("bias", "bias"),
+    ("convT", "weight"): CONV_KERNEL,
+    ("convT", "bias"): LeafRule("bias", "bias"),
+    ("prelu", "weight"): LeafRule("negative_slope", "alpha"),
 }
 
 

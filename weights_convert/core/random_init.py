@@ -12,22 +12,26 @@ from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.spec import ModelConfig, param_specs
 
 NUM_BATCHES_TRACKED = 100
+# The layer kinds whose weight is a convolution kernel (fan-in: every axis but the first, as torch has it).
+CONVOLUTIONS = ("conv3", "conv1", "conv", "convT")
 
 
-def random_checkpoint(config: ModelConfig | None = None, seed: int = 0, dtype="float32") -> Checkpoint:
+def random_checkpoint(config=None, seed: int = 0, dtype="float32") -> Checkpoint:
     """Kaiming-uniform-like convolutions (PyTorch's default scale), random BatchNorm state."""
     config = config or ModelConfig()
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
     fan_in: dict[str, int] = {}
     for p in param_specs(config):
-        if p.layer in ("conv3", "conv1") and p.leaf == "weight":
+        if p.layer in CONVOLUTIONS and p.leaf == "weight":
             fan_in[p.module] = int(np.prod(p.shape[1:]))
             bound = 1.0 / np.sqrt(fan_in[p.module])
             value = rng.uniform(-bound, bound, p.shape)
-        elif p.layer in ("conv3", "conv1"):
+        elif p.layer in CONVOLUTIONS:
             bound = 1.0 / np.sqrt(fan_in[p.module])
             value = rng.uniform(-bound, bound, p.shape)
+        elif p.layer == "prelu":  # a slope around torch's 0.25
+            value = rng.uniform(0.05, 0.45, p.shape)
         elif p.leaf == "weight":
             value = rng.uniform(0.5, 1.5, p.shape)
         elif p.leaf in ("bias", "running_mean"):

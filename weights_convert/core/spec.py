@@ -12,6 +12,7 @@ import itertools
 import numbers
 import reprlib
 from collections.abc import Iterator
+from typing import ClassVar
 
 # Sub-module index of each layer inside the article's ``nn.Sequential`` conv block:
 # Conv(0) BN(1) ReLU(2) Conv(3) BN(4) ReLU(5).
@@ -22,6 +23,11 @@ LEAVES = {
     "conv3": ("weight", "bias"),
     "conv1": ("weight", "bias"),
     "bn": ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
+    # MONAI's AttentionUnet (core/monai_spec.py): convolutions of any kernel size and stride,
+    # transposed convolutions (weight (in, out, *kernel)) and PReLU's one slope.
+    "conv": ("weight", "bias"),
+    "convT": ("weight", "bias"),
+    "prelu": ("weight",),
 }
 
 # The largest config any checkpoint may claim, in trainable parameters: 1e9 (4 GB in float32).
@@ -66,37 +72,17 @@ class ModelConfig:
     spatial_dims: int = 2
 
     def __post_init__(self) -> None:
-        if not (_is_positive_int(self.spatial_dims) and self.spatial_dims in SPATIAL_DIMS):
-            raise ValueError(f"spatial_dims must be one of {list(SPATIAL_DIMS)}, got {self.spatial_dims!r}")
+        check_spatial_dims(self.spatial_dims)
         for name in ("in_channels", "out_channels"):
             value = getattr(self, name)
             if not _is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        channels = self.channels
-        if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):
-            raise ValueError(f"channels must be a sequence of positive integers, got {reprlib.repr(channels)}")
-        if not hasattr(channels, "__len__"):  # an iterator: never more than one entry past the limit
-            channels = tuple(itertools.islice(channels, MAX_DEPTH + 2))
-        if len(channels) > MAX_DEPTH + 1:
-            raise ValueError(
-                f"channels has {len(channels)} entries, more than {MAX_DEPTH + 1} (depth {MAX_DEPTH}, inputs of at "
-                f"least {2**MAX_DEPTH} pixels a side): {capped(channels)}"
-            )
-        channels = tuple(channels)
-        if len(channels) < 2:
-            raise ValueError(
-                f"channels needs at least two entries (one encoder level and the bridge), got {channels!r}"
-            )
-        bad = [c for c in channels if not _is_positive_int(c)]
-        if bad:
-            raise ValueError(f"channels must be positive integers, got {channels!r} (bad: {capped(bad)})")
-        object.__setattr__(self, "channels", tuple(int(c) for c in channels))
-        count = parameter_count(self)
-        if count > MAX_PARAMETERS:
-            raise ValueError(
-                f"config {self.to_dict()} has {count:.3g} parameters, more than the {MAX_PARAMETERS:.0e} any "
-                f"checkpoint may claim (spec.MAX_PARAMETERS)"
-            )
+        object.__setattr__(self, "channels", checked_channels(self.channels))
+        check_size(self)
+
+    architecture: ClassVar[str] = "article"
+    # An input side may be any integer of at least ``min_size`` (odd ones included).
+    side_multiple: ClassVar[int] = 1
 
     @property
     def depth(self) -> int:
@@ -115,8 +101,12 @@ class ModelConfig:
         decoders = [name for j in range(self.depth) for name in (f"d{j + 1}.ag", f"d{j + 1}")]
         return [f"e{i + 1}" for i in range(self.depth)] + ["b1"] + decoders + ["output"]
 
+    def param_specs(self) -> list[ParamSpec]:
+        return article_param_specs(self)
+
     def to_dict(self) -> dict:
         return {
+            "architecture": self.architecture,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "channels": list(self.channels),
@@ -124,35 +114,63 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        """A config from JSON text (``--config``); a one-line ValueError for text that is not JSON,
-        nests too deep for the parser, or is not a config."""
-        import json
-
-        try:
-            data = json.loads(text)
-        except RecursionError:
-            raise ValueError("the JSON nests too deep") from None
-        except ValueError as error:
-            raise ValueError(f"not JSON ({error})") from None
-        try:
-            return cls.from_dict(data)
-        except TypeError as error:
-            raise ValueError(str(error)) from None
-
-    @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"config must be a JSON object, got {data!r}")
-        known = set(CONFIG_FIELDS)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config has unknown fields {unknown}; known: {sorted(known)}")
+        return config_fields(cls, data)
+
+
+def config_fields(cls, data):
+    """``cls(**data)`` for a JSON object naming only ``cls``'s fields (and, optionally, its own
+    ``architecture``); a one-line ValueError otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config must be a JSON object, got {reprlib.repr(data)}")
+    data = dict(data)
+    architecture = data.pop("architecture", cls.architecture)
+    if architecture != cls.architecture:
+        raise ValueError(f"a {cls.__name__} has architecture {cls.architecture!r}, got {architecture!r}")
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known, key=str)
+    if unknown:
+        raise ValueError(f"config has unknown fields {capped(unknown)}; known: {sorted(known | {'architecture'})}")
+    try:
         return cls(**data)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
 
 
-# The fields of a config, as its JSON object names them.
-CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+def check_spatial_dims(spatial_dims) -> None:
+    if not (_is_positive_int(spatial_dims) and spatial_dims in SPATIAL_DIMS):
+        raise ValueError(f"spatial_dims must be one of {list(SPATIAL_DIMS)}, got {spatial_dims!r}")
+
+
+def checked_channels(channels) -> tuple[int, ...]:
+    """``channels`` as a tuple of at least two and at most ``MAX_DEPTH + 1`` positive integers; a
+    one-line ValueError otherwise (an iterator is read no further than one entry past the limit)."""
+    if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):
+        raise ValueError(f"channels must be a sequence of positive integers, got {reprlib.repr(channels)}")
+    if not hasattr(channels, "__len__"):
+        channels = tuple(itertools.islice(channels, MAX_DEPTH + 2))
+    if len(channels) > MAX_DEPTH + 1:
+        raise ValueError(
+            f"channels has {len(channels)} entries, more than {MAX_DEPTH + 1} (depth {MAX_DEPTH}, inputs of at "
+            f"least {2**MAX_DEPTH} pixels a side): {capped(channels)}"
+        )
+    channels = tuple(channels)
+    if len(channels) < 2:
+        raise ValueError(f"channels needs at least two entries (one encoder level and the bridge), got {channels!r}")
+    bad = [c for c in channels if not _is_positive_int(c)]
+    if bad:
+        raise ValueError(f"channels must be positive integers, got {channels!r} (bad: {capped(bad)})")
+    return tuple(int(c) for c in channels)
+
+
+def check_size(config) -> None:
+    """Refuse a config of more than ``MAX_PARAMETERS`` trainable parameters, before anything is built."""
+    count = parameter_count(config)
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"config {config.to_dict()} has {count:.3g} parameters, more than the {MAX_PARAMETERS:.0e} any "
+            f"checkpoint may claim (spec.MAX_PARAMETERS)"
+        )
 
 
 def _is_positive_int(value) -> bool:
@@ -185,7 +203,19 @@ def expected_input(config: ModelConfig, data_format: str) -> str:
     """How every implementation's input error begins: the shape the network takes, in ``data_format``."""
     axes = [str(config.in_channels) if axis == "C" else axis for axis in layout(config, data_format)]
     sides = ", ".join(SPATIAL_AXES[config.spatial_dims])
-    return f"expected input of shape ({', '.join(axes)}) with {sides} >= {config.min_size}"
+    return f"expected input of shape ({', '.join(axes)}) with {sides} {side_rule(config)}"
+
+
+def side_rule(config) -> str:
+    """What every spatial side must be: ``>= 8`` (the article's network), ``multiples of 4`` (MONAI's)."""
+    if config.side_multiple > 1:
+        return f"multiples of {config.side_multiple}"
+    return f">= {config.min_size}"
+
+
+def side_fits(config, side: int) -> bool:
+    """Whether one spatial side of ``side`` positions is one the network takes."""
+    return side >= config.min_size and side % config.side_multiple == 0
 
 
 def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
@@ -203,8 +233,8 @@ def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
         raise ValueError(f"{expected}, got a {len(shape)}-D tensor of shape {shape}")
     channels, spatial = (shape[1], shape[2:]) if data_format == "channels_first" else (shape[-1], shape[1:-1])
     wrong_channels = _is_known(channels) and channels != config.in_channels
-    too_small = any(_is_known(d) and d < config.min_size for d in spatial)
-    if wrong_channels or too_small:
+    misfit = any(_is_known(d) and not side_fits(config, d) for d in spatial)
+    if wrong_channels or misfit:
         raise ValueError(f"{expected}, got {shape}")
 
 
@@ -222,6 +252,11 @@ def check_sides(config: ModelConfig, sides=None, defaults=DEFAULT_SIDES) -> tupl
         raise ValueError(
             f"--size takes {config.spatial_dims} positive sides ({names}) for this {config.spatial_dims}D model, "
             f"got {' '.join(map(str, sides))}"
+        )
+    if config.side_multiple > 1 and not all(side_fits(config, side) for side in sides):
+        raise ValueError(
+            f"--size {' '.join(map(str, sides))} does not fit strides {list(config.strides)}: every side must be a "
+            f"multiple of {config.side_multiple}"
         )
     if min(sides) < config.min_size:
         raise ValueError(
@@ -242,7 +277,7 @@ class ParamSpec:
 
     name: str
     shape: tuple[int, ...]
-    layer: str  # "conv3", "conv1" or "bn"
+    layer: str  # a kind of LEAVES: "conv3", "conv1", "bn"; MONAI's "conv", "convT", "prelu"
     leaf: str  # "weight", "bias", "running_mean", "running_var", "num_batches_tracked"
 
     @property
@@ -279,8 +314,13 @@ def _conv_block(prefix: str, c_in: int, c_out: int, dims: int) -> Iterator[Param
         yield from _layer(f"{prefix}.{index}", kind, c_in if first else c_out, c_out, dims)
 
 
-def param_specs(config: ModelConfig) -> list[ParamSpec]:
-    """Every canonical tensor of ``config``, in the article's ``state_dict`` order."""
+def param_specs(config) -> list[ParamSpec]:
+    """Every canonical tensor of ``config`` (of either architecture), in its ``state_dict`` order."""
+    return config.param_specs()
+
+
+def article_param_specs(config: ModelConfig) -> list[ParamSpec]:
+    """Every canonical tensor of the article's network, in the article's ``state_dict`` order."""
     c, dims = config.channels, config.spatial_dims
     specs: list[ParamSpec] = []
     c_in = config.in_channels
@@ -318,8 +358,9 @@ def parameter_count(config: ModelConfig) -> int:
     return total
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
-    """Rebuild the config of a checkpoint that carries none, from its canonical tensor shapes.
+def infer_article_config(shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """Rebuild the config of a checkpoint of the article's network that carries none, from its
+    canonical tensor shapes (``architectures.infer_config`` recognises the network first).
 
     Raises ValueError naming what is missing when the names do not describe an Attention U-Net.
     """

@@ -30,10 +30,11 @@ import zipfile
 
 import numpy as np
 
+from weights_convert.core.architectures import CONFIG_FIELDS, config_from_dict
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.keras_layout import MODEL_NAME, PACKAGE, policy_dtype
 from weights_convert.core.optimizer_state import OptimizerState
-from weights_convert.core.spec import CONFIG_FIELDS, ModelConfig, param_specs
+from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.formats.keras_optimizer import (
     compile_config,
     compiled_optimizer,
@@ -127,7 +128,7 @@ def _model_config(document, path) -> ModelConfig:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: {CONFIG_MEMBER} has no config object")
     try:
-        return ModelConfig.from_dict({k: config[k] for k in CONFIG_FIELDS if k in config})
+        return config_from_dict({k: config[k] for k in CONFIG_FIELDS if k in config})
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: bad config in {CONFIG_MEMBER}: {one_line(error)[:200]}") from None
 

@@ -21,7 +21,7 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.keras_layout import canonical_shape, dataset_paths, keras_layers, stored_shape
 from weights_convert.core.layouts import rule
-from weights_convert.core.spec import SPATIAL_DIMS, ModelConfig, ParamSpec, infer_config, param_specs
+from weights_convert.core.spec import SPATIAL_DIMS, ModelConfig, ParamSpec, infer_article_config, param_specs
 from weights_convert.formats.safetensors_format import checksum
 
 CHECKSUM_ATTR = "attention_unet_sha256"
@@ -124,7 +124,7 @@ def _infer_config(f, datasets: dict, source: str) -> ModelConfig:
         if path in datasets and specs[name].leaf == "weight"
     }
     try:
-        return infer_config(shapes)
+        return infer_article_config(shapes)
     except ValueError as error:
         raise CheckpointError(f"{source}: not a Keras .weights.h5 of this model ({error})") from None
 

@@ -18,9 +18,10 @@ import struct
 
 import numpy as np
 
+from weights_convert.core.architectures import Config, config_from_dict
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.optimizer_state import PREFIX, OptimizerState, split_tensors
-from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.core.spec import param_specs
 from weights_convert.formats.vetting import check_declared, one_line
 
 FORMAT_NAME = "attention-unet"
@@ -35,7 +36,7 @@ MAX_HEADER_BYTES = 100_000_000
 HEADER_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32"}
 
 
-def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None, OptimizerState | None]:
+def read(path) -> tuple[dict[str, np.ndarray], Config | None, OptimizerState | None]:
     import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which reading a bfloat16 file needs)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -63,7 +64,7 @@ def read(path) -> tuple[dict[str, np.ndarray], ModelConfig | None, OptimizerStat
     return tensors, config, optimizer
 
 
-def _check_slot_shapes(path, optimizer_header: dict, config: ModelConfig) -> None:
+def _check_slot_shapes(path, optimizer_header: dict, config: Config) -> None:
     """Each ``optimizer/<slot>/<parameter>`` names a trainable tensor and has its shape."""
     shapes = {p.name: p.shape for p in param_specs(config) if not p.is_buffer}
     for name, info in optimizer_header.items():
@@ -96,7 +97,7 @@ def _header(path) -> dict:
     return header
 
 
-def _check_header_against_table(path, header: dict, config: ModelConfig | None) -> ModelConfig:
+def _check_header_against_table(path, header: dict, config: Config | None) -> Config:
     """Every tensor's name and shape against the parameter table, with nothing loaded: placeholders
     of the declared shape and dtype that take no memory stand in for the tensors. Returns the config
     (the inferred one when ``config`` is None)."""
@@ -115,7 +116,7 @@ def _check_header_against_table(path, header: dict, config: ModelConfig | None) 
     return check_declared(placeholders, path, config)
 
 
-def _config(path, metadata: dict | None) -> ModelConfig | None:
+def _config(path, metadata: dict | None) -> Config | None:
     config = None
     if metadata and "config" in metadata:
         version = metadata.get("format_version")
@@ -124,7 +125,7 @@ def _config(path, metadata: dict | None) -> ModelConfig | None:
                 f"{path}: unsupported format_version {version!r}; this release reads {FORMAT_VERSION!r}"
             )
         try:
-            config = ModelConfig.from_dict(json.loads(metadata["config"]))
+            config = config_from_dict(json.loads(metadata["config"]))
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: bad config in metadata: {one_line(error)}") from None
     return config

@@ -18,9 +18,10 @@ import zipfile
 
 import numpy as np
 
+from weights_convert.core.architectures import Config, infer_config
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.optimizer_state import OptimizerState, UnsupportedOptimizer, stored_step
-from weights_convert.core.spec import ModelConfig, capped, infer_config, param_specs
+from weights_convert.core.spec import capped, param_specs
 from weights_convert.formats.vetting import one_line
 
 WRAPPER_KEYS = ("state_dict", "model")
@@ -223,7 +224,7 @@ def write(checkpoint: Checkpoint, path) -> None:
     torch.save({"model": model, "optimizer": optimizer}, str(path))
 
 
-def torch_optimizer_state(state: OptimizerState, config: ModelConfig) -> dict:
+def torch_optimizer_state(state: OptimizerState, config: Config) -> dict:
     """The canonical optimizer state as ``torch.optim.SGD`` / ``Adam`` / ``AdamW.state_dict()`` of an
     optimizer over ``model.parameters()``."""
     import torch
@@ -249,7 +250,7 @@ def torch_optimizer_state(state: OptimizerState, config: ModelConfig) -> dict:
     return {"state": per_param, "param_groups": [group]}
 
 
-def canonical_optimizer_state(obj, config: ModelConfig, *, source: str) -> OptimizerState:
+def canonical_optimizer_state(obj, config: Config, *, source: str) -> OptimizerState:
     """``optimizer.state_dict()`` of torch SGD, Adam or AdamW over the model's parameters -> the
     canonical state; a setting outside the canonical definitions is refused in one line."""
     import torch

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from weights_convert.core.architectures import Config, infer_config
 from weights_convert.core.checkpoint import CheckpointError, check_tensors
-from weights_convert.core.spec import ModelConfig, infer_config
 
 
 def one_line(error: BaseException) -> str:
@@ -15,7 +15,7 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def inferred_config(tensors: dict[str, np.ndarray], source) -> ModelConfig:
+def inferred_config(tensors: dict[str, np.ndarray], source) -> Config:
     """The config that the shapes of ``tensors`` imply, refused naming ``source``."""
     try:
         return infer_config({k: np.shape(v) for k, v in tensors.items()})
@@ -23,7 +23,7 @@ def inferred_config(tensors: dict[str, np.ndarray], source) -> ModelConfig:
         raise CheckpointError(f"{source}: {one_line(error)}") from None
 
 
-def check_declared(placeholders: dict[str, np.ndarray], source, config: ModelConfig | None = None) -> ModelConfig:
+def check_declared(placeholders: dict[str, np.ndarray], source, config: Config | None = None) -> Config:
     """Every declared name, shape and dtype kind against the parameter table of ``config`` (inferred
     from the shapes when None), values not judged; ``placeholders`` stand in for the tensors
     (``np.broadcast_to`` of a scalar: no memory). Returns the config."""

@@ -38,9 +38,10 @@ import math
 import ml_dtypes
 import numpy as np
 
+from weights_convert.core.architectures import infer_config
 from weights_convert.core.optim import check_fit_batches, check_optimizer, state_results
 from weights_convert.core.optimizer_state import reference_step
-from weights_convert.core.spec import ModelConfig, infer_config, layout, param_specs
+from weights_convert.core.spec import ModelConfig, layout, param_specs
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: weight of the new batch statistic

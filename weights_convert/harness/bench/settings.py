@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from weights_convert.core.architectures import config_from_dict
 from weights_convert.core.frameworks import DEVICES
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig, check_sides
@@ -80,7 +81,7 @@ class Settings:
     @classmethod
     def from_dict(cls, data: dict) -> Settings:
         data = dict(data)
-        data["config"] = ModelConfig.from_dict(data["config"])
+        data["config"] = config_from_dict(data["config"])
         for key in ("size", "modes", "variants"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])

@@ -52,12 +52,25 @@ def config_json(config) -> str:
 
 def config_arg(text: str):
     """An argparse type: ``--config`` JSON as a ``ModelConfig``."""
-    from weights_convert.core.spec import ModelConfig
+    from weights_convert.core.architectures import config_from_json
 
     try:
-        return ModelConfig.from_json(text)
+        return config_from_json(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"bad --config {shown(text, 60)}: {error}") from None
+
+
+def add_config(parser, help_text: str = "expected config as JSON; refused if the file contradicts it") -> None:
+    """The ``--config`` option: a config as JSON (``core.architectures.config_from_json``)."""
+    parser.add_argument("--config", type=config_arg, help=help_text)
+
+
+def note_assumed(command: str, checkpoint) -> None:
+    """One line on stderr when the checkpoint's config assumed fields no tensor held."""
+    if checkpoint.assumed:
+        from weights_convert.core.architectures import assumed_line
+
+        print(f"{command}: {assumed_line(checkpoint.assumed)}", file=sys.stderr, flush=True)
 
 
 def options(args, names) -> dict:

@@ -5,25 +5,29 @@ from __future__ import annotations
 import json
 import sys
 
-from weights_convert.harness.cli.arguments import config_arg, config_json, count
+from weights_convert.harness.cli.arguments import add_config, config_json, count, note_assumed
 
 
 def cmd_inspect(args) -> int:
     import weights_convert
+    from weights_convert.core.architectures import NAMES, assumed_line
     from weights_convert.formats import format_for
 
-    checkpoint = weights_convert.read(args.file, allow_nonfinite=True)
+    checkpoint = weights_convert.read(args.file, config=args.config, allow_nonfinite=True)
     dtypes: dict[str, int] = {}
     for value in checkpoint.tensors.values():
         dtypes[str(value.dtype)] = dtypes.get(str(value.dtype), 0) + 1
     info = {
         "file": str(args.file),
         "format": format_for(args.file).name,
+        "network": NAMES[checkpoint.config.architecture],
         "config": checkpoint.config.to_dict(),  # printed as JSON: what --config takes
         "parameters": checkpoint.parameter_count(),
         "tensors": len(checkpoint.tensors),
         "dtypes": dtypes,
     }
+    if checkpoint.assumed:
+        info["assumed"] = assumed_line(checkpoint.assumed)
     if checkpoint.optimizer is not None:
         info["optimizer"] = checkpoint.optimizer.name
         info["hyperparameters"] = checkpoint.optimizer.hyper
@@ -50,6 +54,7 @@ def cmd_convert(args) -> int:
         config=args.config,
         weights_only=args.weights_only,
     )
+    note_assumed("convert", checkpoint)
     dtypes = checkpoint.float_dtypes
     dtype = next(iter(dtypes)) if len(dtypes) == 1 else ", ".join(f"{len(names)} {d}" for d, names in dtypes.items())
     print(
@@ -101,6 +106,7 @@ def add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="describe a checkpoint: format, config, parameter count, dtypes")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config(p)
     p.set_defaults(func=cmd_inspect)
 
 
@@ -112,7 +118,7 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), help="cast floating tensors")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/inf values instead of refusing them")
     p.add_argument("--allow-overflow", action="store_true", help="let --dtype turn values too large for it into inf")
-    p.add_argument("--config", type=config_arg, help="expected config as JSON; refused if the file contradicts it")
+    add_config(p)
     p.add_argument("--weights-only", action="store_true", help="drop a training checkpoint's optimizer state")
     p.set_defaults(func=cmd_convert)
 
@@ -129,7 +135,7 @@ def add_export_parser(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the exported model's dtype")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.add_argument("--no-check", action="store_true", help="skip running the export against the reference")
-    p.add_argument("--config", type=config_arg, help="expected config as JSON; refused if the file contradicts it")
+    add_config(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -137,7 +143,7 @@ def add_init_parser(sub) -> None:
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
     p.add_argument("dst")
     p.add_argument("--seed", type=count("--seed", 0), default=0)
-    p.add_argument("--config", type=config_arg, help="JSON, e.g. '{\"channels\": [8, 16, 32]}'")
+    add_config(p, "JSON, e.g. '{\"channels\": [8, 16, 32]}' or '{\"architecture\": \"monai\", \"strides\": [2, 2]}'")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.set_defaults(func=cmd_init)

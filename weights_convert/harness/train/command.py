@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from weights_convert.core.architectures import config_from_json
 from weights_convert.core.errors import shown
 from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.precisions import DTYPES, param_dtype
@@ -103,7 +104,7 @@ def cmd_train(args) -> int:
     if args.config and args.checkpoint:
         return _usage("--config describes random initial weights; a CHECKPOINT brings its own config")
     try:
-        config = ModelConfig.from_json(args.config) if args.config else ModelConfig()
+        config = config_from_json(args.config) if args.config else ModelConfig()
     except ValueError as error:
         return _usage(f"bad --config {shown(args.config, 60)}: {error}")
     checkpoint = weights_convert.read(args.checkpoint) if args.checkpoint else random_checkpoint(config, seed=args.seed)
