@@ -3,7 +3,8 @@
 
 Every file takes NCHW input and returns NCHW logits (NCDHW for a 3D model; eval mode: BatchNorm
 uses its running statistics), with a dynamic batch and spatial sides: any batch >= 1 and any H, W
-(D, H, W) >= the model's ``min_size`` (2**depth), odd sizes included. ``impl_flax/export.py`` and
+(D, H, W) >= the model's ``min_size`` (2**depth), odd sizes included; for MONAI's network any
+multiple of ``side_multiple``, the strides' product. ``impl_flax/export.py`` and
 ``impl_keras/export.py`` mirror this file for ``jax.export`` and TensorFlow SavedModel.
 
 - ``.onnx``: the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) from the same
@@ -29,6 +30,7 @@ from torch import nn
 
 from impl_torch.io import from_checkpoint
 from impl_torch.model import AttentionUNet
+from impl_torch.monai_model import MonaiAttentionUNet
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.spec import SPATIAL_NAMES, expected_input, layout
 
@@ -71,14 +73,50 @@ class ScriptedLogits(nn.Module):
         return self.head(x)
 
 
-def example_input(model: AttentionUNet) -> torch.Tensor:
-    """The input traced at export: batch 2 at distinct odd sizes above ``min_size`` (a size of 1 or
-    2**depth, or two equal sides, would let a tracer specialise); the exported graph is symbolic in
-    every axis but the channels."""
-    config = model.config
+class ScriptedMonaiLogits(nn.Module):
+    """``MonaiAttentionUNet``'s eval forward (logits only) for ``torch.jit.script``: MONAI's own
+    recursion (the model's ``model`` Sequential, each level running the levels below inside its
+    ``submodule``), behind the input check with its message prebuilt. Shares the model's blocks."""
+
+    def __init__(self, model: MonaiAttentionUNet):
+        super().__init__()
+        config = model.config
+        self.model = model.model
+        self.rank = config.spatial_dims + 2
+        self.in_channels = config.in_channels
+        self.side_multiple = config.side_multiple
+        self.expected = expected_input(config, "channels_first")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        misfit = x.dim() != self.rank or x.shape[1] != self.in_channels
+        for side in x.shape[2:]:
+            misfit = misfit or side < self.side_multiple or side % self.side_multiple != 0
+        if misfit:
+            raise ValueError(self.expected + ", got " + str(x.shape))
+        return self.model(x)
+
+
+def output_weight(model) -> torch.Tensor:
+    """The head's kernel, whose dtype is the model's."""
+    return model.output.weight if isinstance(model, AttentionUNet) else model.model[2].conv.weight
+
+
+def example_sides(config) -> tuple[int, ...]:
+    """Distinct sides above the smallest the network takes (a side of 1, of ``min_size``, or two
+    equal sides would let a tracer specialise): odd ones for the article's network, odd multiples
+    of ``side_multiple`` for MONAI's."""
+    if config.side_multiple > 1:
+        m = config.side_multiple
+        return (3 * m, 5 * m, 7 * m)[-config.spatial_dims :]
     m = config.min_size
-    sides = (2 * m + 3, 2 * m + 1, 2 * m + 5)[-config.spatial_dims :]
-    return torch.zeros(2, config.in_channels, *sides, dtype=model.output.weight.dtype)
+    return (2 * m + 3, 2 * m + 1, 2 * m + 5)[-config.spatial_dims :]
+
+
+def example_input(model) -> torch.Tensor:
+    """The input traced at export: batch 2 at ``example_sides``; the exported graph is symbolic
+    in every axis but the channels."""
+    config = model.config
+    return torch.zeros(2, config.in_channels, *example_sides(config), dtype=output_weight(model).dtype)
 
 
 def dynamic_axes(model: AttentionUNet) -> dict[int, str]:
@@ -93,9 +131,12 @@ def exported_program(model: AttentionUNet) -> torch.export.ExportedProgram:
     import torch.fx.experimental._config as fx_config
 
     dim = torch.export.Dim
-    min_size = model.config.min_size
+    config = model.config
     axes = dynamic_axes(model)
-    dynamic = {"x": {axis: dim(name, min=1 if axis == 0 else min_size) for axis, name in axes.items()}}
+    dynamic = {"x": {axis: dim(name, min=1 if axis == 0 else config.min_size) for axis, name in axes.items()}}
+    if config.side_multiple > 1:  # MONAI's network: every side a multiple of the strides' product
+        m = config.side_multiple
+        dynamic["x"] |= {axis: m * dim(f"{name}_blocks", min=1) for axis, name in axes.items() if axis > 0}
     # Without it, torch.export specialises every size the trace sees as 1 or compares with 1.
     with fx_config.patch(backed_size_oblivious=True), _quiet():
         return torch.export.export(model.eval(), (example_input(model),), dynamic_shapes=dynamic)
@@ -106,8 +147,8 @@ def export_pt2(model: AttentionUNet, path) -> None:
 
 
 def export_onnx(model: AttentionUNet, path) -> None:
-    if model.output.weight.dtype != torch.float32:
-        dtype = model.output.weight.dtype
+    if output_weight(model).dtype != torch.float32:
+        dtype = output_weight(model).dtype
         raise ValueError(f"ONNX export is float32 only (onnxruntime has no float64 convolution on CPU), got {dtype}")
     with _quiet():
         program = torch.onnx.export(
@@ -146,13 +187,15 @@ def _name_axes(proto, model: AttentionUNet) -> None:
     contract = {
         "layout": layout(config, "channels_first"),
         "min_size": str(config.min_size),
+        "side_multiple": str(config.side_multiple),
         "axes": ",".join(axes.values()),
     }
     onnx.helper.set_model_props(proto, contract)
 
 
 def export_torchscript(model: AttentionUNet, path) -> None:
-    scripted = torch.jit.script(ScriptedLogits(model.eval()))
+    wrapper = ScriptedLogits if isinstance(model, AttentionUNet) else ScriptedMonaiLogits
+    scripted = torch.jit.script(wrapper(model.eval()))
     torch.jit.save(scripted, str(path))
 
 

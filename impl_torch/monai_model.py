@@ -107,12 +107,19 @@ class AttentionLayer(nn.Module):
         down = ConvBlock(c[level], c[level + 1], config.kernel("kernel_size"), stride, config.dropout)
         self.submodule = down if below is None else nn.Sequential(down, below)
 
+    __jit_unused_properties__ = ["down"]  # the model reads it; TorchScript compiles forward only
+
     @property
     def down(self) -> ConvBlock:
         return self.submodule if isinstance(self.submodule, ConvBlock) else self.submodule[0]
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """MONAI's recursion: the levels below run inside ``submodule``, this one decodes their output."""
+        return self.decode(x, self.submodule(x))["merge"]
+
     def decode(self, x: torch.Tensor, below: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This level's decoder from its input ``x`` (the skip) and the level below's output."""
+        """This level's decoder from its input ``x`` (the skip) and the level below's output:
+        ``up`` (the upsampled signal), ``ag`` (psi) and ``merge`` (the level's output)."""
         up = self.upconv(below)
         gated, psi = self.attention(up, x)
         return {"up": up, "ag": psi, "merge": self.merge(torch.cat([gated, up], dim=1))}

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from weights_convert.core.monai_spec import MonaiConfig
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import bench, cli
 
@@ -82,6 +83,8 @@ def test_flops_match_hand_count(config, size):
         (ModelConfig(3, 1, (4, 8, 16)), (37, 53)),
         (ModelConfig(2, 3, (4, 8, 16, 32)), (19, 8)),
         (ModelConfig(2, 2, (4, 8, 16), spatial_dims=3), (9, 12, 11)),
+        (MonaiConfig(2, 2, (4, 8, 16, 32), strides=(2, 1, 3), kernel_size=5, up_kernel_size=(3, 1)), (12, 18)),
+        (MonaiConfig(1, 1, (4, 8, 16), spatial_dims=3, up_kernel_size=1), (4, 8, 12)),
     ],
 )
 def test_flops_match_torch_flop_counter(config, size):
@@ -89,9 +92,9 @@ def test_flops_match_torch_flop_counter(config, size):
     torch = pytest.importorskip("torch")
     from torch.utils.flop_counter import FlopCounterMode
 
-    import impl_torch
+    from impl_torch.io import build
 
-    model = impl_torch.AttentionUNet(config.in_channels, config.out_channels, config.channels, config.spatial_dims)
+    model = build(config)
     model.train()
     x = torch.randn(2, config.in_channels, *size)
     with FlopCounterMode(display=False) as counter:
@@ -99,7 +102,7 @@ def test_flops_match_torch_flop_counter(config, size):
     counted = counter.get_flop_counts()
     assert counter.get_total_flops() == bench.forward_flops(config, size, batch=2)
     for module, flops in bench.conv_flops(config, size).items():
-        assert sum(counted[f"AttentionUNet.{module}"].values()) == 2 * flops, module
+        assert sum(counted[f"{type(model).__name__}.{module}"].values()) == 2 * flops, module
     with FlopCounterMode(display=False) as counter:
         torch.mean(model(x) ** 2).backward()
     assert counter.get_total_flops() == bench.train_step_flops(config, size, batch=2)

@@ -120,3 +120,22 @@ def test_core_and_formats_never_import_an_implementation(graph):
 def test_core_imports_nothing_above_it(graph):
     above = ("weights_convert.formats", "weights_convert.harness", "weights_convert.processes")
     assert offenders(graph, ("weights_convert.core",), above) == []
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level package of every import of ``path``, function-level ones included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_project_never_imports_monai():
+    """MONAI is the tests' oracle for its AttentionUnet, not a dependency: reading, converting and
+    running a MONAI checkpoint needs none of it."""
+    importers = sorted(str(path) for path in module_files().values() if "monai" in external_imports(path))
+    assert importers == []
+    assert "torch" in external_imports(REPO / "impl_torch" / "monai_model.py")  # the reader sees imports

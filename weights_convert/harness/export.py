@@ -129,7 +129,11 @@ def check_cases(config: ModelConfig) -> list[tuple[int, ...]]:
     """(batch, *sides) of each checked input, with the model's ``min_size`` m. Images: batch 2 at
     37x53 (odd, and (2m+5)x(3m+5) when m is above 37), and batch 1 at (m + 3)x(m + 1), where the
     bottleneck is 1x1. Volumes, which cost a side more: batch 2 at (2m+1)x(2m+3)x(2m+5), and
-    batch 1 at (m + 3)x(m + 1)x(m + 5)."""
+    batch 1 at (m + 3)x(m + 1)x(m + 5). MONAI's network, with m its ``side_multiple``: batch 2 at
+    3m x 5m (x 7m), batch 1 at m x 2m (x m), the bottom then 1 x 2 (x 1)."""
+    if config.side_multiple > 1:  # MONAI's network: multiples of the strides' product, the smallest included
+        m = config.side_multiple
+        return [(2, *(3 * m, 5 * m, 7 * m)[-config.spatial_dims :]), (1, *(m, 2 * m, m)[-config.spatial_dims :])]
     m = config.min_size
     if config.spatial_dims == 3:
         return [(2, 2 * m + 1, 2 * m + 3, 2 * m + 5), (1, m + 3, m + 1, m + 5)]

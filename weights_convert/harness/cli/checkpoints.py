@@ -143,7 +143,7 @@ def add_init_parser(sub) -> None:
     p = sub.add_parser("init", help="write seeded random weights (non-trivial BatchNorm statistics)")
     p.add_argument("dst")
     p.add_argument("--seed", type=count("--seed", 0), default=0)
-    add_config(p, "JSON, e.g. '{\"channels\": [8, 16, 32]}' or '{\"architecture\": \"monai\", \"strides\": [2, 2]}'")
+    add_config(p, 'JSON, e.g. \'{"channels": [8, 16, 32]}\' or \'{"architecture": "monai", "strides": [2, 2]}\'')
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.set_defaults(func=cmd_init)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from weights_convert.core.extras import MissingPackage
-from weights_convert.harness.cli.arguments import add_size, choices, count, options, selection, usage_error
+from weights_convert.harness.cli.arguments import add_config, add_size, choices, count, options, selection, usage_error
 
 # The options ``parity.check`` takes as they are parsed, under the same names.
 CHECK_OPTIONS = (
@@ -22,6 +22,7 @@ CHECK_OPTIONS = (
     "data_parallel",
     "batchnorm",
     "resume_at",
+    "config",
 )
 
 
@@ -122,6 +123,7 @@ def add_parser(sub) -> None:
         "resume/<from>-><to>/<optimizer>/... must match the uninterrupted reference run. Its optimizers are "
         "the training checkpoints' (sgd with momentum 0.9, adam, adamw)",
     )
+    add_config(p)
     add_size(p, "the input's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
     p.add_argument("--batch", type=count("--batch", 1), default=parity.DEFAULT_BATCH, help="images per batch")
     p.add_argument("--seed", type=count("--seed", 0), default=0, help="seed of the input (and training target)")

@@ -36,6 +36,7 @@ def check(
     data_parallel: int = 1,
     batchnorm: str = "sync",
     resume_at: int | None = None,
+    config=None,
 ) -> Report:
     """Run ``checkpoint`` (a path, a Checkpoint, or None for seeded default weights) through each
     framework and compare every quantity with the independent float64 NumPy reference: block
@@ -49,8 +50,8 @@ def check(
     data-parallel with ``batchnorm`` statistics, against the reference of that mode
     (``weights_convert.harness.data_parallel``). A fit with ``resume_at`` K moves training between
     every ordered pair of frameworks after K steps (``parity.resume``), with each of
-    ``optimizer`` (default: all of ``RESUME_OPTIMIZERS``). ``progress`` is called with one line
-    per stage.
+    ``optimizer`` (default: all of ``RESUME_OPTIMIZERS``). ``config`` gives what a file without
+    one cannot hold (a MONAI state_dict's strides). ``progress`` is called with one line per stage.
 
     ``frameworks`` and ``keras_backends`` default to the installed ones (``select``); one that is
     named but not installed raises ``MissingPackage`` naming what to install. Bad arguments raise
@@ -71,6 +72,7 @@ def check(
         data_parallel=data_parallel,
         batchnorm=batchnorm,
         resume_at=resume_at,
+        config=config,
     )
     return check_request(request, progress)
 
@@ -83,6 +85,8 @@ def check_request(request: Request, progress=None) -> Report:
     shown_input = inputs.x[0] if fit else inputs.x
     checkpoint = default_checkpoint(shown_input) if request.checkpoint is None else request.checkpoint
     say = progress or (lambda message: None)
+    for note in request.notes:
+        say(note)
     common = {"mode": run.mode, "seed": request.seed, "dtype": dtype}
     if run.resume_at is not None:
         results, outputs, curves = judge_pairs(request.targets, checkpoint, inputs, run, say)

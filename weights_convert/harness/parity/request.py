@@ -18,6 +18,7 @@ import dataclasses
 import os
 
 from weights_convert.core import extras
+from weights_convert.core.architectures import assumed_line
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.frameworks import DEVICES, FRAMEWORKS, KERAS_BACKENDS
 from weights_convert.core.optimizer_state import DEFAULTS as TRAINING_OPTIMIZERS
@@ -95,6 +96,7 @@ class Request:
     size: tuple[int, ...]  # H W, or D H W
     batch: int
     seed: int
+    notes: tuple[str, ...] = ()  # what the run changed or assumed, said before it starts
 
     @property
     def targets(self) -> list[Target]:
@@ -131,6 +133,7 @@ def make_request(
     data_parallel: int,
     batchnorm: str,
     resume_at: int | None,
+    config=None,
 ) -> Request:
     """``check``'s arguments (see there) validated into a ``Request``, the checkpoint read if it is
     a path; the first thing wrong is refused in one line."""
@@ -147,7 +150,11 @@ def make_request(
     if resume_at is not None:
         optimizers = _resume_optimizers(resume_at, optimizer, mode, steps, data_parallel, exports)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
-        checkpoint = read(checkpoint)
+        checkpoint = read(checkpoint, config=config)
+    notes = [assumed_line(checkpoint.assumed)] if checkpoint is not None and checkpoint.assumed else []
+    if checkpoint is not None and mode != "eval" and getattr(checkpoint.config, "dropout", 0.0) > 0:
+        checkpoint = without_dropout(checkpoint)
+        notes.append(DROPOUT_NOTE)
     config = checkpoint.config if checkpoint is not None else ModelConfig()
     try:
         size = check_sides(config, size)
@@ -160,8 +167,29 @@ def make_request(
     traced = trajectory and mode == "fit" and resume_at is None  # a resumed fit plots its losses only
     run = Run(mode, optimizers, steps, traced, data_parallel, batchnorm, resume_at)
     return Request(
-        checkpoint, config, frameworks, keras_backends, exports, dtype, device, run, tuple(size), batch, seed
+        checkpoint,
+        config,
+        frameworks,
+        keras_backends,
+        exports,
+        dtype,
+        device,
+        run,
+        tuple(size),
+        batch,
+        seed,
+        tuple(notes),
     )
+
+
+# Train and fit runs compare functions: dropout's random masks are streams no two frameworks share.
+DROPOUT_NOTE = "dropout set to 0 for this train-mode run (dropout masks are random streams no two frameworks share)"
+
+
+def without_dropout(checkpoint: Checkpoint) -> Checkpoint:
+    """The same tensors under the config with dropout 0 (docs/architecture.md section 1b)."""
+    config = dataclasses.replace(checkpoint.config, dropout=0.0)
+    return dataclasses.replace(checkpoint, config=config)
 
 
 def _check_names(frameworks, keras_backends, allow_none: bool) -> None:

@@ -1,0 +1,142 @@
+"""MONAI itself as the external oracle: ``monai.networks.nets.AttentionUnet`` (PyPI ``monai``, a
+test dependency only; the project never imports it), randomly initialised, against every
+implementation and the NumPy reference in float64. Each target runs through the parity harness's
+own runners (Keras under each backend in one worker process), fed the canonical checkpoint that
+MONAI's ``state_dict`` becomes; so a MONAI user's file, the converter and every model are
+checked against the network MONAI actually computes.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.conftest import rel_error
+from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.monai_spec import MonaiConfig
+from weights_convert.harness import parity, reference
+from weights_convert.harness.parity.inputs import Inputs
+from weights_convert.harness.parity.runners import compute
+from weights_convert.harness.parity.tolerances import tolerance
+
+monai = pytest.importorskip("monai")
+torch = pytest.importorskip("torch")
+
+# The configs the issue names, shrunk to a 2-core CPU: 2D; 3D; strides with a 1 and kernel_size 5;
+# and a 1x1 transposed convolution (kernel below its stride: the upsampled rows end in bias alone).
+CASES = {
+    "2d": (MonaiConfig(1, 2, (4, 8, 16), strides=(2, 2)), (8, 12)),
+    "3d": (MonaiConfig(2, 2, (4, 8, 16), spatial_dims=3, strides=(2, 2)), (4, 8, 12)),
+    "stride1_k5": (MonaiConfig(1, 1, (4, 8, 16, 32), strides=(2, 1, 2), kernel_size=5), (8, 12)),
+    "up_kernel_1": (MonaiConfig(1, 3, (4, 8, 6), strides=(2, 3), up_kernel_size=1), (12, 18)),
+}
+
+
+def monai_model(config: MonaiConfig, seed: int = 0):
+    """MONAI's network for ``config`` in float64, every BatchNorm with random statistics and
+    affine parameters and every PReLU a random slope, so that no layer is an identity."""
+    torch.manual_seed(seed)
+    model = monai.networks.nets.AttentionUnet(
+        spatial_dims=config.spatial_dims,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        channels=config.channels,
+        strides=config.strides,
+        kernel_size=config.kernel_size,
+        up_kernel_size=config.up_kernel_size,
+        dropout=config.dropout,
+    ).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+            elif isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.05, 0.45)
+    return model
+
+
+def as_checkpoint(model, config: MonaiConfig) -> Checkpoint:
+    """MONAI's ``state_dict`` as the canonical checkpoint (its keys are the canonical names)."""
+    tensors = {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
+    return Checkpoint.from_tensors(tensors, config)
+
+
+def batch(config: MonaiConfig, sides, seed: int = 1) -> Inputs:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, config.in_channels, *sides))
+    target = rng.standard_normal((2, config.out_channels, *sides))
+    return Inputs(x, target)
+
+
+def monai_outputs(model, inputs: Inputs, train: bool) -> np.ndarray:
+    model.train(train)
+    with torch.no_grad():
+        return model(torch.from_numpy(inputs.x)).numpy()
+
+
+def monai_sgd_step(model, inputs: Inputs) -> dict[str, np.ndarray]:
+    """The parameters after one step of plain SGD (lr 0.1, the parity checks' SGD) on the MSE of
+    a train-mode forward, stepped by torch itself."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.mean((model(torch.from_numpy(inputs.x)) - torch.from_numpy(inputs.target)) ** 2)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {name: value.detach().numpy() for name, value in model.named_parameters()}
+
+
+def targets() -> list[parity.Target]:
+    selected = parity.select()
+    return parity.targets_for(selected.frameworks, selected.keras_backends, "cpu", "float64")
+
+
+BOUND = tolerance("float64")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_framework_computes_what_monai_computes(case):
+    """Eval logits and a train-mode forward (batch statistics) of each framework, and the NumPy
+    reference's, equal MONAI's own to 1e-10; then one SGD step equals MONAI's stepped by torch."""
+    config, sides = CASES[case]
+    oracle = monai_model(config)
+    checkpoint = as_checkpoint(oracle, config)
+    inputs = batch(config, sides)
+    expected = {"eval": monai_outputs(oracle, inputs, train=False), "train": monai_outputs(oracle, inputs, train=True)}
+    stepped = monai_sgd_step(oracle, inputs)
+    computed = {
+        "reference": reference.train_steps(
+            checkpoint.tensors, inputs.x, inputs.target, config=config, optimizers=("sgd",), forward=True
+        )
+    }
+    computed["reference"]["eval/output"] = reference.forward(checkpoint.tensors, inputs.x, config=config)["output"]
+    for target in targets():
+        results = compute(target, checkpoint, inputs, parity.Run("eval", optimizers=()))
+        train = compute(target, checkpoint, inputs, parity.Run("train", optimizers=("sgd",)))
+        computed[target.label] = {**train, "eval/output": results["output"]}
+    errors = {}
+    for label, results in computed.items():
+        errors[label, "eval"] = rel_error(results["eval/output"], expected["eval"])
+        errors[label, "train"] = rel_error(results["output"], expected["train"])
+        errors[label, "sgd"] = max(rel_error(results[f"step/sgd/{name}"], value) for name, value in stepped.items())
+    assert len(computed) >= 2  # the reference and at least torch
+    failing = {key: error for key, error in errors.items() if not error <= BOUND}
+    assert not failing, failing
+
+
+def test_a_perturbed_monai_parameter_fails():
+    """The comparison above can fail: one gate parameter changed by 1e-6 of its scale moves the
+    logits far beyond the float64 bound."""
+    config, sides = CASES["2d"]
+    oracle = monai_model(config)
+    checkpoint = as_checkpoint(oracle, config)
+    name = "model.1.submodule.1.attention.psi.0.conv.weight"
+    tensors = dict(checkpoint.tensors)
+    tensors[name] = tensors[name] * (1 + 1e-6)
+    perturbed = dataclasses.replace(checkpoint, tensors=tensors)
+    inputs = batch(config, sides)
+    logits = compute(parity.Target("torch", "torch", "cpu", "float64"), perturbed, inputs, parity.Run("eval", ()))
+    assert rel_error(logits["output"], monai_outputs(oracle, inputs, train=False)) > BOUND
