@@ -1,17 +1,25 @@
-"""An independent NumPy reference of the network, written from ARCHITECTURE.md and sharing no code
-with any implementation: the forward, a hand-written reverse mode, the optimizer steps and
-multi-step training that every implementation is compared with.
+"""An independent NumPy reference of the networks, written from ARCHITECTURE.md and sharing no
+code with any implementation: the forward, a hand-written reverse mode, the optimizer steps and
+multi-step training that every implementation is compared with. Both architectures
+(``config.architecture``): the article's Attention U-Net (docs/architecture.md section 1) and
+MONAI's AttentionUnet (section 1b), each a network of the same ops on the same tape
+(``ArticleGraph``, ``MonaiGraph``).
 
 Eval mode uses the running statistics; train mode normalises with the batch statistics and
 returns the updated running statistics (torch's rule: ``new = 0.9 * old + 0.1 * batch``, the
 variance unbiased) as ``state/<name>``. Inputs and results are NCHW arrays, NCDHW for a 3D model
-(``ModelConfig.spatial_dims``, inferred from the kernels' rank), with canonical names and layouts
-(conv OIHW, OIDHW); internally activations are channels last (NHWC, NDHWC) and kernels HWIO
-(DHWIO), so that every convolution is one BLAS matmul of the k**dims taps side by side (im2col:
-9, or 27 in 3D) with the kernel. Every op is one code path for both ranks: BatchNorm normalises
-over every axis but the channels, the max pool takes 2x2 (2x2x2) windows, the upsampling is
-bilinear (trilinear) as one interpolation matrix per axis, the zero padding pads every spatial
-axis to the skip.
+(``spatial_dims``, inferred from the kernels' rank), with canonical names and layouts
+(conv OIHW, OIDHW; a transposed conv (in, out, *k)); internally activations are channels last
+(NHWC, NDHWC) and kernels HWIO (DHWIO), so that every convolution is one BLAS matmul of its taps
+side by side (im2col: 9 for a 3x3 kernel, 27 for 3x3x3, any odd sides per axis, every
+``stride``-th window) with the kernel; a transposed convolution is that convolution's adjoint, its
+input gradient. Every op is one code path for both ranks: BatchNorm normalises over every axis but
+the channels, InstanceNorm over each sample's spatial axes, the max pool takes 2x2 (2x2x2) windows,
+the upsampling is bilinear (trilinear) as one interpolation matrix per axis, the zero padding pads
+every spatial axis to the skip.
+
+The reference has no dropout: a train-mode pass of a MONAI config with dropout > 0 is refused
+(parity compares train mode at dropout 0); eval mode ignores dropout, as every framework does.
 
 The backward is a tape: each op of the forward appends ``(backward, inputs, output)``, where
 ``backward`` maps the output's gradient to its inputs' gradients (and stores the gradients of
@@ -26,8 +34,9 @@ activations used more than once (the skip connections, the gate's inputs).
 - ``"mixed_bfloat16"``: how frameworks train in mixed precision. Parameters, BatchNorm
   statistics, parameter gradients and the optimizer are float32; convolution operands are
   rounded to bfloat16 and their products accumulated in float32; every activation and every
-  activation gradient is rounded to bfloat16 after its op; the loss is float32. The rounding is
-  ``Precision.round`` (bfloat16 values held in float32 arrays).
+  activation gradient is rounded to bfloat16 after its op; the loss is float32. BatchNorm and
+  InstanceNorm compute their statistics in float32. The rounding is ``Precision.round``
+  (bfloat16 values held in float32 arrays).
 """
 
 from __future__ import annotations
@@ -38,10 +47,11 @@ import math
 import ml_dtypes
 import numpy as np
 
-from weights_convert.core.architectures import infer_config
+from weights_convert.core.architectures import Config, infer_config
+from weights_convert.core.monai_spec import MonaiConfig, down_prefix, level_prefix
 from weights_convert.core.optim import check_fit_batches, check_optimizer, state_results
 from weights_convert.core.optimizer_state import reference_step
-from weights_convert.core.spec import ModelConfig, layout, param_specs
+from weights_convert.core.spec import ModelConfig, layout, param_specs, side_fits, side_rule
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: weight of the new batch statistic
@@ -89,74 +99,137 @@ def _row_bands(h: int, elements_per_row: int):
     return [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
 
 
-def _taps(k: int, dims: int):
-    """The k**dims kernel offsets, one tuple per tap, in row-major order ((dy, dx), or (dz, dy, dx))."""
-    return list(itertools.product(range(k), repeat=dims))
+def _per_axis(value, dims: int) -> tuple[int, ...]:
+    """A padding given once for every spatial axis, or per axis, as one entry per axis."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def _box(start, sides):
+def _taps(kernel_sides):
+    """The kernel offsets, one tuple per tap, in row-major order ((dy, dx), or (dz, dy, dx)):
+    ``prod(kernel_sides)`` of them."""
+    return list(itertools.product(*(range(k) for k in kernel_sides)))
+
+
+def _box(start, sides, stride: int = 1):
     """The index of a box of an (N, *spatial, C) array: ``sides`` positions from ``start`` on
-    each spatial axis, every sample and channel (one tap's input window, a crop, a pooled region)."""
-    return (slice(None), *(slice(a, a + s) for a, s in zip(start, sides, strict=True)), slice(None))
+    each spatial axis, every ``stride``-th one, every sample and channel (one tap's input window,
+    a crop, a pooled region)."""
+    spatial = (slice(a, a + (s - 1) * stride + 1, stride) for a, s in zip(start, sides, strict=True))
+    return (slice(None), *spatial, slice(None))
 
 
-def _patches(xp, k: int, sides):
-    """(N, *(sides + k - 1), C) -> (N * prod(sides), k**dims * C): the taps side by side,
-    tap-major ((dy, dx, c), or (dz, dy, dx, c)), which is the row order of an HWIO (DHWIO) kernel
-    reshaped to (k**dims * C, O)."""
+def _patches(xp, kernel_sides, sides, stride: int = 1):
+    """(N, *spatial, C) -> (N * prod(sides), prod(kernel_sides) * C): for each of the ``sides``
+    output positions (every ``stride``-th window) the taps side by side, tap-major ((dy, dx, c),
+    or (dz, dy, dx, c)), which is the row order of an HWIO (DHWIO) kernel reshaped to
+    (prod(kernel_sides) * C, O)."""
     channels = xp.shape[-1]
-    if k == 1:
+    if stride == 1 and math.prod(kernel_sides) == 1:
         return xp.reshape(-1, channels)
-    taps = [xp[_box(offset, sides)] for offset in _taps(k, len(sides))]
+    taps = [xp[_box(offset, sides, stride)] for offset in _taps(kernel_sides)]
     return np.concatenate(taps, axis=-1).reshape(-1, len(taps) * channels)
 
 
-def _pad_spatial(x, pad: int):
-    """Symmetric zero padding of every spatial axis of an (N, *spatial, C) array."""
-    if not pad:
+def _band_input(xp, kernel_sides, stride: int, r0: int, r1: int):
+    """The padded input rows that output rows r0..r1 - 1 read: from r0 * stride to the last one's
+    window end."""
+    return xp[:, r0 * stride : (r1 - 1) * stride + kernel_sides[0]]
+
+
+def _pad_spatial(x, pad):
+    """Symmetric zero padding of every spatial axis of an (N, *spatial, C) array: ``pad`` on
+    each side, one number for every axis or one per axis."""
+    pad = _per_axis(pad, x.ndim - 2)
+    if not any(pad):
         return x
-    return np.pad(x, ((0, 0), *[(pad, pad)] * (x.ndim - 2), (0, 0)))
+    return np.pad(x, ((0, 0), *[(p, p) for p in pad], (0, 0)))
 
 
-def conv(x, kernel, bias, pad):
-    """x (N, *spatial, C), kernel (*[k] * dims, C, O) (HWIO or DHWIO) -> (N, *spatial', O); stride 1,
-    symmetric zero padding. One matmul over the k**dims taps and the channels (products summed in
-    the operands' dtype), in bands of output rows."""
-    k = kernel.shape[0]
+def _conv_products(x, kernel, pad, stride: int):
+    """``conv`` without its bias: one matmul per band of output rows of the patches and the
+    kernel (products summed in the operands' dtype)."""
+    kernel_sides = kernel.shape[:-2]
     xp = _pad_spatial(x, pad)
     n = xp.shape[0]
-    h, *rest = (side - k + 1 for side in xp.shape[1:-1])  # output sides: the banded axis, the others
-    kmat = kernel.reshape(-1, kernel.shape[-1])  # (k**dims * C, O)
+    # Output sides, the banded axis first: (padded - k) // stride + 1 windows on each axis.
+    h, *rest = ((side - k) // stride + 1 for side, k in zip(xp.shape[1:-1], kernel_sides, strict=True))
+    kmat = kernel.reshape(-1, kernel.shape[-1])  # (prod(kernel_sides) * C, O)
     out = np.empty((n, h, *rest, kmat.shape[1]), dtype=np.result_type(x, kernel))
     for r0, r1 in _row_bands(h, n * math.prod(rest) * kmat.shape[0]):
-        band = _patches(xp[:, r0 : r1 + k - 1], k, (r1 - r0, *rest))
+        band = _patches(_band_input(xp, kernel_sides, stride, r0, r1), kernel_sides, (r1 - r0, *rest), stride)
         out[:, r0:r1] = (band @ kmat).reshape(n, r1 - r0, *rest, -1)
-    return out + bias
+    return out
 
 
-def conv_backward(g, x, kernel, pad, need_input=True):
-    """Gradients of ``conv`` with respect to x (None unless ``need_input``), kernel and bias:
-    the kernel's is patches^T @ g, x's is g @ kernel^T scattered back onto the taps."""
-    k = kernel.shape[0]
-    xp = _pad_spatial(x, pad)
+def conv(x, kernel, bias, pad, stride: int = 1):
+    """x (N, *spatial, C), kernel (*kernel_sides, C, O) (HWIO or DHWIO, any sides) ->
+    (N, *spatial', O): symmetric zero padding ``pad`` (one number or one per axis), the window
+    every ``stride`` positions on each axis, then the bias. One matmul over the taps and the
+    channels (products summed in the operands' dtype), in bands of output rows."""
+    return _conv_products(x, kernel, pad, stride) + bias
+
+
+def _conv_input_gradient(g, kernel, pad, stride: int, input_sides):
+    """The gradient of ``conv`` with respect to its (N, *input_sides, C) input: g @ kernel^T
+    scattered back onto the taps, each output position onto the window it read (``stride``
+    apart); positions no window read get zero. This is also the transposed convolution of g."""
+    pad = _per_axis(pad, len(input_sides))
     n, h, *rest, o = g.shape
-    c = x.shape[-1]
-    taps = _taps(k, g.ndim - 2)
+    c = kernel.shape[-2]
+    taps = _taps(kernel.shape[:-2])
     kmat = kernel.reshape(len(taps) * c, o)
-    gkmat = np.zeros(kmat.shape, dtype=np.result_type(g, x))
-    gxp = np.zeros(xp.shape, dtype=np.result_type(g, kernel)) if need_input else None
+    padded = [side + 2 * p for side, p in zip(input_sides, pad, strict=True)]
+    gxp = np.zeros((n, *padded, c), dtype=np.result_type(g, kernel))
     for r0, r1 in _row_bands(h, n * math.prod(rest) * kmat.shape[0]):
         sides = (r1 - r0, *rest)
-        g2 = g[:, r0:r1].reshape(-1, o)
-        gkmat += _patches(xp[:, r0 : r1 + k - 1], k, sides).T @ g2
-        if need_input:
-            gpatches = (g2 @ kmat.T).reshape(n, *sides, len(taps), c)
-            for t, (first, *others) in enumerate(taps):
-                gxp[_box((r0 + first, *others), sides)] += gpatches[..., t, :]
-    gx = None
-    if need_input:
-        gx = gxp[_box([pad] * (x.ndim - 2), x.shape[1:-1])] if pad else gxp
-    return gx, gkmat.reshape(kernel.shape), channel_sum(g)
+        gpatches = (g[:, r0:r1].reshape(-1, o) @ kmat.T).reshape(n, *sides, len(taps), c)
+        for t, (first, *others) in enumerate(taps):
+            gxp[_box((r0 * stride + first, *others), sides, stride)] += gpatches[..., t, :]
+    return gxp[_box(pad, input_sides)] if any(pad) else gxp
+
+
+def _conv_kernel_gradient(g, x, kernel_sides, pad, stride: int):
+    """The gradient of ``conv`` with respect to its kernel: patches^T @ g, summed over the bands."""
+    xp = _pad_spatial(x, pad)
+    n, h, *rest, o = g.shape
+    rows = math.prod(kernel_sides) * x.shape[-1]
+    gkmat = np.zeros((rows, o), dtype=np.result_type(g, x))
+    for r0, r1 in _row_bands(h, n * math.prod(rest) * rows):
+        band = _patches(_band_input(xp, kernel_sides, stride, r0, r1), kernel_sides, (r1 - r0, *rest), stride)
+        gkmat += band.T @ g[:, r0:r1].reshape(-1, o)
+    return gkmat.reshape(*kernel_sides, x.shape[-1], o)
+
+
+def conv_backward(g, x, kernel, pad, need_input=True, stride: int = 1):
+    """Gradients of ``conv`` with respect to x (None unless ``need_input``), kernel and bias."""
+    gx = _conv_input_gradient(g, kernel, pad, stride, x.shape[1:-1]) if need_input else None
+    return gx, _conv_kernel_gradient(g, x, kernel.shape[:-2], pad, stride), channel_sum(g)
+
+
+def _transposed_sides(sides, kernel_sides, pad, stride: int):
+    """The output sides of ``conv_transpose``: ``(n - 1) * stride - 2 * pad + k + output_padding``
+    with PyTorch's output_padding ``stride - 1``; ``n * stride`` for an odd k padded (k - 1) / 2."""
+    pad = _per_axis(pad, len(sides))
+    return [(n - 1) * stride - 2 * p + k + stride - 1 for n, k, p in zip(sides, kernel_sides, pad, strict=True)]
+
+
+def conv_transpose(x, kernel, bias, pad, stride: int):
+    """x (N, *spatial, I), kernel (*kernel_sides, O, I) -> (N, *spatial', O): PyTorch's
+    ConvTranspose(k, stride, padding=pad, output_padding=stride - 1) with weight (I, O, *k), whose
+    channels-last transpose is ``kernel``. It is the adjoint of ``conv(., kernel, pad, stride)``
+    from O channels to I (docs/architecture.md section 1b): each input position i scatters the
+    kernel onto outputs ``i * stride - pad + t``; outputs past the last window (the output
+    padding) get the bias alone."""
+    sides = _transposed_sides(x.shape[1:-1], kernel.shape[:-2], pad, stride)
+    return _conv_input_gradient(x, kernel, pad, stride, sides) + bias
+
+
+def conv_transpose_backward(g, x, kernel, pad, stride: int, need_input=True):
+    """Gradients of ``conv_transpose`` with respect to x (None unless ``need_input``), kernel and
+    bias: x's is the strided convolution of g, the kernel's that convolution's kernel gradient
+    with the roles of input and output gradient swapped."""
+    gx = _conv_products(g, kernel, pad, stride) if need_input else None
+    return gx, _conv_kernel_gradient(x, g, kernel.shape[:-2], pad, stride), channel_sum(g)
 
 
 def channel_sum(x):
@@ -198,6 +271,39 @@ def sigmoid(x):
 
 def sigmoid_backward(g, y):
     return g * (y * (1 - y))
+
+
+def prelu(x, slope):
+    """x where x > 0, slope * x elsewhere (``slope`` of shape (1,): PReLU's one parameter)."""
+    return np.where(x > 0, x, slope * x)
+
+
+def prelu_backward(g, x, slope):
+    """Gradients of ``prelu`` with respect to x and the slope (the sum of g * x where x <= 0)."""
+    negative = x <= 0
+    gslope = np.where(negative, g * x, 0).ravel().sum()
+    return np.where(negative, slope * g, g), np.reshape(gslope, slope.shape)
+
+
+def sum_to(x, shape):
+    """``x`` summed over the axes where ``shape`` is 1 and x is not (the gradient of an operand
+    broadcast there); ``x`` itself when the shapes agree."""
+    if x.shape == tuple(shape):
+        return x
+    axes = tuple(axis for axis, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
+    return x.sum(axis=axes, keepdims=True)
+
+
+def _samples_as_channels(x):
+    """(N, *S, C) -> (*S, N * C): each (sample, channel) pair a channel of its own, so that the
+    per-channel statistics of BatchNorm are InstanceNorm's per-sample ones."""
+    return np.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], -1)
+
+
+def _samples_from_channels(x, shape):
+    """The inverse of ``_samples_as_channels`` for an (N, *S, C) ``shape``."""
+    n, *sides, c = shape
+    return np.ascontiguousarray(np.moveaxis(x.reshape(*sides, n, c), -2, 0))
 
 
 def _window_axes(dims: int) -> tuple[int, ...]:
@@ -315,7 +421,8 @@ class Node:
 
 
 class Graph:
-    """One pass over canonical tensors: collects named block outputs and BatchNorm state, and
+    """One pass over canonical tensors: the tape and the ops; a subclass per architecture builds
+    its network from them (``__call__``: the named block outputs). Collects BatchNorm state and
     (with ``record``) the tape that ``backward`` walks to fill ``grads`` (canonical names)."""
 
     def __init__(self, tensors: dict, *, train: bool, precision: str = "float64", record: bool = False):
@@ -353,15 +460,38 @@ class Graph:
 
     # -- ops ----------------------------------------------------------------------------------
 
-    def conv(self, x: Node, prefix: str, pad: int) -> Node:
+    def conv(self, x: Node, prefix: str, stride: int = 1) -> Node:
+        """The convolution ``prefix`` of either network: zero padding (k - 1) / 2 on each side of
+        each axis (1 for 3x3, 0 for 1x1), every ``stride``-th window, its bias."""
         r = self.p.round
         weight = self.t[f"{prefix}.weight"]
         kernel = r(weight).transpose(_channels_last_kernel(weight.ndim))  # OIHW -> HWIO, OIDHW -> DHWIO
+        pad = _half_kernel(weight)
         xv = r(x.value)
-        y = r(conv(xv, kernel, self.t[f"{prefix}.bias"], pad))
+        y = r(conv(xv, kernel, self.t[f"{prefix}.bias"], pad, stride))
 
         def backward(g):
-            gx, gkernel, gbias = conv_backward(g, xv, kernel, pad, need_input=x.needs_grad)
+            gx, gkernel, gbias = conv_backward(g, xv, kernel, pad, need_input=x.needs_grad, stride=stride)
+            self.grads[f"{prefix}.weight"] = gkernel.transpose(np.argsort(_channels_last_kernel(weight.ndim)))
+            self.grads[f"{prefix}.bias"] = gbias
+            return (None if gx is None else r(gx),)
+
+        return self.op(y, (x,), backward)
+
+    def conv_transpose(self, x: Node, prefix: str, stride: int) -> Node:
+        """The transposed convolution ``prefix`` (weight (in, out, *k)): padding (k - 1) / 2 and
+        output padding ``stride - 1``, so that each side grows exactly ``stride``-fold. Rounded as
+        ``conv`` is: bfloat16 operands, float32 sums, a bfloat16 result."""
+        r = self.p.round
+        weight = self.t[f"{prefix}.weight"]
+        # (in, out, *k) -> (*k, out, in): the channels-last kernel of the convolution it is the adjoint of.
+        kernel = r(weight).transpose(_channels_last_kernel(weight.ndim))
+        pad = _half_kernel(weight)
+        xv = r(x.value)
+        y = r(conv_transpose(xv, kernel, self.t[f"{prefix}.bias"], pad, stride))
+
+        def backward(g):
+            gx, gkernel, gbias = conv_transpose_backward(g, xv, kernel, pad, stride, need_input=x.needs_grad)
             self.grads[f"{prefix}.weight"] = gkernel.transpose(np.argsort(_channels_last_kernel(weight.ndim)))
             self.grads[f"{prefix}.bias"] = gbias
             return (None if gx is None else r(gx),)
@@ -396,12 +526,42 @@ class Graph:
 
         return self.op(y, (x,), backward)
 
+    def instance_norm(self, x: Node) -> Node:
+        """InstanceNorm without affine: each sample's channels normalised by their own statistics
+        over the spatial axes (biased variance), the same in train and eval. It is train-mode
+        BatchNorm of unit weight over an array whose channels are the (sample, channel) pairs;
+        statistics in the storage dtype (float32 in mixed precision), as BatchNorm's."""
+        shape = x.value.shape
+        pairs = _samples_as_channels(x.value)
+        mean = channel_mean(pairs)
+        var = channel_mean((pairs - mean) ** 2)
+        inv_std = 1 / np.sqrt(var + BN_EPS)
+        xhat = (pairs - mean) * inv_std
+        y = self.p.round(_samples_from_channels(xhat, shape))
+
+        def backward(g):
+            gpairs, _, _ = batch_norm_backward(_samples_as_channels(g), xhat, 1.0, inv_std, train=True)
+            return (self.p.round(_samples_from_channels(gpairs, shape)),)
+
+        return self.op(y, (x,), backward)
+
     # relu, max pool, pad and concat select or move values: exact on bfloat16 operands, as their
     # backwards are on bfloat16 gradients, so they need no rounding.
 
     def relu(self, x: Node) -> Node:
         y = relu(x.value)
         return self.op(y, (x,), lambda g: (relu_backward(g, y),))
+
+    def prelu(self, x: Node, prefix: str) -> Node:
+        """PReLU of the one slope ``prefix.weight``: x where x > 0, slope * x elsewhere."""
+        xv, slope = x.value, self.t[f"{prefix}.weight"]
+        y = self.p.round(prelu(xv, slope))
+
+        def backward(g):
+            gx, self.grads[f"{prefix}.weight"] = prelu_backward(g, xv, slope)
+            return (self.p.round(gx),)
+
+        return self.op(y, (x,), backward)
 
     def sigmoid(self, x: Node) -> Node:
         y = self.p.round(sigmoid(x.value))
@@ -411,8 +571,14 @@ class Graph:
         return self.op(self.p.round(a.value + b.value), (a, b), lambda g: (g, g))
 
     def multiply(self, a: Node, b: Node) -> Node:
+        """a * b, either one broadcast over the other's channels (MONAI's one-channel gate): the
+        broadcast operand's gradient is summed over the channels."""
         av, bv = a.value, b.value
-        return self.op(self.p.round(av * bv), (a, b), lambda g: (self.p.round(g * bv), self.p.round(g * av)))
+
+        def backward(g):
+            return self.p.round(sum_to(g * bv, av.shape)), self.p.round(sum_to(g * av, bv.shape))
+
+        return self.op(self.p.round(av * bv), (a, b), backward)
 
     def max_pool(self, x: Node) -> Node:
         xv = x.value
@@ -430,20 +596,22 @@ class Graph:
         split = a.value.shape[-1]
         return self.op(np.concatenate([a.value, b.value], axis=-1), (a, b), lambda g: (g[..., :split], g[..., split:]))
 
-    # -- blocks -------------------------------------------------------------------------------
+
+class ArticleGraph(Graph):
+    """The article's Attention U-Net (docs/architecture.md section 1) on the tape."""
 
     def conv_block(self, x: Node, prefix: str) -> Node:
-        x = self.relu(self.batch_norm(self.conv(x, f"{prefix}.0", 1), f"{prefix}.1"))
-        return self.relu(self.batch_norm(self.conv(x, f"{prefix}.3", 1), f"{prefix}.4"))
+        x = self.relu(self.batch_norm(self.conv(x, f"{prefix}.0"), f"{prefix}.1"))
+        return self.relu(self.batch_norm(self.conv(x, f"{prefix}.3"), f"{prefix}.4"))
 
     def gate(self, g: Node, s: Node, prefix: str) -> Node:
         a = self.relu(
             self.add(
-                self.batch_norm(self.conv(g, f"{prefix}.Wg.0", 0), f"{prefix}.Wg.1"),
-                self.batch_norm(self.conv(s, f"{prefix}.Ws.0", 0), f"{prefix}.Ws.1"),
+                self.batch_norm(self.conv(g, f"{prefix}.Wg.0"), f"{prefix}.Wg.1"),
+                self.batch_norm(self.conv(s, f"{prefix}.Ws.0"), f"{prefix}.Ws.1"),
             )
         )
-        return self.sigmoid(self.conv(a, f"{prefix}.output.0", 0))
+        return self.sigmoid(self.conv(a, f"{prefix}.output.0"))
 
     def __call__(self, x: Node, config: ModelConfig) -> dict[str, Node]:
         named: dict[str, Node] = {}
@@ -458,13 +626,88 @@ class Graph:
             x = self.pad_to(self.upsample(x), s.value.shape)
             a = named[f"d{j}.ag"] = self.gate(x, s, f"d{j}.ag")
             x = named[f"d{j}"] = self.conv_block(self.concat(x, self.multiply(a, s)), f"d{j}.c1.conv")
-        named["output"] = self.conv(x, "output", 0)
+        named["output"] = self.conv(x, "output")
         return named
+
+
+class MonaiGraph(Graph):
+    """MONAI's AttentionUnet (docs/architecture.md section 1b) on the tape, at dropout 0 (the
+    reference has no dropout: ``_graph`` refuses a train-mode pass of a config with dropout)."""
+
+    def convolution(self, x: Node, prefix: str, stride: int) -> Node:
+        """MONAI's ``Convolution``: conv (``stride``) -> BatchNorm -> ReLU."""
+        return self.relu(self.batch_norm(self.conv(x, f"{prefix}.conv", stride), f"{prefix}.adn.N"))
+
+    def conv_block(self, x: Node, prefix: str, stride: int) -> Node:
+        """Two Convolutions, the first carrying the level's stride (the downsampling)."""
+        x = self.convolution(x, f"{prefix}.conv.0", stride)
+        return self.convolution(x, f"{prefix}.conv.1", 1)
+
+    def up(self, x: Node, prefix: str, stride: int) -> Node:
+        """The transposed conv (``stride``-fold sides) -> BatchNorm -> ReLU."""
+        return self.relu(self.batch_norm(self.conv_transpose(x, f"{prefix}.conv", stride), f"{prefix}.adn.N"))
+
+    def gate(self, g: Node, x: Node, prefix: str) -> Node:
+        """psi = sigmoid(BN(conv(relu(BN(W_g g) + BN(W_x x))))): one channel, the attention map."""
+        a = self.relu(
+            self.add(
+                self.batch_norm(self.conv(g, f"{prefix}.W_g.0.conv"), f"{prefix}.W_g.1"),
+                self.batch_norm(self.conv(x, f"{prefix}.W_x.0.conv"), f"{prefix}.W_x.1"),
+            )
+        )
+        return self.sigmoid(self.batch_norm(self.conv(a, f"{prefix}.psi.0.conv"), f"{prefix}.psi.1"))
+
+    def merge(self, x: Node, prefix: str) -> Node:
+        """Conv 3 (3x3x3) -> InstanceNorm -> PReLU."""
+        return self.prelu(self.instance_norm(self.conv(x, f"{prefix}.conv")), f"{prefix}.adn.A")
+
+    def __call__(self, x: Node, config: MonaiConfig) -> dict[str, Node]:
+        """The head, each level's strided down block, then from the deepest level up: the
+        transposed conv, the gate on that level's input, the merge of the gated input and the
+        upsampled one; the output conv. Named by ``config.block_names``."""
+        depth = config.depth
+        x = self.conv_block(x, "model.0", 1)
+        named: dict[str, Node] = {"e1": x}
+        inputs = [x]  # each level's input: its skip
+        for level in range(depth):
+            x = self.conv_block(x, down_prefix(config, level), config.strides[level])
+            named[f"e{level + 2}" if level < depth - 1 else "b1"] = x
+            inputs.append(x)
+        for j in range(1, depth + 1):
+            level = depth - j
+            prefix, skip = level_prefix(level), inputs[level]
+            up = named[f"d{j}.up"] = self.up(x, f"{prefix}.upconv.up", config.strides[level])
+            psi = named[f"d{j}.ag"] = self.gate(up, skip, f"{prefix}.attention")
+            x = named[f"d{j}"] = self.merge(self.concat(self.multiply(skip, psi), up), f"{prefix}.merge")
+        named["output"] = self.conv(x, "model.2.conv")
+        return named
+
+
+# The network on the tape of each architecture (``config.architecture``).
+GRAPHS = {"article": ArticleGraph, "monai": MonaiGraph}
+
+
+def _graph(config, tensors: dict, *, train: bool, precision: str, record: bool = False) -> Graph:
+    """The tape of ``config``'s network; a train-mode pass of a config with dropout is refused:
+    the reference has no dropout (its masks are random streams no two frameworks share)."""
+    dropout = getattr(config, "dropout", 0.0)  # the article's network has none
+    if train and dropout > 0:
+        raise ValueError(
+            f"the reference compares train mode at dropout 0 (it has no dropout): pass a config with dropout 0.0, "
+            f"got dropout {dropout}"
+        )
+    return GRAPHS[config.architecture](tensors, train=train, precision=precision, record=record)
 
 
 def _channels_last_kernel(rank: int) -> tuple[int, ...]:
     """The transpose of a canonical kernel to channels last: OIHW -> HWIO, OIDHW -> DHWIO."""
     return (*range(2, rank), 1, 0)
+
+
+def _half_kernel(weight) -> tuple[int, ...]:
+    """(k - 1) / 2 for each spatial side k of a canonical kernel (OIHW, OIDHW, or a transposed
+    convolution's (in, out, *k)): every convolution's symmetric padding, in either network."""
+    return tuple((k - 1) // 2 for k in weight.shape[2:])
 
 
 def _channels_last(x):
@@ -477,14 +720,17 @@ def _channels_first(x):
     return np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
-def _input(x, config: ModelConfig, p: Precision) -> Node:
-    """The network's input as a channels-last node, refused unless of rank ``spatial_dims + 2``."""
+def _input(x, config: Config, p: Precision) -> Node:
+    """The network's input as a channels-last node, refused unless of rank ``spatial_dims + 2``
+    with sides the network takes (for MONAI's, multiples of the strides' product)."""
     x = p.array(x)
     if x.ndim != config.spatial_dims + 2:
         axes = layout(config, "channels_first")
         raise ValueError(
             f"the {config.spatial_dims}D model takes {axes} inputs, got a {x.ndim}-D array of shape {x.shape}"
         )
+    if not all(side_fits(config, side) for side in x.shape[2:]):
+        raise ValueError(f"the model takes spatial sides {side_rule(config)}, got an input of shape {x.shape}")
     return Node(_channels_last(x), needs_grad=False)
 
 
@@ -492,11 +738,11 @@ def _config(tensors, config):
     return config or infer_config({k: np.shape(v) for k, v in tensors.items()})
 
 
-def _trainable(config: ModelConfig) -> list[str]:
+def _trainable(config: Config) -> list[str]:
     return [p.name for p in param_specs(config) if not p.is_buffer]
 
 
-def _buffers(config: ModelConfig) -> list[str]:
+def _buffers(config: Config) -> list[str]:
     return [p.name for p in param_specs(config) if p.is_buffer]
 
 
@@ -505,23 +751,24 @@ def _buffers(config: ModelConfig) -> list[str]:
 
 
 def forward(
-    tensors: dict, x, *, train: bool = False, config: ModelConfig | None = None, precision: str = "float64"
+    tensors: dict, x, *, train: bool = False, config: Config | None = None, precision: str = "float64"
 ) -> dict[str, np.ndarray]:
-    """Named block outputs (``e1``.., ``b1``, ``d1.ag`` (the attention map), ``d1``.., ``output``),
-    NCHW (NCDHW in 3D), computed at ``precision`` (see the module docstring); in train mode also
+    """Named block outputs in ``config.block_names`` order (``e1``.., ``b1``, per decoder ``d1.ag``
+    (the attention map), ``d1``, and for MONAI's network first ``d1.up``; ``output``), NCHW (NCDHW
+    in 3D), computed at ``precision`` (see the module docstring); in train mode also
     ``state/<name>`` for every running statistic after the pass."""
     config = _config(tensors, config)
-    graph = Graph(tensors, train=train, precision=precision)
+    graph = _graph(config, tensors, train=train, precision=precision)
     named = graph(_input(x, config, graph.p), config)
     results = {k: _channels_first(v.value) for k, v in named.items()}
     results.update({f"state/{k}": v for k, v in graph.state.items()})
     return results
 
 
-def _loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision: str):
+def _loss_and_gradients(tensors: dict, x, target, config: Config, precision: str):
     """(loss, {name: gradient}, {name: running statistic after the pass}, {block: NCHW or NCDHW
     output}) of one train-mode pass."""
-    graph = Graph(tensors, train=True, precision=precision, record=True)
+    graph = _graph(config, tensors, train=True, precision=precision, record=True)
     p = graph.p
     named = graph(_input(x, config, p), config)
     blocks = {k: _channels_first(v.value) for k, v in named.items()}  # before the backward frees the tape
@@ -533,7 +780,7 @@ def _loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision
     return loss, grads, graph.state, blocks
 
 
-def gradients(tensors: dict, x, target, *, config: ModelConfig | None = None, precision: str = "float64") -> dict:
+def gradients(tensors: dict, x, target, *, config: Config | None = None, precision: str = "float64") -> dict:
     """``loss`` = mean((output - target)**2) of the train-mode forward, ``grad/<name>`` for every
     trainable tensor (canonical layout) and ``state/<name>`` for every running statistic."""
     config = _config(tensors, config)
@@ -587,7 +834,7 @@ class _Continued:
 
 
 def train_step(
-    tensors: dict, x, target, *, optimizer: str, config: ModelConfig | None = None, precision: str = "float64"
+    tensors: dict, x, target, *, optimizer: str, config: Config | None = None, precision: str = "float64"
 ) -> dict:
     """``grad/<name>`` (as ``gradients``) and ``step/<name>``: every trainable tensor after one
     step of a fresh ``optimizer``."""
@@ -601,7 +848,7 @@ def train_steps(
     target,
     *,
     optimizers,
-    config: ModelConfig | None = None,
+    config: Config | None = None,
     precision: str = "float64",
     forward: bool = False,
 ) -> dict:
@@ -620,7 +867,7 @@ def train_steps(
     return results
 
 
-def _sharded_loss_and_gradients(tensors: dict, x, target, config: ModelConfig, precision: str, shards: int):
+def _sharded_loss_and_gradients(tensors: dict, x, target, config: Config, precision: str, shards: int):
     """(loss, gradients, running statistics) of one step on ``shards`` consecutive equal parts of
     the batch, each with its own BatchNorm statistics: the mean loss and gradient over the parts,
     part 0's statistics. One part is the whole batch."""
@@ -648,7 +895,7 @@ def fit(
     targets,
     *,
     optimizer,
-    config: ModelConfig | None = None,
+    config: Config | None = None,
     precision: str = "float64",
     trajectory: bool = False,
     shards: int = 1,
