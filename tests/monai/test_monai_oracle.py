@@ -16,6 +16,7 @@ from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.monai_spec import MonaiConfig
 from weights_convert.harness import parity, reference
 from weights_convert.harness.parity.inputs import Inputs
+from weights_convert.harness.parity.request import targets_for
 from weights_convert.harness.parity.runners import compute
 from weights_convert.harness.parity.tolerances import tolerance
 
@@ -90,8 +91,9 @@ def monai_sgd_step(model, inputs: Inputs) -> dict[str, np.ndarray]:
 
 
 def targets() -> list[parity.Target]:
+    """Every installed framework, Keras under each installed backend, in float64."""
     selected = parity.select()
-    return parity.targets_for(selected.frameworks, selected.keras_backends, "cpu", "float64")
+    return targets_for(selected.frameworks, selected.keras_backends, "cpu", "float64")
 
 
 BOUND = tolerance("float64")

@@ -23,6 +23,9 @@ class Format:
     module: str
     requires: tuple[str, ...]  # the modules reading or writing it imports, beyond numpy
     is_directory: bool = False
+    # Whether the file carries the model's config; a reader of one that does not infers it from the
+    # tensor shapes (which cannot show MONAI's strides and dropout: ``Checkpoint.assumed``).
+    holds_config: bool = False
 
     def load_module(self):
         """The format's reader and writer; ``MissingPackage`` names the extra when a module is absent."""
@@ -31,10 +34,10 @@ class Format:
 
 
 FORMATS = (
-    Format("safetensors", (".safetensors",), "safetensors_format", ("safetensors",)),
+    Format("safetensors", (".safetensors",), "safetensors_format", ("safetensors",), holds_config=True),
     Format("pytorch", (".pt", ".pth"), "torch_format", ("torch",)),
     Format("keras-weights", (".weights.h5",), "keras_h5_format", ("h5py",)),
-    Format("keras", (".keras",), "keras_archive_format", ("h5py",)),
+    Format("keras", (".keras",), "keras_archive_format", ("h5py",), holds_config=True),
     Format("flax-msgpack", (".msgpack",), "flax_msgpack_format", ("msgpack",)),
     Format("orbax", (".orbax",), "orbax_format", ("orbax.checkpoint", "jax"), is_directory=True),
 )
