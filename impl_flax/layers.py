@@ -2,7 +2,8 @@
 section 3): BatchNorm with torch's semantics, explicit conv padding, max pooling that floors odd
 sizes, the bilinear (trilinear) x2 upsampling with aligned corners and the zero padding to the
 skip, each for 2D and 3D (``dims``, the config's ``spatial_dims``); and the precision rule
-(compute dtype, parameter dtype) every layer is built with.
+(compute dtype, parameter dtype) every layer is built with. For MONAI's AttentionUnet (section 1b):
+strided convolutions, PyTorch's transposed convolution, InstanceNorm, PReLU and Dropout.
 
 Activations are NHWC or NDHWC: the channel axis is last, the spatial axes are all those between
 the batch and the channels, so every layer but ``conv`` takes its rank from its input.
@@ -154,17 +155,133 @@ def _promote_keeping_bias(args, /, *, dtype=None, inexact=True):
 
 def conv(c_in: int, c_out: int, kernel_size: int, dims: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> Conv:
     """A ``kernel_size`` convolution along each of ``dims`` spatial axes (3x3 or 3x3x3, 1x1 or 1x1x1)."""
-    # Explicit symmetric padding: 'SAME' is not torch's padding=1 for every kernel size.
-    pad = kernel_size // 2
+    return strided_conv(c_in, c_out, (kernel_size,) * dims, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def strided_conv(
+    c_in: int, c_out: int, kernel: tuple[int, ...], stride: int, *, dtype, param_dtype, rngs: nnx.Rngs
+) -> Conv:
+    """A convolution of odd ``kernel`` (one side per spatial axis) and ``stride`` on every axis, zero
+    padded by (k - 1) / 2 on each side of each axis: torch's ``padding=k // 2`` (MONAI's, section 1b)."""
+    # Explicit symmetric padding: 'SAME' is not torch's for every kernel size and stride (for a
+    # stride of 2 on an even side it pads 0 before and 1 after, shifting the output by one pixel).
     return Conv(
         c_in,
         c_out,
-        (kernel_size,) * dims,
-        padding=((pad, pad),) * dims,
+        tuple(kernel),
+        strides=(stride,) * len(kernel),
+        padding=tuple((k // 2, k // 2) for k in kernel),
         dtype=dtype,  # inputs and kernel are cast to it: bfloat16 convolutions under mixed precision
         param_dtype=param_dtype,
         rngs=rngs,
     )
+
+
+# The layout strings of lax.conv_general_dilated, channels last, by the number of spatial axes.
+CONV_DIMENSIONS = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+class ConvTranspose(nnx.Module):
+    """torch's ``ConvTranspose(c_in, c_out, kernel, stride, padding=(k - 1) / 2,
+    output_padding=stride - 1)`` with a bias, channels last: a side of n becomes exactly n * stride
+    (MONAI's upsampling, ARCHITECTURE.md section 1b).
+
+    Written as the contract states it: the full ('VALID') transposed convolution, whose (n - 1) * s + k
+    rows hold every position an input scatters onto, then its rows [p : p + n * s] on each axis
+    (p = (k - 1) / 2), with zeros past its end where it is shorter (s > p + 1: k = 1 and s = 2, k = 3
+    and s = 3); never 'SAME', which for k = 3, s = 2 starts one row later than torch. The kernel is
+    ``kernel`` of shape (*k, out, in): torch's (in, out, *k) under ``layouts.oihw_to_hwio``, the layout
+    of Keras' ConvTranspose kernels. The bias is added in at least float32, as in ``Conv``, after the
+    slice (so the zero rows carry it too, as in torch)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel: tuple[int, ...], stride: int, *, dtype, param_dtype, rngs: nnx.Rngs
+    ):
+        self.dtype, self.param_dtype = resolve_dtypes(dtype, param_dtype)
+        self.kernel_size, self.stride = tuple(kernel), stride
+        # nnx.ConvTranspose's initialisation: lecun_normal with fan_in = c_in * prod(kernel).
+        init = nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+        self.kernel = nnx.Param(init(rngs.params(), (*self.kernel_size, c_out, c_in), self.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((c_out,), self.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel = promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        dims, s = len(self.kernel_size), self.stride
+        spatial = tuple(range(dims))
+        # A scatter of torch's weight is a gather over the input dilated by s (s - 1 zeros between
+        # values) and zero padded by k - 1 on each side, with the kernel flipped along each spatial
+        # axis and its channels swapped to (*k, in, out).
+        gather_kernel = jnp.swapaxes(jnp.flip(kernel, axis=spatial), -1, -2)
+        full = jax.lax.conv_general_dilated(
+            x,
+            gather_kernel,
+            window_strides=(1,) * dims,
+            padding=[(k - 1, k - 1) for k in self.kernel_size],
+            lhs_dilation=(s,) * dims,
+            dimension_numbers=CONV_DIMENSIONS[dims],
+        )
+        # Rows [p : p + n * s] of the full (n - 1) * s + k: drop p before and keep n * s, which ends
+        # s - 1 - p rows past the full output (zeros) or p + 1 - s rows before its end (dropped). As
+        # one lax.pad: a negative width removes rows, a positive one appends zeros.
+        widths = [(0, 0, 0), *((-(k // 2), s - 1 - k // 2, 0) for k in self.kernel_size), (0, 0, 0)]
+        y = jax.lax.pad(full, jnp.zeros((), full.dtype), widths)
+        bias = jnp.asarray(self.bias[...], jnp.promote_types(self.bias.dtype, jnp.float32))
+        return jnp.asarray(y + bias, self.dtype)
+
+
+def conv_transpose(
+    c_in: int, c_out: int, kernel: tuple[int, ...], stride: int, *, dtype, param_dtype, rngs: nnx.Rngs
+) -> ConvTranspose:
+    """MONAI's upsampling (``impl_torch.layers.conv_transpose``): each side times ``stride``."""
+    return ConvTranspose(c_in, c_out, kernel, stride, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class InstanceNorm(nnx.Module):
+    """torch's ``InstanceNorm(affine=False, track_running_stats=False)``, channels last: each sample
+    and channel normalized by its own mean and biased variance over the spatial axes (eps 1e-5);
+    nothing learned, nothing tracked, the same in train and eval mode (MONAI's merge). Computed in at
+    least float32 (a bfloat16 input is widened first, as in ``BatchNorm``), returned in ``dtype``."""
+
+    def __init__(self, *, dtype=jnp.float32, param_dtype=None):
+        self.dtype, self.param_dtype = resolve_dtypes(dtype, param_dtype)
+        self.epsilon = BN_EPS
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        spatial = x.shape[1:-1]
+        if all(_is_concrete(side) for side in spatial) and np.prod(spatial) == 1:
+            # torch refuses too: one value has no variance.
+            raise ValueError(f"expected more than 1 spatial element for InstanceNorm, got input shape {x.shape}")
+        x = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+        axes = tuple(range(1, x.ndim - 1))
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        centred = x - mean
+        var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+        return jnp.asarray(centred * jax.lax.rsqrt(var + self.epsilon), self.dtype)
+
+
+class PReLU(nnx.Module):
+    """torch's ``nn.PReLU()``: one learned slope ``a`` for every channel (``negative_slope``, shape
+    (1,), initially 0.25), ``x if x > 0 else a * x``; computed in the compute dtype."""
+
+    def __init__(self, *, dtype=jnp.float32, param_dtype=None):
+        self.dtype, self.param_dtype = resolve_dtypes(dtype, param_dtype)
+        self.negative_slope = nnx.Param(jnp.full((1,), 0.25, self.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, self.dtype)
+        return jnp.where(x > 0, x, jnp.asarray(self.negative_slope[...], self.dtype) * x)
+
+
+class Dropout(nnx.Dropout):
+    """torch's ``nn.Dropout(rate)``: in train mode each element is zeroed with probability ``rate``
+    and the rest scaled by 1 / (1 - rate), in eval mode (``deterministic``) the identity. The mask
+    comes from the ``dropout`` stream of ``rngs`` (its ``default`` one when it has none), forked
+    into this layer's state; a rate of 0 is the identity in either mode and holds no stream, so the
+    state of a model without dropout is its parameters and statistics alone. Starts in train mode,
+    as torch modules do."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs):
+        super().__init__(rate, rngs=rngs if rate > 0 else None)
 
 
 def sequential(layers: nnx.List, x: jax.Array) -> jax.Array:

@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 
 from impl_flax import trainer
-from impl_flax.io import from_checkpoint
-from impl_flax.model import AttentionUNet
+from impl_flax.io import Model, from_checkpoint
 from impl_flax.trainer import canonical, loss_fn, train_step
 from impl_flax.trainer import scope as _scope
 from impl_flax.trainer import to_result as _numpy
@@ -40,14 +39,14 @@ def to_channels_first(x) -> np.ndarray:
     return np.moveaxis(_numpy(x), -1, 1)
 
 
-def _model(checkpoint: Checkpoint, dtype: str, train: bool) -> AttentionUNet:
+def _model(checkpoint: Checkpoint, dtype: str, train: bool) -> Model:
     model = from_checkpoint(checkpoint, dtype)
     model.train() if train else model.eval()
     return model
 
 
 @nnx.jit
-def _named_outputs(model: AttentionUNet, x: jax.Array) -> dict:
+def _named_outputs(model: Model, x: jax.Array) -> dict:
     return model(x, return_intermediates=True)[1]
 
 

@@ -35,14 +35,15 @@ from flax import nnx
 
 import weights_convert
 from impl_flax import distributed
-from impl_flax.model import AttentionUNet
+from impl_flax.io import Model
 from impl_flax.training import from_training_checkpoint, to_training_checkpoint
 from weights_convert.core import loop
+from weights_convert.core.architectures import Config
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.data_parallel import shard
 from weights_convert.core.flax_layout import from_nnx
 from weights_convert.core.precisions import precision
-from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.core.spec import param_specs
 
 
 def jax_device(device: str):
@@ -73,7 +74,7 @@ def to_result(value) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == jnp.bfloat16 else array
 
 
-def canonical(state: nnx.State, config: ModelConfig) -> dict:
+def canonical(state: nnx.State, config: Config) -> dict:
     """``{canonical name: numpy}`` in ``state_dict`` order (NNX states are sorted by path)."""
     tensors = from_nnx({path: to_result(v.get_value()) for path, v in nnx.to_flat_state(state)})
     return {p.name: tensors[p.name] for p in param_specs(config) if p.name in tensors}
@@ -83,7 +84,7 @@ def canonical(state: nnx.State, config: ModelConfig) -> dict:
 LOSSES = {"mse": lambda output, target: jnp.mean((output - target) ** 2)}
 
 
-def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array, loss: str = "mse") -> jax.Array:
+def loss_fn(model: Model, x: jax.Array, target: jax.Array, loss: str = "mse") -> jax.Array:
     """The loss (``LOSSES``) of a forward of ``model`` on ``x``. Under mixed precision the logits are
     bfloat16: the loss is taken in the target's dtype (float32, the parameter dtype), as torch
     autocast and Keras' mixed policy do."""
@@ -91,12 +92,12 @@ def loss_fn(model: AttentionUNet, x: jax.Array, target: jax.Array, loss: str = "
 
 
 @functools.partial(nnx.jit, static_argnames="loss")
-def gradients_fn(model: AttentionUNet, x: jax.Array, target: jax.Array, loss: str = "mse") -> tuple:
+def gradients_fn(model: Model, x: jax.Array, target: jax.Array, loss: str = "mse") -> tuple:
     """The loss and its gradients from a train-mode forward, which updates the running statistics."""
     return nnx.value_and_grad(loss_fn)(model, x, target, loss)
 
 
-def step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array, loss: str = "mse") -> tuple:
+def step(model: Model, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array, loss: str = "mse") -> tuple:
     """One training step as one function, in place: the loss, its gradients, one update; returns
     (loss, gradients). The trainer runs it as two programs (``train_step_fn``); the bench times it
     as one ``nnx.jit`` program and eagerly."""
@@ -106,12 +107,12 @@ def step(model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: j
 
 
 @nnx.jit
-def update_fn(model: AttentionUNet, optimizer: nnx.Optimizer, grads: nnx.State) -> None:
+def update_fn(model: Model, optimizer: nnx.Optimizer, grads: nnx.State) -> None:
     optimizer.update(model, grads)
 
 
 def train_step_fn(
-    model: AttentionUNet, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array, loss: str = "mse"
+    model: Model, optimizer: nnx.Optimizer, x: jax.Array, target: jax.Array, loss: str = "mse"
 ) -> tuple[jax.Array, nnx.State]:
     """One training step, in place: ``gradients_fn``, then one optimizer update. Returns (loss,
     gradients). Two compiled programs, not one: compiling the backward pass is the slow part

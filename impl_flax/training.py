@@ -21,8 +21,9 @@ import optax
 from flax import nnx
 
 import weights_convert
-from impl_flax.io import from_checkpoint, to_checkpoint
-from impl_flax.model import AttentionUNet, check_dtype
+from impl_flax.io import MODELS, Model, from_checkpoint, to_checkpoint
+from impl_flax.model import check_dtype
+from weights_convert.core.architectures import warn_assumed
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.flax_layout import nnx_path
 from weights_convert.core.layouts import rule
@@ -55,7 +56,7 @@ def _transformation(name: str, items: tuple) -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(hyper["weight_decay"]), tx) if hyper["weight_decay"] else tx
 
 
-def make_optimizer(model: AttentionUNet, name: str = "adam", **hyper) -> nnx.Optimizer:
+def make_optimizer(model: Model, name: str = "adam", **hyper) -> nnx.Optimizer:
     """``nnx.Optimizer(model, <optax transformation>, wrt=nnx.Param)`` for canonical optimizer ``name``
     with ``hyper``, recording both as ``optimizer.canonical``."""
     hyper = hyperparameters(name, **hyper)
@@ -64,12 +65,12 @@ def make_optimizer(model: AttentionUNet, name: str = "adam", **hyper) -> nnx.Opt
     return optimizer
 
 
-def _trainable_paths(model: AttentionUNet) -> dict:
+def _trainable_paths(model: Model) -> dict:
     """NNX state path of each trainable tensor -> its spec."""
     return {nnx_path(p): p for p in param_specs(model.config) if not p.is_buffer}
 
 
-def optimizer_state(model: AttentionUNet, optimizer: nnx.Optimizer) -> OptimizerState:
+def optimizer_state(model: Model, optimizer: nnx.Optimizer) -> OptimizerState:
     """The canonical state of an optimizer made by ``make_optimizer``."""
     if not hasattr(optimizer, "canonical"):
         raise UnsupportedOptimizer(
@@ -97,7 +98,7 @@ def optimizer_state(model: AttentionUNet, optimizer: nnx.Optimizer) -> Optimizer
     return counted_state(name, hyper, step, slots)
 
 
-def to_training_checkpoint(model: AttentionUNet, optimizer: nnx.Optimizer) -> Checkpoint:
+def to_training_checkpoint(model: Model, optimizer: nnx.Optimizer) -> Checkpoint:
     """Model tensors and optimizer state as one canonical checkpoint."""
     checkpoint = to_checkpoint(model)
     return Checkpoint.from_tensors(
@@ -105,7 +106,7 @@ def to_training_checkpoint(model: AttentionUNet, optimizer: nnx.Optimizer) -> Ch
     )
 
 
-def from_training_checkpoint(checkpoint: Checkpoint, dtype="float32") -> tuple[AttentionUNet, nnx.Optimizer]:
+def from_training_checkpoint(checkpoint: Checkpoint, dtype="float32") -> tuple[Model, nnx.Optimizer]:
     """A train-mode model and its ``nnx.Optimizer`` with the checkpoint's state, ready for
     ``optimizer.update(model, grads)``. float64 needs JAX's 64-bit mode on, as ``from_checkpoint``."""
     state = checkpoint.optimizer
@@ -130,15 +131,19 @@ def from_training_checkpoint(checkpoint: Checkpoint, dtype="float32") -> tuple[A
     return model, optimizer
 
 
-def save_training(model: AttentionUNet, optimizer: nnx.Optimizer, path, *, force: bool = False) -> None:
+def save_training(model: Model, optimizer: nnx.Optimizer, path, *, force: bool = False) -> None:
     """Save model and optimizer state in the format named by ``path``; atomic, existing files kept
     unless ``force``."""
-    if not isinstance(model, AttentionUNet):
-        raise CheckpointError(f"expected an impl_flax.AttentionUNet, got {type(model).__name__}")
+    if not isinstance(model, MODELS):
+        raise CheckpointError(f"expected an impl_flax.AttentionUNet or MonaiAttentionUNet, got {type(model).__name__}")
     weights_convert.write(to_training_checkpoint(model, optimizer), path, force=force)
 
 
-def load_training(path, *, dtype="float32") -> tuple[AttentionUNet, nnx.Optimizer]:
-    """(train-mode model, optimizer) from a training checkpoint in any format that holds one."""
+def load_training(path, *, dtype="float32", config=None) -> tuple[Model, nnx.Optimizer]:
+    """(train-mode model, optimizer) from a training checkpoint in any format that holds one;
+    ``config`` as in ``impl_flax.load`` (a file without one, say a MONAI model's ``.pt``, cannot
+    tell its strides: a UserWarning says what was assumed otherwise)."""
     check_dtype(dtype)
-    return from_training_checkpoint(weights_convert.read(path), dtype)
+    checkpoint = weights_convert.read(path, config=config)
+    warn_assumed(checkpoint.assumed, path)
+    return from_training_checkpoint(checkpoint, dtype)
