@@ -54,6 +54,12 @@ def from_checkpoint(checkpoint: Checkpoint, dtype="float32") -> AttentionUNet:
 MODELS = (AttentionUNet, MonaiAttentionUNet)
 
 
+def check_model(model) -> None:
+    """Refuse anything but one of this package's models, in one line."""
+    if not isinstance(model, MODELS):
+        raise CheckpointError(f"expected an impl_torch.AttentionUNet or MonaiAttentionUNet, got {type(model).__name__}")
+
+
 def build(config, compute_dtype: torch.dtype | None = None) -> AttentionUNet | MonaiAttentionUNet:
     """A freshly initialised model of ``config``'s architecture (torch's default initialisation)."""
     if config.architecture == "monai":
@@ -81,6 +87,5 @@ def load(path, dtype="float32", *, config=None) -> AttentionUNet | MonaiAttentio
 
 def save(model: AttentionUNet, path, *, force: bool = False) -> None:
     """Save in the format named by ``path``'s extension (atomic; existing files kept unless ``force``)."""
-    if not isinstance(model, MODELS):
-        raise CheckpointError(f"expected an impl_torch.AttentionUNet or MonaiAttentionUNet, got {type(model).__name__}")
+    check_model(model)
     weights_convert.write(to_checkpoint(model), path, force=force)

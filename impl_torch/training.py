@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 import weights_convert
-from impl_torch.io import from_checkpoint, precision, to_checkpoint
+from impl_torch.io import check_model, from_checkpoint, precision, to_checkpoint
 from impl_torch.model import AttentionUNet
+from weights_convert.core.architectures import warn_assumed
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.optim import hyperparameters
 from weights_convert.core.optimizer_state import OptimizerState
@@ -69,12 +70,14 @@ def save_training(model: AttentionUNet, optimizer: torch.optim.Optimizer, path, 
     """Save model and optimizer state in the format named by ``path`` (``.pt`` natively:
     ``{"model": state_dict, "optimizer": optimizer.state_dict()}``); atomic, existing files kept
     unless ``force``."""
-    if not isinstance(model, AttentionUNet):
-        raise CheckpointError(f"expected an impl_torch.AttentionUNet, got {type(model).__name__}")
+    check_model(model)
     weights_convert.write(to_training_checkpoint(model, optimizer), path, force=force)
 
 
-def load_training(path, *, dtype="float32") -> tuple[AttentionUNet, torch.optim.Optimizer]:
-    """(train-mode model, optimizer) from a training checkpoint in any format that holds one."""
+def load_training(path, *, dtype="float32", config=None) -> tuple[AttentionUNet, torch.optim.Optimizer]:
+    """(train-mode model, optimizer) from a training checkpoint in any format that holds one;
+    ``config`` as in ``impl_torch.load`` (a MONAI model's ``.pt`` cannot tell its strides)."""
     precision(dtype)
-    return from_training_checkpoint(weights_convert.read(path), dtype)
+    checkpoint = weights_convert.read(path, config=config)
+    warn_assumed(checkpoint.assumed, path)
+    return from_training_checkpoint(checkpoint, dtype)

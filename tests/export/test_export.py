@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.installs import run_as
+from weights_convert.core.monai_spec import MonaiConfig
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.formats.io import write
@@ -48,18 +49,22 @@ class Exported:
         return self.files[key]
 
 
-# spatial_dims -> (checkpoint, the check's input shapes, a size unseen by export and check, parity's --size)
-DIMENSIONS = {
-    2: (CHECKPOINT, [(2, 3, 37, 53), (1, 3, 7, 5)], (9, 6), (13, 11)),
-    3: (random_checkpoint(CONFIG_3D, seed=3), [(2, 2, 9, 11, 13), (1, 2, 7, 5, 9)], (5, 9, 6), (9, 7, 5)),
+# MONAI's network with a stride of 1 and a 1x1 transposed convolution: sides in multiples of 2.
+CONFIG_MONAI = MonaiConfig(3, 2, (4, 8, 6), strides=(1, 2), up_kernel_size=1)
+
+# case -> (checkpoint, the check's input shapes, a size unseen by export and check, parity's --size)
+CASES = {
+    "2d": (CHECKPOINT, [(2, 3, 37, 53), (1, 3, 7, 5)], (9, 6), (13, 11)),
+    "3d": (random_checkpoint(CONFIG_3D, seed=3), [(2, 2, 9, 11, 13), (1, 2, 7, 5, 9)], (5, 9, 6), (9, 7, 5)),
+    "monai": (random_checkpoint(CONFIG_MONAI, seed=3), [(2, 3, 6, 10), (1, 3, 2, 4)], (8, 4), (4, 6)),
 }
 
 
-@pytest.fixture(scope="module", params=sorted(DIMENSIONS), ids=lambda dims: f"{dims}d")
+@pytest.fixture(scope="module", params=list(CASES))
 def exported(request, tmp_path_factory) -> Exported:
-    """The 2D or the 3D checkpoint's exports, each exported and checked once."""
-    checkpoint, *sizes = DIMENSIONS[request.param]
-    directory = tmp_path_factory.mktemp(f"exports_{request.param}d")
+    """The 2D, the 3D or MONAI's checkpoint's exports, each exported and checked once."""
+    checkpoint, *sizes = CASES[request.param]
+    directory = tmp_path_factory.mktemp(f"exports_{request.param}")
     source = directory / "source.safetensors"
     write(checkpoint, source)
     results = {}

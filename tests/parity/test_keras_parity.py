@@ -48,6 +48,7 @@ def runs_on(name: str, backend: str) -> bool:
     reduced_3d = name.endswith("_3d") and ("float32" in name or "mixed_bfloat16" in name)
     return not reduced_3d or backend == REDUCED_3D_BACKEND
 
+
 # One parameter changed on the Keras side only: the comparison must fail and name its block.
 PERTURBED_NAME = "d1.ag.Ws.0.weight"  # the skip's 1x1 conv in the deepest gate: first seen in "d1.ag"
 PERTURBED = weights_convert.Checkpoint(CONFIG, dict(CHECKPOINT.tensors))
