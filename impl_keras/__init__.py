@@ -1,4 +1,5 @@
-"""Attention U-Net in Keras 3 (TensorFlow, JAX or PyTorch backend), with checkpoint I/O.
+"""Attention U-Net in Keras 3 (TensorFlow, JAX or PyTorch backend), the article's
+(``AttentionUNet``) and MONAI's (``MonaiAttentionUNet``), with checkpoint I/O.
 
 Keras fixes its backend when it is first imported. Importing this package before Keras with
 ``KERAS_BACKEND`` unset picks an installed backend first (``weights_convert.core.extras.
@@ -20,10 +21,12 @@ if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
 
 from impl_keras.io import from_checkpoint, load, save, to_checkpoint  # noqa: E402
 from impl_keras.model import AttentionUNet  # noqa: E402
+from impl_keras.monai_model import MonaiAttentionUNet  # noqa: E402
 from impl_keras.training import TorchAdam, load_training, save_training  # noqa: E402
 
 __all__ = [
     "AttentionUNet",
+    "MonaiAttentionUNet",
     "TorchAdam",
     "from_checkpoint",
     "load",

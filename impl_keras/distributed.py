@@ -69,7 +69,7 @@ def distributed_model(config, dtype: str, device: str, data_parallel: int):
     ``impl_keras.trainer`` reuses its models, so later runs skip building and compiling again."""
     import keras
 
-    from impl_keras.model import empty_model
+    from impl_keras.io import empty_model
 
     devices = keras.distribution.list_devices(device)[:data_parallel]
     mesh = keras.distribution.DeviceMesh((data_parallel,), [AXIS], devices)

@@ -1,12 +1,13 @@
-"""Deployment export of the Keras model, and its runtime: a TensorFlow SavedModel directory
-(``*.savedmodel``), mirroring ``impl_torch/export.py``.
+"""Deployment export of the Keras model (either architecture), and its runtime: a TensorFlow SavedModel
+directory (``*.savedmodel``), mirroring ``impl_torch/export.py``.
 
 Written by ``model.export(..., format="tf_saved_model")`` on Keras' TensorFlow backend. The
-SavedModel takes channels-last input ``x`` (NHWC, or NDHWC for a 3D model) and returns logits in
-the same layout (eval mode: BatchNorm uses its running statistics) through its ``serve`` endpoint
-and ``serving_default`` signature, with a dynamic batch and spatial sizes (``None`` in the
-signature): any batch >= 1 and any side >= the model's ``min_size`` (2**depth), odd sizes
-included. Loads with ``tf.saved_model.load``; running it needs TensorFlow only, not Keras.
+SavedModel takes channels-last input ``x`` (NHWC, or NDHWC for a 3D model) and returns logits in the
+same layout (eval mode: BatchNorm uses its running statistics) through its ``serve`` endpoint and
+``serving_default`` signature, with a dynamic batch and spatial sizes (``None`` in the signature):
+any batch >= 1 and any side the model takes (the article's: >= ``min_size``, 2**depth, odd sizes
+included; MONAI's: multiples of ``side_multiple``). Loads with ``tf.saved_model.load``; running it
+needs TensorFlow only, not Keras.
 
 Keras' backend is fixed when it is imported, so a process on another backend exports through one
 ``KERAS_BACKEND=tensorflow python -m impl_keras.export CHECKPOINT DST --dtype D`` subprocess.

@@ -321,3 +321,183 @@ def pad_to(x, sizes, data_format="channels_last"):
     for axis, d in missing.items():
         pad[axis] = [d // 2, d - d // 2]
     return ops.pad(x, pad)
+
+
+# ----------------------------------------------------------------------------------------------
+# MONAI's AttentionUnet (docs/architecture.md section 1b): its convolutions, transposed
+# convolutions, InstanceNorm and PReLU. Dropout is ``keras.layers.Dropout`` itself (inverted
+# dropout in training only, as torch's; at rate 0 it holds no random state).
+
+
+def padded_sides(kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """MONAI's padding of an odd kernel side k: (k - 1) / 2 on each side."""
+    return tuple((k - 1) // 2 for k in kernel)
+
+
+class _MonaiConv(layers.Layer):
+    """What MONAI's two convolutions share: ``filters`` outputs, an odd kernel (one side per
+    spatial axis), a stride, a kernel and a bias (initialised as Keras' Conv2D initialises its own)."""
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: tuple[int, ...],
+        strides: int = 1,
+        data_format: str = "channels_last",
+        kernel_initializer=KERNEL_INITIALIZER,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters, self.kernel_size, self.strides = filters, tuple(kernel_size), strides
+        self.data_format, self.kernel_initializer = data_format, kernel_initializer
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        return spatial_axes(self.data_format, len(self.kernel_size))
+
+    def kernel_shape(self, c_in: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def build(self, input_shape):
+        c_in = input_shape[channel_axis(self.data_format, len(self.kernel_size))]
+        self.kernel = self.add_weight(shape=self.kernel_shape(c_in), initializer=self.kernel_initializer, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def output_side(self, side: int) -> int:
+        raise NotImplementedError
+
+    def compute_output_shape(self, input_shape):
+        shape = list(with_channels(input_shape, self.filters, self.data_format))
+        for axis in self.axes:
+            shape[axis] = None if shape[axis] is None else self.output_side(shape[axis])
+        return tuple(shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "data_format": self.data_format,
+        }
+
+
+@serializable
+class StridedConv(_MonaiConv):
+    """MONAI's convolution: zero padding (k - 1) / 2 on *both* sides of each axis, any stride, bias;
+    kernel (*kernel, in, out) as Keras' Conv2D's.
+
+    'SAME' is that padding only at stride 1: at stride 2 it pads (0, 1) on an even side where torch
+    pads (1, 1), which shifts every output. So at stride > 1 the input is padded explicitly and
+    convolved 'valid', which gives ceil(n / s) positions, as torch's padding does for odd kernels."""
+
+    def kernel_shape(self, c_in: int) -> tuple[int, ...]:
+        return (*self.kernel_size, c_in, self.filters)
+
+    def output_side(self, side: int) -> int:
+        return -(-side // self.strides)
+
+    def call(self, x):
+        if self.strides == 1:
+            y = ops.conv(x, self.kernel, strides=1, padding="same", data_format=self.data_format)
+        else:
+            pad = [[0, 0]] * len(x.shape)
+            for axis, side in zip(self.axes, padded_sides(self.kernel_size), strict=True):
+                pad[axis] = [side, side]
+            padded = ops.pad(x, pad)
+            y = ops.conv(padded, self.kernel, strides=self.strides, padding="valid", data_format=self.data_format)
+        return add_bias(y, self.bias, self.data_format)
+
+
+@serializable
+class ConvTranspose(_MonaiConv):
+    """PyTorch's ``ConvTranspose(k, s, padding=(k - 1) / 2, output_padding=s - 1)`` exactly, which
+    turns a side n into n * s: kernel (*kernel, out, in), the layout of Keras' Conv2DTranspose and
+    of ``layouts.oihw_to_hwio`` applied to torch's (in, out, *kernel).
+
+    Written as torch defines it: the full transposed convolution (``ops.conv_transpose``, 'valid',
+    ``output_padding=0``: (n - 1) * s + k positions on every backend), then on each axis its
+    positions p .. p + n*s - 1 (p = (k - 1) / 2); where the full output ends first (k < s + p, as for
+    k = 1 or k = s = 3) the missing positions are zeros, and every position gets the bias. Never
+    'SAME': for k = 3, s = 2 it keeps positions 0 .. 2n - 1, one to the left of torch's."""
+
+    def kernel_shape(self, c_in: int) -> tuple[int, ...]:
+        return (*self.kernel_size, self.filters, c_in)
+
+    def output_side(self, side: int) -> int:
+        return side * self.strides
+
+    def call(self, x):
+        s = self.strides
+        full = ops.conv_transpose(
+            x, self.kernel, strides=s, padding="valid", output_padding=0, data_format=self.data_format
+        )
+        # On an axis of kernel side k, torch's output is positions p .. p + n*s - 1 of the full
+        # (n - 1) * s + k: ``missing`` zeros after its end, or ``extra`` positions cut there. Both
+        # depend on k and s alone, so a symbolic side (an export's) works too.
+        pad = [[0, 0]] * len(full.shape)
+        index = [slice(None)] * len(full.shape)
+        for axis, k, p in zip(self.axes, self.kernel_size, padded_sides(self.kernel_size), strict=True):
+            missing, extra = max(0, p + s - k), max(0, k - s - p)
+            pad[axis] = [0, missing]
+            index[axis] = slice(p, -extra if extra else None)
+        if any(after for _, after in pad):
+            full = ops.pad(full, pad)
+        return add_bias(full[tuple(index)], self.bias, self.data_format)
+
+
+def add_bias(x, bias, data_format: str):
+    """``x + bias`` along the channel axis of either layout."""
+    if data_format == "channels_first":
+        bias = ops.reshape(bias, (-1,) + (1,) * (len(x.shape) - 2))
+    return x + bias
+
+
+@serializable
+class InstanceNorm(layers.Layer):
+    """torch's ``InstanceNorm(affine=False, track_running_stats=False)``, MONAI's merge norm: each
+    sample and channel normalised by the mean and *biased* variance over its own spatial axes,
+    eps 1e-5; no weights and no running statistics, so train and eval compute the same. Under a
+    mixed policy it computes in float32 and returns the compute dtype, as ``BatchNorm`` does."""
+
+    def __init__(self, epsilon: float = BN_EPS, data_format: str = "channels_last", **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon, self.data_format = epsilon, data_format
+
+    def call(self, x):
+        dtype = at_least_float32(self.compute_dtype)
+        x = ops.cast(x, dtype)
+        axes = spatial_axes(self.data_format, len(x.shape) - 2)
+        shape = ops.shape(x)
+        n = 1
+        for axis in axes:
+            n = n * shape[axis]
+        n = ops.cast(n, dtype)
+        # sum / n, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
+        mean = ops.sum(x, axis=axes, keepdims=True) / n
+        centred = x - mean
+        variance = ops.sum(ops.square(centred), axis=axes, keepdims=True) / n
+        epsilon = ops.convert_to_tensor(self.epsilon, dtype=dtype)
+        return ops.cast(centred * ops.rsqrt(variance + epsilon), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon, "data_format": self.data_format}
+
+
+@serializable
+class PReLU(layers.Layer):
+    """torch's ``nn.PReLU()``: one slope ``alpha`` of shape (1,) shared by every channel, 0.25 at
+    first; ``x if x > 0 else alpha * x``. ``keras.layers.PReLU`` keeps one slope per position
+    unless told which axes to share, in another shape."""
+
+    def build(self, input_shape):
+        self.alpha = self.add_weight(shape=(1,), initializer=keras.initializers.Constant(0.25), name="alpha")
+
+    def call(self, x):
+        return ops.where(x > 0, x, self.alpha * x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

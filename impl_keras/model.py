@@ -242,10 +242,19 @@ class AttentionUNet(keras.Model):
         dtype=None,
         kernel_initializer=KERNEL_INITIALIZER,
         data_format: str | None = None,
+        architecture: str = ModelConfig.architecture,
         **kwargs,
     ):
-        config = ModelConfig(
-            in_channels, out_channels, tuple(channels) if channels is not None else channels, spatial_dims
+        # ``architecture`` is part of ``get_config()`` (the config's ``to_dict``), so a model rebuilt
+        # from its config passes it back; only this network's own is taken.
+        config = ModelConfig.from_dict(
+            {
+                "architecture": architecture,
+                "in_channels": in_channels,
+                "out_channels": out_channels,
+                "channels": tuple(channels) if channels is not None else channels,
+                "spatial_dims": spatial_dims,
+            }
         )
         if data_format not in (None, "channels_first", "channels_last"):
             raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
@@ -326,14 +335,8 @@ class AttentionUNet(keras.Model):
 
 
 def empty_model(config: ModelConfig, dtype=None, model_class: type[AttentionUNet] | None = None) -> AttentionUNet:
-    """A model of ``config`` (an ``AttentionUNet``, or ``model_class``, a subclass) whose kernels
-    start at zeros, for weights about to be assigned: the random kernel initializer is costly under
-    JAX, and every value is overwritten anyway."""
-    return (model_class or AttentionUNet)(
-        config.in_channels,
-        config.out_channels,
-        config.channels,
-        config.spatial_dims,
-        dtype=dtype,
-        kernel_initializer="zeros",
-    )
+    """A model of ``config`` (an ``AttentionUNet``, or ``model_class``, a subclass or a model class
+    taking ``config.to_dict()``, as ``impl_keras.MonaiAttentionUNet`` does) whose kernels start at
+    zeros, for weights about to be assigned: the random kernel initializer is costly under JAX, and
+    every value is overwritten anyway."""
+    return (model_class or AttentionUNet)(**config.to_dict(), dtype=dtype, kernel_initializer="zeros")

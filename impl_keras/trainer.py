@@ -53,7 +53,7 @@ def model_for(checkpoint, dtype: str, device: str):
 
 @functools.lru_cache(maxsize=4)
 def _empty_model(config, dtype: str, device: str):
-    from impl_keras.model import empty_model
+    from impl_keras.io import empty_model
 
     return empty_model(config, dtype)
 

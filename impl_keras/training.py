@@ -27,8 +27,9 @@ import numpy as np
 from keras import ops
 
 import weights_convert
-from impl_keras.io import check_dtype, from_checkpoint, keras_variables, to_checkpoint
+from impl_keras.io import check_dtype, check_model, from_checkpoint, keras_variables, to_checkpoint
 from impl_keras.model import AttentionUNet, serializable
+from weights_convert.core.architectures import warn_assumed
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.layouts import rule
 from weights_convert.core.optim import UnsupportedOptimizer, hyperparameters
@@ -254,13 +255,15 @@ def assign_optimizer_state(model: AttentionUNet, optimizer, state: OptimizerStat
 
 def save_training(model: AttentionUNet, optimizer, path, *, force: bool = False) -> None:
     """Save model and optimizer state in the format named by ``path``; atomic, existing files kept
-    unless ``force``."""
-    if not isinstance(model, AttentionUNet):
-        raise CheckpointError(f"expected an impl_keras.AttentionUNet, got {type(model).__name__}")
+    unless ``force``. ``model`` is an ``impl_keras.AttentionUNet`` or ``MonaiAttentionUNet``."""
+    check_model(model)
     weights_convert.write(to_training_checkpoint(model, optimizer), path, force=force)
 
 
-def load_training(path, *, dtype="float32") -> tuple[AttentionUNet, keras.optimizers.Optimizer]:
-    """(model, optimizer) from a training checkpoint in any format that holds one."""
+def load_training(path, *, dtype="float32", config=None) -> tuple[AttentionUNet, keras.optimizers.Optimizer]:
+    """(model, optimizer) from a training checkpoint in any format that holds one; ``config`` as in
+    ``impl_keras.load`` (a UserWarning says what a file without one made it assume)."""
     check_dtype(dtype)
-    return from_training_checkpoint(weights_convert.read(path), dtype)
+    checkpoint = weights_convert.read(path, config=config)
+    warn_assumed(checkpoint.assumed, path)
+    return from_training_checkpoint(checkpoint, dtype)

@@ -1,24 +1,25 @@
-"""Keras 3 ``.keras`` archive of ``impl_keras.AttentionUNet``, read and written with zipfile, json
-and h5py alone: ``config.json`` holds the model's class and hyperparameters (so the config travels
-with the weights), ``metadata.json`` the Keras version, ``model.weights.h5`` the variables in the
-layout of ``keras_h5_format``. Written as ``model.save`` writes it (stored, uncompressed members),
-so the file loads with ``keras.saving.load_model(path)`` (safe mode included) once ``impl_keras``
-is imported.
+"""Keras 3 ``.keras`` archive of ``impl_keras.AttentionUNet`` or ``impl_keras.MonaiAttentionUNet``,
+read and written with zipfile, json and h5py alone: ``config.json`` holds the model's class and
+hyperparameters (so the config travels with the weights), ``metadata.json`` the Keras version,
+``model.weights.h5`` the variables in the layout of ``keras_h5_format``. Written as ``model.save``
+writes it (stored, uncompressed members), so the file loads with ``keras.saving.load_model(path)``
+(safe mode included) once ``impl_keras`` is imported.
 
 A training checkpoint is the archive of a compiled model, as ``model.compile(optimizer=
 impl_keras.training.make_optimizer(...), loss="mean_squared_error")``, training steps and
 ``model.save`` leave it: ``compile_config`` names the optimizer (``attention_unet>TorchSGD``,
 ``TorchAdam`` or ``TorchAdamW``) and the weights member holds its variables under
-``optimizer/vars``; ``keras_optimizer`` maps both to and from the canonical optimizer state. A
-model that is not compiled, or compiled with any other optimizer, reads as weights only.
+``optimizer/vars``; ``keras_optimizer`` maps both to and from the canonical optimizer state. A model
+that is not compiled, or compiled with any other optimizer, reads as weights only.
 
 Reading builds nothing and runs nothing: ``config.json`` is parsed as JSON and must name
-``impl_keras.AttentionUNet``; any other class (a ``Lambda`` layer, an unregistered class, another
-model) is refused by name. The weights member is read into memory (never extracted to disk), with
-its CRC-32 checked, after its declared size is checked against the claimed config; every dataset's
-declared shape is then checked against that config's parameter table before any data is read, so
-a config that contradicts the weights costs nothing. Member names that would escape a directory
-are refused.
+``impl_keras.AttentionUNet`` or ``impl_keras.MonaiAttentionUNet`` (the class gives the config's
+architecture; its own ``architecture`` field, when present, must agree); any other class (a
+``Lambda`` layer, an unregistered class, another model) is refused by name. The weights member is
+read into memory (never extracted to disk), with its CRC-32 checked, after its declared size is
+checked against the claimed config; every dataset's declared shape is then checked against that
+config's parameter table before any data is read, so a config that contradicts the weights costs
+nothing. Member names that would escape a directory are refused.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import zipfile
 
 import numpy as np
 
-from weights_convert.core.architectures import CONFIG_FIELDS, config_from_dict
+from weights_convert.core.architectures import CONFIG_FIELDS, Config, config_from_dict
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.keras_layout import MODEL_NAME, PACKAGE, policy_dtype
+from weights_convert.core.errors import shown
+from weights_convert.core.keras_layout import MODEL_NAMES, PACKAGE, policy_dtype
 from weights_convert.core.optimizer_state import OptimizerState
-from weights_convert.core.spec import ModelConfig, param_specs
+from weights_convert.core.spec import param_specs
 from weights_convert.formats.keras_optimizer import (
     compile_config,
     compiled_optimizer,
@@ -52,10 +54,13 @@ HOLDS_OPTIMIZER = True
 CONFIG_MEMBER = "config.json"
 METADATA_MEMBER = "metadata.json"
 WEIGHTS_MEMBER = "model.weights.h5"
-# How impl_keras registers the model (``keras.saving.register_keras_serializable(package=PACKAGE)``).
-MODULE = "impl_keras.model"
-CLASS_NAME = "AttentionUNet"
-REGISTERED_NAME = f"{PACKAGE}>{CLASS_NAME}"
+# The model class of each architecture, (module, class name), as impl_keras registers it
+# (``keras.saving.register_keras_serializable(package=PACKAGE)``), and the architecture by registered name.
+MODEL_CLASSES = {
+    "article": ("impl_keras.model", "AttentionUNet"),
+    "monai": ("impl_keras.monai_model", "MonaiAttentionUNet"),
+}
+ARCHITECTURES = {f"{PACKAGE}>{class_name}": architecture for architecture, (_, class_name) in MODEL_CLASSES.items()}
 # The Keras release whose archive layout this is, written when Keras itself is not installed.
 KERAS_VERSION = "3.0.0"
 # A JSON member larger than this is not a config of this model (one is about 500 bytes).
@@ -66,7 +71,7 @@ WEIGHTS_OVERHEAD_BYTES = 1 << 20
 WEIGHTS_OVERHEAD_PER_TENSOR = 4096
 
 
-def read(path) -> tuple[dict[str, np.ndarray], ModelConfig, OptimizerState | None]:
+def read(path) -> tuple[dict[str, np.ndarray], Config, OptimizerState | None]:
     import h5py
 
     if not zipfile.is_zipfile(str(path)):
@@ -116,19 +121,30 @@ def _json_member(archive: zipfile.ZipFile, members: dict, name: str, path):
         raise CheckpointError(f"{path}: {name} is not JSON ({one_line(error)[:200]})") from None
 
 
-def _model_config(document, path) -> ModelConfig:
-    """The ``ModelConfig`` in ``config.json``, which must describe an ``impl_keras.AttentionUNet``."""
+def _model_config(document, path) -> Config:
+    """The config in ``config.json``, which must describe an ``impl_keras.AttentionUNet`` or an
+    ``impl_keras.MonaiAttentionUNet``: of the class's architecture."""
     if not isinstance(document, dict):
         raise CheckpointError(f"{path}: {CONFIG_MEMBER} holds a {type(document).__name__}, not a model config")
-    if document.get("registered_name") != REGISTERED_NAME or document.get("class_name") != CLASS_NAME:
+    registered = document.get("registered_name")
+    architecture = ARCHITECTURES.get(registered) if isinstance(registered, str) else None
+    if architecture is None or document.get("class_name") != MODEL_CLASSES[architecture][1]:
         top, *inner = _class_names(document) or ["no class"]
         naming = f" (naming {', '.join(inner[:10])}{f' and {len(inner) - 10} more' if len(inner) > 10 else ''})"
-        raise CheckpointError(f"{path}: holds a {top}{naming if inner else ''}, not an impl_keras.AttentionUNet")
+        raise CheckpointError(
+            f"{path}: holds a {top}{naming if inner else ''}, not an impl_keras.AttentionUNet or MonaiAttentionUNet"
+        )
     config = document.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: {CONFIG_MEMBER} has no config object")
+    fields = {k: config[k] for k in CONFIG_FIELDS if k in config}
+    claimed = fields.setdefault("architecture", architecture)
+    if claimed != architecture:
+        raise CheckpointError(
+            f"{path}: {CONFIG_MEMBER} names the class {registered} but the architecture {shown(claimed)}"
+        )
     try:
-        return config_from_dict({k: config[k] for k in CONFIG_FIELDS if k in config})
+        return config_from_dict(fields)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: bad config in {CONFIG_MEMBER}: {one_line(error)[:200]}") from None
 
@@ -148,7 +164,7 @@ def _class_names(node, found=None) -> list[str]:
     return found
 
 
-def _weights_member(archive: zipfile.ZipFile, members: dict, config: ModelConfig, path) -> bytes:
+def _weights_member(archive: zipfile.ZipFile, members: dict, config: Config, path) -> bytes:
     """The weights member's bytes (CRC-32 checked), refused first if it declares more than the
     claimed config can need or more than its compressed bytes can hold."""
     info = members.get(WEIGHTS_MEMBER)
@@ -198,15 +214,17 @@ def _keras_version() -> str:
 
 
 def model_config(checkpoint: Checkpoint) -> dict:
-    """``config.json`` as ``model.save`` writes it for ``impl_keras.AttentionUNet``. The dtype
-    policy is the tensors' float dtype; with mixed dtypes, the narrowest that holds every one
-    exactly (Keras casts each tensor to it on loading; the weights keep their own dtypes)."""
+    """``config.json`` as ``model.save`` writes it for the model class of the checkpoint's
+    architecture (``MODEL_CLASSES``). The dtype policy is the tensors' float dtype; with mixed
+    dtypes, the narrowest that holds every one exactly (Keras casts each tensor to it on loading;
+    the weights keep their own dtypes)."""
     config = checkpoint.config
+    module, class_name = MODEL_CLASSES[config.architecture]
     return {
-        "module": MODULE,
-        "class_name": CLASS_NAME,
+        "module": module,
+        "class_name": class_name,
         "config": {
-            "name": MODEL_NAME,
+            "name": MODEL_NAMES[config.architecture],
             "trainable": True,
             "dtype": {
                 "module": "keras",
@@ -216,7 +234,7 @@ def model_config(checkpoint: Checkpoint) -> dict:
             },
             **config.to_dict(),
         },
-        "registered_name": REGISTERED_NAME,
+        "registered_name": f"{PACKAGE}>{class_name}",
         "build_config": {"input_shape": [None] * (config.spatial_dims + 1) + [config.in_channels]},
         "compile_config": {} if checkpoint.optimizer is None else compile_config(checkpoint),
     }

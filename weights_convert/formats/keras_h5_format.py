@@ -1,9 +1,11 @@
-"""Keras 3 ``.weights.h5``: what ``model.save_weights`` writes for ``impl_keras.AttentionUNet``,
-read and written with h5py alone (no Keras, no TensorFlow; HDF5 datasets hold data, never code).
+"""Keras 3 ``.weights.h5``: what ``model.save_weights`` writes for ``impl_keras.AttentionUNet`` (or
+``impl_keras.MonaiAttentionUNet``), read and written with h5py alone (no Keras, no TensorFlow; HDF5
+datasets hold data, never code).
 
 One HDF5 group per layer at its attribute path, each with a ``vars`` group of datasets ``0``,
 ``1``, ... in creation order: the layer tree and the spec fix every dataset's path, shape and
-meaning (``keras_layout``), so the file carries no config, it is inferred from the declared shapes.
+meaning (``keras_layout``), so the file carries no config, it is inferred from the declared shapes
+(MONAI's strides and dropout, which no tensor holds, are then assumed).
 A root attribute ``CHECKSUM_ATTR`` (SHA-256 of the canonical tensors; Keras ignores it) is written,
 and verified when present, so flipped bytes in tensor data are refused instead of loaded. Each
 dataset keeps its tensor's own dtype (bfloat16 as Keras stores it: raw 16-bit words marked by a

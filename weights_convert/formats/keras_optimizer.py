@@ -31,6 +31,7 @@ import json
 
 import numpy as np
 
+from weights_convert.core.architectures import Config
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
 from weights_convert.core.keras_layout import PACKAGE, policy_dtype, stored_shape
 from weights_convert.core.layouts import rule
@@ -41,7 +42,7 @@ from weights_convert.core.optimizer_state import (
     hyperparameters,
     slot_names,
 )
-from weights_convert.core.spec import ModelConfig, ParamSpec, param_specs
+from weights_convert.core.spec import ParamSpec, param_specs
 from weights_convert.formats.keras_weights import dataset_value, optimizer_datasets, write_optimizer
 from weights_convert.formats.safetensors_format import checksum
 
@@ -141,7 +142,7 @@ def _optimizer_shapes(name: str, hyper: dict, specs: list[ParamSpec]) -> list[tu
     return [(), (), *(stored_shape(spec) for spec in specs for _ in range(per_parameter))]
 
 
-def read_optimizer(f, source: str, config: ModelConfig, name: str, hyper: dict) -> OptimizerState:
+def read_optimizer(f, source: str, config: Config, name: str, hyper: dict) -> OptimizerState:
     """The canonical state from ``optimizer/vars`` of the compiled optimizer ``name``."""
     specs = [spec for spec in param_specs(config) if not spec.is_buffer]
     datasets = optimizer_datasets(f, source, _optimizer_shapes(name, hyper, specs))

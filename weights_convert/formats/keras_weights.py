@@ -10,6 +10,10 @@ declared shape and dtype is checked against the parameter table, and every datas
 bytes it declares, before any data is read: memory stays within the file's own size (a compressed
 dataset: ``MAX_EXPANSION`` times its stored bytes). Each dataset keeps its tensor's own dtype
 (bfloat16 as Keras stores it: raw 16-bit words marked by a ``dtype`` attribute).
+
+A file read without a config (a ``.weights.h5`` holds none) has it inferred from the declared
+shapes: MONAI's AttentionUnet when the file holds its tree (under ``keras_layout.MONAI_ROOT``), its
+strides and dropout then assumed (``monai_spec.ASSUMED``), the article's network otherwise.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ import math
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint, CheckpointError
-from weights_convert.core.keras_layout import canonical_shape, dataset_paths, keras_layers, stored_shape
+from weights_convert.core.keras_layout import MONAI_ROOT, canonical_shape, dataset_paths, keras_layers, stored_shape
 from weights_convert.core.layouts import rule
-from weights_convert.core.spec import SPATIAL_DIMS, ModelConfig, ParamSpec, infer_article_config, param_specs
+from weights_convert.core.monai_spec import MonaiConfig, infer_monai_config
+from weights_convert.core.spec import (
+    MAX_DEPTH,
+    SPATIAL_DIMS,
+    ModelConfig,
+    ParamSpec,
+    infer_article_config,
+    param_specs,
+)
 from weights_convert.formats.safetensors_format import checksum
 
 CHECKSUM_ATTR = "attention_unet_sha256"
@@ -40,9 +52,10 @@ LISTED = 10
 # Reading
 
 
-def read_weights(f, source: str, config: ModelConfig | None = None) -> dict[str, np.ndarray]:
+def read_weights(f, source: str, config: ModelConfig | MonaiConfig | None = None) -> dict[str, np.ndarray]:
     """The canonical tensors of an open Keras weights file ``f``, for ``config`` (inferred from
-    the declared shapes when None). Every dataset is vetted before any data is read."""
+    the declared shapes when None: of either network, by the tree the file holds). Every dataset is
+    vetted before any data is read."""
     datasets = inventory(f, source)
     expected_checksum = _checksum_attribute(f, source)
     if config is None:
@@ -106,30 +119,55 @@ def _checksum_attribute(f, source: str) -> str | None:
     return value
 
 
-def _infer_config(f, datasets: dict, source: str) -> ModelConfig:
-    """The config from the declared shapes of the kernels ``infer_config`` needs (no data read)."""
-    depth = 0
-    while f"e{depth + 1}" in f and depth < len(datasets):
-        depth += 1
-    if depth == 0 or not datasets:
+def _infer_config(f, datasets: dict, source: str) -> ModelConfig | MonaiConfig:
+    """The config from the declared shapes of the kernels ``infer_config`` needs (no data read): of
+    MONAI's network when the file holds its tree, of the article's otherwise."""
+    monai = MONAI_ROOT in f
+    if not datasets or not (monai or "e1" in f):
         raise CheckpointError(f"{source}: no layer variables found; not a Keras .weights.h5 of this model")
-    # Dataset paths depend on the depth and on the rank (Keras saves a Conv3D under ``conv3d``) only,
-    # so any channels of that depth give them: the rank whose first kernel is there.
-    probes = [ModelConfig(channels=(1,) * (depth + 1), spatial_dims=dims) for dims in SPATIAL_DIMS]
-    probe = next((c for c in probes if dataset_paths(c)["e1.conv.conv.0.weight"] in datasets), probes[0])
-    specs = {spec.name: spec for spec in param_specs(probe)}
-    shapes = {
-        name: canonical_shape(specs[name], datasets[path].shape)
-        for name, path in dataset_paths(probe).items()
-        if path in datasets and specs[name].leaf == "weight"
-    }
     try:
-        return infer_article_config(shapes)
+        return _infer_monai_config(f, datasets) if monai else _infer_article_config(f, datasets)
     except ValueError as error:
         raise CheckpointError(f"{source}: not a Keras .weights.h5 of this model ({error})") from None
 
 
-def _check_layout(datasets: dict, paths: dict[str, str], config: ModelConfig, source: str) -> None:
+def _infer_article_config(f, datasets: dict) -> ModelConfig:
+    """The article's config: the depth from the encoders ``e1``, ``e2`` ..., then ``infer_article_config``."""
+    depth = 0
+    while f"e{depth + 1}" in f and depth < len(datasets):
+        depth += 1
+    # Dataset paths depend on the depth and on the rank (Keras saves a Conv3D under ``conv3d``) only,
+    # so any channels of that depth give them: the rank whose first kernel is there.
+    probes = [ModelConfig(channels=(1,) * (depth + 1), spatial_dims=dims) for dims in SPATIAL_DIMS]
+    probe = next((c for c in probes if dataset_paths(c)["e1.conv.conv.0.weight"] in datasets), probes[0])
+    return infer_article_config(_weight_shapes(probe, datasets))
+
+
+def _infer_monai_config(f, datasets: dict) -> MonaiConfig:
+    """MONAI's config: the depth from the nested levels, then ``infer_monai_config`` on the shapes
+    (strides and dropout, which no tensor holds, assumed as it assumes them)."""
+    depth, level = 0, f"{MONAI_ROOT}/layers/attention_layer"
+    while level in f and depth <= MAX_DEPTH:
+        depth += 1
+        level += "/submodule/layers/attention_layer"
+    if depth == 0:
+        raise ValueError(f"no level of MONAI's AttentionUnet under {MONAI_ROOT}")
+    # Dataset paths depend on the depth alone (a Conv3D is saved as a Conv2D is, under ``conv``),
+    # so any channels of that depth give them.
+    return infer_monai_config(_weight_shapes(MonaiConfig(channels=(2,) * (depth + 1)), datasets))
+
+
+def _weight_shapes(probe, datasets: dict) -> dict[str, tuple[int, ...]]:
+    """The canonical shape of every ``weight`` present at the paths of ``probe``'s layout."""
+    specs = {spec.name: spec for spec in param_specs(probe)}
+    return {
+        name: canonical_shape(specs[name], datasets[path].shape)
+        for name, path in dataset_paths(probe).items()
+        if path in datasets and specs[name].leaf == "weight"
+    }
+
+
+def _check_layout(datasets: dict, paths: dict[str, str], config: ModelConfig | MonaiConfig, source: str) -> None:
     """One refusal listing every missing, unexpected, misshapen, mistyped or under-stored dataset."""
     specs = {spec.name: spec for spec in param_specs(config)}
     expected = set(paths.values())
