@@ -263,7 +263,7 @@ def test_huge_declared_shapes_are_refused_before_any_memory_is_spent(tmp_path):
         consistent: "datasets without their data: e1/conv/conv/layers/conv2d/vars/0 (declares",
         one_huge: f"wrong shapes: {GAMMA} (1073741824,) (expected (4,))",
         claims: "wrong shapes: e1/conv/conv/layers/conv2d/vars/0 (3, 3, 2, 4) (expected (3, 3, 2, 4096))",
-        absurd: "bad config in config.json: config {'in_channels': 2, 'out_channels': 1, "
+        absurd: "bad config in config.json: config {'architecture': 'article', 'in_channels': 2, 'out_channels': 1, "
         "'channels': [100000, 100000], 'spatial_dims': 2}",
     }
     for path, text in expected.items():

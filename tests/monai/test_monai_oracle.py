@@ -23,13 +23,16 @@ from weights_convert.harness.parity.tolerances import tolerance
 monai = pytest.importorskip("monai")
 torch = pytest.importorskip("torch")
 
-# The configs the issue names, shrunk to a 2-core CPU: 2D; 3D; strides with a 1 and kernel_size 5;
-# and a 1x1 transposed convolution (kernel below its stride: the upsampled rows end in bias alone).
+# The configs the issue names, shrunk to a 2-core CPU and folded into two: a volume; and an image
+# with a stride of 1, kernel_size 5 and a 1x1 transposed convolution (a kernel below its stride:
+# the upsampled rows end in bias alone). tests/models/test_<framework>_monai.py compare every
+# block of each framework with MONAI's on each config separately.
 CASES = {
-    "2d": (MonaiConfig(1, 2, (4, 8, 16), strides=(2, 2)), (8, 12)),
     "3d": (MonaiConfig(2, 2, (4, 8, 16), spatial_dims=3, strides=(2, 2)), (4, 8, 12)),
-    "stride1_k5": (MonaiConfig(1, 1, (4, 8, 16, 32), strides=(2, 1, 2), kernel_size=5), (8, 12)),
-    "up_kernel_1": (MonaiConfig(1, 3, (4, 8, 6), strides=(2, 3), up_kernel_size=1), (12, 18)),
+    "stride1_k5_up1": (
+        MonaiConfig(1, 3, (4, 8, 16, 32), strides=(2, 1, 2), kernel_size=5, up_kernel_size=1),
+        (8, 12),
+    ),
 }
 
 
@@ -97,33 +100,75 @@ def targets() -> list[parity.Target]:
 
 
 BOUND = tolerance("float64")
+EVAL, TRAIN = parity.Run("eval", optimizers=()), parity.Run("train", optimizers=("sgd",))
+
+
+@pytest.fixture(scope="module")
+def oracle_cases() -> dict:
+    """case -> (MONAI's results, the checkpoint and inputs every target is given)."""
+    cases = {}
+    for case, (config, sides) in CASES.items():
+        oracle = monai_model(config)
+        checkpoint, inputs = as_checkpoint(oracle, config), batch(config, sides)
+        expected = {
+            "eval": monai_outputs(oracle, inputs, train=False),
+            "train": monai_outputs(oracle, inputs, train=True),
+            "sgd": monai_sgd_step(oracle, inputs),
+        }
+        cases[case] = (expected, checkpoint, inputs)
+    return cases
+
+
+def target_results(target: parity.Target, oracle_cases: dict) -> dict:
+    """case -> the target's eval logits, train-mode results and SGD step, every case's calls in
+    one batch (one Keras process per backend for all of them)."""
+    jobs, owners = [], []
+    for case, (_, checkpoint, inputs) in oracle_cases.items():
+        for run in (EVAL, TRAIN):
+            calls = parity.calls_for(run, inputs)
+            jobs += [(function, checkpoint, x, t, kwargs) for function, x, t, kwargs in calls]
+            owners.append((case, run, len(calls)))
+    outputs = iter(parity.run_jobs(target, jobs))
+    results: dict = {}
+    for case, run, count in owners:
+        merged = parity.merge(parity.calls_for(run, oracle_cases[case][2]), [next(outputs) for _ in range(count)])
+        results.setdefault(case, {}).update(merged if run is TRAIN else {"eval/output": merged["output"]})
+    return results
+
+
+def reference_results(oracle_cases: dict) -> dict:
+    results = {}
+    for case, (_, checkpoint, inputs) in oracle_cases.items():
+        config, tensors = checkpoint.config, checkpoint.tensors
+        steps = reference.train_steps(
+            tensors, inputs.x, inputs.target, config=config, optimizers=("sgd",), forward=True
+        )
+        results[case] = {**steps, "eval/output": reference.forward(tensors, inputs.x, config=config)["output"]}
+    return results
+
+
+@pytest.fixture(scope="module")
+def computed(oracle_cases) -> dict:
+    """label -> case -> results, for the NumPy reference and every installed target."""
+    labels = {"reference": reference_results(oracle_cases)}
+    for target in targets():
+        labels[target.label] = target_results(target, oracle_cases)
+    return labels
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_framework_computes_what_monai_computes(case):
+def test_every_framework_computes_what_monai_computes(case, oracle_cases, computed):
     """Eval logits and a train-mode forward (batch statistics) of each framework, and the NumPy
     reference's, equal MONAI's own to 1e-10; then one SGD step equals MONAI's stepped by torch."""
-    config, sides = CASES[case]
-    oracle = monai_model(config)
-    checkpoint = as_checkpoint(oracle, config)
-    inputs = batch(config, sides)
-    expected = {"eval": monai_outputs(oracle, inputs, train=False), "train": monai_outputs(oracle, inputs, train=True)}
-    stepped = monai_sgd_step(oracle, inputs)
-    computed = {
-        "reference": reference.train_steps(
-            checkpoint.tensors, inputs.x, inputs.target, config=config, optimizers=("sgd",), forward=True
-        )
-    }
-    computed["reference"]["eval/output"] = reference.forward(checkpoint.tensors, inputs.x, config=config)["output"]
-    for target in targets():
-        results = compute(target, checkpoint, inputs, parity.Run("eval", optimizers=()))
-        train = compute(target, checkpoint, inputs, parity.Run("train", optimizers=("sgd",)))
-        computed[target.label] = {**train, "eval/output": results["output"]}
+    expected = oracle_cases[case][0]
     errors = {}
-    for label, results in computed.items():
+    for label, by_case in computed.items():
+        results = by_case[case]
         errors[label, "eval"] = rel_error(results["eval/output"], expected["eval"])
         errors[label, "train"] = rel_error(results["output"], expected["train"])
-        errors[label, "sgd"] = max(rel_error(results[f"step/sgd/{name}"], value) for name, value in stepped.items())
+        errors[label, "sgd"] = max(
+            rel_error(results[f"step/sgd/{name}"], value) for name, value in expected["sgd"].items()
+        )
     assert len(computed) >= 2  # the reference and at least torch
     failing = {key: error for key, error in errors.items() if not error <= BOUND}
     assert not failing, failing
@@ -132,10 +177,10 @@ def test_every_framework_computes_what_monai_computes(case):
 def test_a_perturbed_monai_parameter_fails():
     """The comparison above can fail: one gate parameter changed by 1e-6 of its scale moves the
     logits far beyond the float64 bound."""
-    config, sides = CASES["2d"]
+    config, sides = CASES["stride1_k5_up1"]
     oracle = monai_model(config)
     checkpoint = as_checkpoint(oracle, config)
-    name = "model.1.submodule.1.attention.psi.0.conv.weight"
+    name = "model.1.submodule.1.submodule.1.attention.psi.0.conv.weight"
     tensors = dict(checkpoint.tensors)
     tensors[name] = tensors[name] * (1 + 1e-6)
     perturbed = dataclasses.replace(checkpoint, tensors=tensors)

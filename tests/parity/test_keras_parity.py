@@ -36,17 +36,15 @@ FIT_INPUTS_3D = parity.Inputs(*parity.make_inputs(CONFIG_3D, 2, shared_runs.SMAL
 # Cases by dimension: the suffix of their names and their checkpoint.
 DIMENSIONS = {"2d": ("", CHECKPOINT), "3d": ("_3d", CHECKPOINT_3D)}
 DTYPES = ["float64", "float32", "mixed_bfloat16"]
-# A volume's train step below float64 runs on the JAX backend only: the 3D layers are one Keras code
-# path on every backend, which the float64 3D cases check on each; the noise-relative bounds of the
-# reduced precisions in 3D are checked once, where it is cheapest (the other backends' 2D runs check
-# their reduced-precision kernels).
-REDUCED_3D_BACKEND = "jax"
+# A mixed-bfloat16 fit runs on the JAX backend only: its step is the mixed train case's, which every
+# backend runs, and the fit adds the loop, one code path (every other case here is also a row of
+# test_parity_all's runs over every backend, which answer it from this run's record).
+ONE_BACKEND = "jax"
 
 
 def runs_on(name: str, backend: str) -> bool:
     """Whether the case ``name`` is in ``backend``'s batch."""
-    reduced_3d = name.endswith("_3d") and ("float32" in name or "mixed_bfloat16" in name)
-    return not reduced_3d or backend == REDUCED_3D_BACKEND
+    return name != "fit_mixed_bfloat16" or backend == ONE_BACKEND
 
 
 # One parameter changed on the Keras side only: the comparison must fail and name its block.
@@ -160,16 +158,9 @@ def test_eval_deeper(keras_runs, references, backend):
     check(keras_runs, references, backend, "eval_float64_deeper", "float64")
 
 
-@pytest.mark.parametrize(
-    "dtype, backend, dims",
-    [
-        (dtype, backend, dims)
-        for dims in DIMENSIONS
-        for backend in BACKENDS
-        for dtype in DTYPES
-        if runs_on(f"train_{dtype}{DIMENSIONS[dims][0]}", backend)
-    ],
-)
+@pytest.mark.parametrize("dims", DIMENSIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_train_statistics_gradients_and_steps(keras_runs, references, backend, dtype, dims):
     suffix, checkpoint = DIMENSIONS[dims]
     rows = check(keras_runs, references, backend, f"train_{dtype}{suffix}", dtype)
@@ -182,8 +173,9 @@ def test_train_statistics_gradients_and_steps(keras_runs, references, backend, d
     assert counters and all(actual[k] == checkpoint.tensors[k[len("state/") :]] + 1 for k in counters)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "dtype, backend", [(dtype, backend) for backend in BACKENDS for dtype in DTYPES if runs_on(f"fit_{dtype}", backend)]
+)
 def test_fit(keras_runs, references, backend, dtype):
     rows = check(keras_runs, references, backend, f"fit_{dtype}", dtype)
     assert [r.quantity for r in rows[:3]] == ["loss/step1", "loss/step2", "loss/step3"]
