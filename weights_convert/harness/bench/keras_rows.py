@@ -14,7 +14,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from impl_keras.io import assign_checkpoint, from_checkpoint
+from impl_keras.io import MODELS, assign_checkpoint, from_checkpoint
 from impl_keras.model import AttentionUNet, empty_model
 from impl_keras.steps import Steps, to_result
 from impl_keras.training import make_optimizer
@@ -45,11 +45,12 @@ def rows(settings: Settings, backend: str) -> list[dict]:
     weights = random_checkpoint(settings.config, seed=0)
     x, target = inputs(settings, channels_last=True)
     traced = TraceRecord() if backend == "jax" else None
-    model_class = AttentionUNet if traced is None else traced_class(traced.note)
+    network = MODELS[settings.config.architecture]  # the article's AttentionUNet or MonaiAttentionUNet
+    model_class = network if traced is None else traced_class(traced.note, network)
 
     def timed(mode: str, variant: str):
         def build_step():
-            model = build(model_class, weights, settings.dtype)
+            model = build(model_class, network, weights, settings.dtype)
             if mode == "forward":
                 return forward_step(model, x, *OPTIONS[variant])
             optimizer = make_optimizer(OPTIMIZER, settings.dtype, **OPTIMIZER_HYPER)
@@ -63,10 +64,10 @@ def rows(settings: Settings, backend: str) -> list[dict]:
     return run_variants("keras", backend, settings, variants, scope, setting)
 
 
-def traced_class(note) -> type[AttentionUNet]:
-    """The model, calling ``note()`` each time its ``call`` runs (under JAX's jit: when traced)."""
+def traced_class(note, network: type = AttentionUNet) -> type:
+    """``network``, calling ``note()`` each time its ``call`` runs (under JAX's jit: when traced)."""
 
-    class TracedUNet(AttentionUNet):
+    class TracedUNet(network):
         def call(self, x, training=None, return_intermediates: bool = False):
             note()
             return super().call(x, training=training, return_intermediates=return_intermediates)
@@ -74,9 +75,10 @@ def traced_class(note) -> type[AttentionUNet]:
     return TracedUNet
 
 
-def build(model_class: type[AttentionUNet], weights, dtype: str) -> AttentionUNet:
+def build(model_class: type, network: type, weights, dtype: str):
+    """``weights`` in a ``model_class`` (``network`` itself, or its traced subclass)."""
     keras.utils.set_random_seed(0)
-    if model_class is AttentionUNet:
+    if model_class is network:
         return from_checkpoint(weights, dtype)
     # Zeros, then the seeded weights, as from_checkpoint does: under JAX a random initializer
     # compiles one program per kernel shape (seconds each, even for a tiny model).
