@@ -155,6 +155,7 @@ def test_torch_rows(capsys):
     assert report["sgemm_gflops"] == max(r["gflops"] for r in report["sgemm"]["runs"])
     check_rows(report, "torch", "torch", {"eager", "channels_last"})
     assert report["settings"]["config"] == {
+        "architecture": "article",
         "in_channels": 3,
         "out_channels": 1,
         "channels": [4, 8, 16],

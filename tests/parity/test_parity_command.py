@@ -60,7 +60,13 @@ def test_json_shape_and_pass(capsys, small_checkpoint):
     assert code == 0
     report = json.loads(out)
     assert report["passed"] is True
-    assert report["config"] == {"in_channels": 3, "out_channels": 2, "channels": [4, 8, 16], "spatial_dims": 2}
+    assert report["config"] == {
+        "architecture": "article",
+        "in_channels": 3,
+        "out_channels": 2,
+        "channels": [4, 8, 16],
+        "spatial_dims": 2,
+    }
     assert (report["input_shape"], report["dtype"], report["mode"], report["seed"]) == (
         [3, 3, 13, 17],
         "float64",
