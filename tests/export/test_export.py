@@ -16,7 +16,7 @@ import pytest
 from tests.installs import run_as
 from weights_convert.core.monai_spec import MonaiConfig
 from weights_convert.core.random_init import random_checkpoint
-from weights_convert.core.spec import ModelConfig
+from weights_convert.core.spec import ModelConfig, param_specs
 from weights_convert.formats.io import write
 from weights_convert.harness import cli, export
 from weights_convert.harness.parity.tolerances import tolerance
@@ -129,13 +129,19 @@ def test_an_export_file_runs_only_when_the_caller_vouches_for_it(exported, monke
     assert ran == []
 
 
+def head_weight(config) -> str:
+    """The canonical name of the 1x1 head's kernel (``output.weight``, MONAI's ``model.2.conv.weight``)."""
+    return [spec.name for spec in param_specs(config) if spec.leaf == "weight"][-1]
+
+
 def test_perturbed_onnx_weight_fails_the_check(exported, tmp_path):
     import onnx
     from onnx import numpy_helper
 
     path, _ = exported[".onnx", "float32"]
     model = onnx.load(str(path))
-    initializer = next(t for t in model.graph.initializer if t.name == "output.weight")  # the 1x1 head
+    head = head_weight(exported.checkpoint.config)
+    initializer = next(t for t in model.graph.initializer if t.name == head)  # the 1x1 head
     weights = numpy_helper.to_array(initializer) * np.float32(1 + 1e-3)
     initializer.CopyFrom(numpy_helper.from_array(weights, initializer.name))
     perturbed = tmp_path / "perturbed.onnx"
@@ -148,7 +154,8 @@ def test_export_of_other_weights_fails_the_check(exported):
     """A correct file checked against a checkpoint one weight away: the check sees it."""
     path, _ = exported[".torchscript", "float64"]
     other = exported.checkpoint.astype("float64")
-    other.tensors["output.weight"] = other.tensors["output.weight"] * (1 + 1e-6)
+    head = head_weight(other.config)
+    other.tensors[head] = other.tensors[head] * (1 + 1e-6)
     assert not export.check_file(path, other, dtype="float64", trusted=True).passed
 
 

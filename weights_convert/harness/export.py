@@ -132,8 +132,8 @@ def check_cases(config: ModelConfig) -> list[tuple[int, ...]]:
     batch 1 at (m + 3)x(m + 1)x(m + 5). MONAI's network, with m its ``side_multiple``: batch 2 at
     3m x 5m (x 7m), batch 1 at m x 2m (x m), the bottom then 1 x 2 (x 1)."""
     if config.side_multiple > 1:  # MONAI's network: multiples of the strides' product, the smallest included
-        m = config.side_multiple
-        return [(2, *(3 * m, 5 * m, 7 * m)[-config.spatial_dims :]), (1, *(m, 2 * m, m)[-config.spatial_dims :])]
+        m, dims = config.side_multiple, config.spatial_dims
+        return [(2, *(3 * m, 5 * m, 7 * m)[:dims]), (1, *(m, 2 * m, m)[:dims])]
     m = config.min_size
     if config.spatial_dims == 3:
         return [(2, 2 * m + 1, 2 * m + 3, 2 * m + 5), (1, m + 3, m + 1, m + 5)]
