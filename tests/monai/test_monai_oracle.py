@@ -22,6 +22,7 @@ from weights_convert.harness.parity.tolerances import tolerance
 
 monai = pytest.importorskip("monai")
 torch = pytest.importorskip("torch")
+from tests.monai_nets import monai_net  # noqa: E402  (after the skip: it imports monai)
 
 # The configs the issue names, shrunk to a 2-core CPU and folded into two: a volume; and an image
 # with a stride of 1, kernel_size 5 and a 1x1 transposed convolution (a kernel below its stride:
@@ -34,32 +35,6 @@ CASES = {
         (8, 12),
     ),
 }
-
-
-def monai_model(config: MonaiConfig, seed: int = 0):
-    """MONAI's network for ``config`` in float64, every BatchNorm with random statistics and
-    affine parameters and every PReLU a random slope, so that no layer is an identity."""
-    torch.manual_seed(seed)
-    model = monai.networks.nets.AttentionUnet(
-        spatial_dims=config.spatial_dims,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        channels=config.channels,
-        strides=config.strides,
-        kernel_size=config.kernel_size,
-        up_kernel_size=config.up_kernel_size,
-        dropout=config.dropout,
-    ).double()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.3)
-            elif isinstance(module, torch.nn.PReLU):
-                module.weight.uniform_(0.05, 0.45)
-    return model
 
 
 def as_checkpoint(model, config: MonaiConfig) -> Checkpoint:
@@ -108,7 +83,7 @@ def oracle_cases() -> dict:
     """case -> (MONAI's results, the checkpoint and inputs every target is given)."""
     cases = {}
     for case, (config, sides) in CASES.items():
-        oracle = monai_model(config)
+        oracle = monai_net(config)
         checkpoint, inputs = as_checkpoint(oracle, config), batch(config, sides)
         expected = {
             "eval": monai_outputs(oracle, inputs, train=False),
@@ -178,7 +153,7 @@ def test_a_perturbed_monai_parameter_fails():
     """The comparison above can fail: one gate parameter changed by 1e-6 of its scale moves the
     logits far beyond the float64 bound."""
     config, sides = CASES["stride1_k5_up1"]
-    oracle = monai_model(config)
+    oracle = monai_net(config)
     checkpoint = as_checkpoint(oracle, config)
     name = "model.1.submodule.1.submodule.1.attention.psi.0.conv.weight"
     tensors = dict(checkpoint.tensors)

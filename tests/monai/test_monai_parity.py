@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import impl_flax
-from tests.monai.test_monai_oracle import monai_model
 from weights_convert.core.monai_spec import MonaiConfig
 from weights_convert.harness import cli
 
 monai = pytest.importorskip("monai")
+from tests.monai_nets import monai_net  # noqa: E402  (after the skip: it imports monai)
 
 ALL_TARGETS = {("torch", "torch"), ("flax", "flax"), ("keras", "tensorflow"), ("keras", "jax"), ("keras", "torch")}
 # A stride of 1 (no tensor shows it: --config gives it) and a kernel of 5.
@@ -29,7 +29,7 @@ SIZE = ["--size", "8", "6", "--batch", "2"]
 def monai_file(tmp_path_factory):
     """MONAI's randomly initialised network saved as MONAI's CheckpointSaver saves it."""
     path = tmp_path_factory.mktemp("monai") / "monai_model.pt"
-    torch.save({"model": monai_model(CONFIG).float().state_dict()}, path)
+    torch.save({"model": monai_net(CONFIG).float().state_dict()}, path)
     return path
 
 

@@ -24,6 +24,7 @@ from weights_convert.harness.parity.tolerances import TOLERANCES
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 from impl_torch.monai_model import MonaiAttentionUNet  # noqa: E402
+from tests.monai_nets import monai_net  # noqa: E402  (after the skip: it imports monai)
 
 FLOAT64_BOUND = TOLERANCES["float64"]
 
@@ -43,33 +44,6 @@ CASES = [
 CASE_IDS = ["2d", "3d-k5-strides212", "2d-k3x5", "2d-up1", "2d-up5-stride3"]
 RANKS = [CASES[0], CASES[1]]
 RANK_IDS = ["2d", "3d"]
-
-
-def monai_model(config, seed=0):
-    """MONAI's AttentionUnet of ``config`` in float64, torch's random init with random BatchNorm
-    affine parameters and statistics and random PReLU slopes (so that no layer is the identity)."""
-    torch.manual_seed(seed)
-    model = monai_nets.AttentionUnet(
-        spatial_dims=config.spatial_dims,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        channels=config.channels,
-        strides=config.strides,
-        kernel_size=config.kernel_size,
-        up_kernel_size=config.up_kernel_size,
-        dropout=config.dropout,
-    ).double()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.1)
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.num_batches_tracked.fill_(100)
-            elif isinstance(module, torch.nn.PReLU):
-                module.weight.uniform_(0.05, 0.45)
-    return model
 
 
 def tensors_of(model):
@@ -249,7 +223,7 @@ def test_instance_norm_and_prelu_match_torch(dims):
 
 @pytest.mark.parametrize("config,sides", CASES, ids=CASE_IDS)
 def test_eval_forward_matches_monai_in_every_block(config, sides):
-    monai = monai_model(config).eval()
+    monai = monai_net(config).eval()
     tensors = tensors_of(monai)
     x, _ = data(config, sides)
     ours = reference.forward(tensors, x, config=config)
@@ -266,7 +240,7 @@ def test_eval_forward_matches_monai_in_every_block(config, sides):
 
 def test_the_config_is_inferred_from_a_monai_state_dict():
     """Without ``config=``, MONAI's keys give its network (strides assumed 2, as TINY's are)."""
-    monai = monai_model(TINY).eval()
+    monai = monai_net(TINY).eval()
     x, _ = data(TINY, (8, 12))
     inferred = reference.forward(tensors_of(monai), x)
     np.testing.assert_array_equal(inferred["output"], reference.forward(tensors_of(monai), x, config=TINY)["output"])
@@ -274,7 +248,7 @@ def test_the_config_is_inferred_from_a_monai_state_dict():
 
 @pytest.mark.parametrize("config,sides", CASES, ids=CASE_IDS)
 def test_train_forward_and_running_statistics_match_monai(config, sides):
-    monai = monai_model(config)
+    monai = monai_net(config)
     tensors = tensors_of(monai)
     project = project_model(monai, config).train()
     x, _ = data(config, sides)
@@ -294,7 +268,7 @@ def test_train_forward_and_running_statistics_match_monai(config, sides):
 
 @pytest.mark.parametrize("config,sides", CASES, ids=CASE_IDS)
 def test_gradients_match_monai_autograd(config, sides):
-    monai = monai_model(config).train()
+    monai = monai_net(config).train()
     tensors = tensors_of(monai)
     x, target = data(config, sides)
     ours = reference.gradients(tensors, x, target, config=config)
@@ -316,7 +290,7 @@ def test_gradients_match_monai_autograd(config, sides):
 
 @pytest.mark.parametrize("config,sides", RANKS, ids=RANK_IDS)
 def test_sgd_train_step_matches_torch_optim(config, sides):
-    monai = monai_model(config).train()
+    monai = monai_net(config).train()
     tensors = tensors_of(monai)
     x, target = data(config, sides)
     ours = reference.train_step(tensors, x, target, optimizer="sgd", config=config)
@@ -342,7 +316,7 @@ def test_fit_and_sharded_fit_match_torch():
     BatchNorm statistics, the gradients averaged, shard 0's running statistics) against two torch
     replicas doing the same by hand."""
     config, sides = TINY, (8, 12)
-    monai = monai_model(config).train()
+    monai = monai_net(config).train()
     tensors = tensors_of(monai)
     xs, targets = data(config, sides, steps=2)
     trainable, buffers = names(config), names(config, buffers=True)
@@ -393,7 +367,7 @@ def test_a_perturbed_parameter_fails_the_comparison(name):
     """The comparison is sensitive: one entry of one parameter moved by 1e-4 puts the eval output
     and the gradient far beyond the float64 bound."""
     config, sides = TINY, (8, 12)
-    monai = monai_model(config).train()
+    monai = monai_net(config).train()
     tensors = tensors_of(monai)
     assert name in tensors
     x, target = data(config, sides)
@@ -412,7 +386,7 @@ def test_a_perturbed_parameter_fails_the_comparison(name):
 
 def test_dropout_is_refused_in_train_mode_and_ignored_in_eval():
     config = MonaiConfig(in_channels=2, out_channels=3, channels=(4, 8, 16), strides=(2, 2), dropout=0.2)
-    monai = monai_model(config)
+    monai = monai_net(config)
     tensors = tensors_of(monai)
     x, target = data(config, (8, 12))
     refusal = r"^the reference compares train mode at dropout 0 .*pass a config with dropout 0\.0, got dropout 0\.2$"
@@ -434,7 +408,7 @@ def test_dropout_is_refused_in_train_mode_and_ignored_in_eval():
 def test_an_input_the_strides_do_not_divide_is_refused():
     x, _ = data(TINY, (8, 10))  # 10 is not a multiple of 2 * 2
     with pytest.raises(ValueError, match=r"spatial sides multiples of 4, got an input of shape \(2, 2, 8, 10\)"):
-        reference.forward(tensors_of(monai_model(TINY)), x, config=TINY)
+        reference.forward(tensors_of(monai_net(TINY)), x, config=TINY)
 
 
 # --- reduced precision ------------------------------------------------------------------------
@@ -454,7 +428,7 @@ REDUCED = {
 @pytest.mark.parametrize("precision", sorted(REDUCED))
 @pytest.mark.parametrize("config,sides", RANKS, ids=RANK_IDS)
 def test_reduced_precision_is_finite_and_close_to_float64(config, sides, precision):
-    tensors = tensors_of(monai_model(config))
+    tensors = tensors_of(monai_net(config))
     x, target = data(config, sides)
     trainable = names(config)
     # One train-mode pass each: its blocks, running statistics and gradients.
@@ -487,7 +461,7 @@ def test_reduced_precision_sharded_fit(precision):
     """Two Adam steps on two shards each: finite, and the parameters near float64's (Adam's first
     steps are ~lr * sign(g), so a gradient's rounding moves them by a fraction of lr = 1e-3)."""
     config, sides = TINY, (8, 12)
-    tensors = tensors_of(monai_model(config))
+    tensors = tensors_of(monai_net(config))
     xs, targets = data(config, sides, steps=2)
     exact = reference.fit(tensors, xs, targets, optimizer="adam", config=config, shards=2)
     rounded = reference.fit(tensors, xs, targets, optimizer="adam", config=config, precision=precision, shards=2)
