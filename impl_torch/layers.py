@@ -19,9 +19,41 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d``, its zero padding made explicit where torch's own padding goes wrong: on the CPU
+    in bfloat16 (torch 2.13, oneDNN 3.12, on CPUs with AVX512-BF16), a stride-1 convolution whose
+    input depth D is 1 < D < its kernel's depth, at batch >= 2, gets a wrong weight gradient (NaN,
+    or values near 1e36), while the same convolution of the input zero-padded beforehand is right.
+    Both compute the same sums, so nothing else changes; a 3D network meets such depths at its
+    deepest levels (a side of 9 is 2 after two poolings)."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript exports are float32 or float64
+            if _bfloat16_on_cpu(input) and self.padding_mode == "zeros" and any(self.padding):
+                return self._padded_beforehand(input, weight, bias)
+        return F.conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @torch.jit.unused
+    def _padded_beforehand(self, input, weight, bias):
+        before_and_after = [side for pad in reversed(self.padding) for side in (pad, pad)]  # F.pad: last axis first
+        padded = F.pad(input, before_and_after)
+        return F.conv3d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+@torch.jit.unused
+def _bfloat16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` computes in bfloat16 on the CPU (a bfloat16 input, or under
+    bfloat16 autocast)."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
 # The torch classes of each spatial rank.
 BATCH_NORMS = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
+CONVS = {2: nn.Conv2d, 3: Conv3d}
 MAX_POOLS = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 INTERPOLATIONS = {2: "bilinear", 3: "trilinear"}
 CONV_TRANSPOSES = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -109,3 +109,30 @@ def test_mixed_bfloat16_batch_statistics_are_float32():
         print(f"{name}: relative error {error:.1e}")
         # float32 accumulation: ~1e-7; a bfloat16 one would be ~1e-3 (2**-8 per rounding).
         assert error < 2.0**-8 / 100, name
+
+
+@pytest.mark.parametrize("kernel, depth", [(3, 2), (5, 2), (5, 3), (3, 9)])
+@pytest.mark.parametrize("autocast", [False, True], ids=["bfloat16", "autocast"])
+def test_3d_bfloat16_weight_gradient_at_a_depth_below_the_kernel(kernel, depth, autocast):
+    """``impl_torch.layers.Conv3d``: on the CPU in bfloat16, at batch 2 and an input depth below the
+    kernel's, the weight gradient is the float64 one of the same bfloat16 values within two
+    bfloat16 roundings of its scale (torch's own padding gives NaN there on AVX512-BF16 CPUs)."""
+    from impl_torch.layers import conv
+
+    generator = torch.Generator().manual_seed(depth * kernel)
+    layer = conv(8, 16, kernel, dims=3)
+    x = torch.randn(2, 8, depth, 6, 5, generator=generator).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.bfloat16().float())
+        layer.bias.copy_(layer.bias.bfloat16().float())
+    if autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x.float())
+    else:
+        layer = layer.bfloat16()
+        y = layer(x)
+    upstream = torch.randn(y.shape, generator=generator).bfloat16()
+    y.backward(upstream.to(y.dtype))
+    exact = torch.nn.grad.conv3d_weight(x.double(), layer.weight.shape, upstream.double(), padding=kernel // 2)
+    error = (layer.weight.grad.double() - exact).abs().max() / exact.abs().max()
+    assert float(error) <= TOLERANCES["mixed_bfloat16"].floor
