@@ -81,6 +81,10 @@ def run(path, x: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from weights_convert import termination
+
+    termination.exit_on_sigterm()
+    termination.die_with_parent()
     parser = argparse.ArgumentParser(description="export a checkpoint as a SavedModel (TensorFlow backend)")
     parser.add_argument("src")
     parser.add_argument("dst")

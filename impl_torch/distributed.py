@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from weights_convert import termination
 from weights_convert.processes import load_arrays
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -144,20 +146,29 @@ def process_group(rank: int, world: int, local_rank: int, device: str, init_meth
 
 def spawn(run, job, world: int, device: str) -> dict:
     """``run(job, rank, world, local_rank, init_method)`` in ``world`` spawned processes
-    (``torch.multiprocessing``, rendezvous through a file); rank 0's results."""
+    (``torch.multiprocessing``, rendezvous through a file); rank 0's results.
+
+    However this ends (a result, a worker's error, an exception or a signal in this process), no
+    worker outlives it: those still running are ended (``termination.end_process``) before the
+    rendezvous folder is removed; and a worker dies with this process even when it is killed."""
     if device == "gpu" and torch.cuda.device_count() < world:
         raise ValueError(f"data parallel {world} needs as many GPUs; torch sees {torch.cuda.device_count()}")
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="torch-ddp-") as tmp:
         rendezvous = f"file://{Path(tmp) / 'rendezvous'}"
+        context = mp.start_processes(
+            _worker, (run, world, job, rendezvous, tmp), world, join=False, start_method=_start_method(device)
+        )
         try:
-            mp.start_processes(
-                _worker, (run, world, job, rendezvous, tmp), world, join=True, start_method=_start_method(device)
-            )
+            while not context.join():
+                pass
         except mp.ProcessRaisedException as error:
             last = str(error).strip().splitlines()[-1]
             raise RuntimeError(f"a torch DDP process failed: {last}") from None
+        finally:
+            for process in context.processes:
+                termination.end_process(process)
         return load_arrays(Path(tmp) / "result.npz")
 
 
@@ -175,7 +186,13 @@ def _start_method(device: str) -> str:
 
 
 def _worker(rank: int, run, world: int, job, rendezvous: str, tmp: str) -> None:
-    """One spawned process: trains as ``rank`` and, as rank 0, saves the results for the parent."""
+    """One spawned process: trains as ``rank`` and, as rank 0, saves the results for the parent.
+
+    torch asks for SIGINT when the parent dies (``PR_SET_PDEATHSIG``); a Python handler would run
+    only once a blocking collective returned, which it never does without its peers, so SIGINT and
+    SIGTERM end a worker at once (their default actions)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
     results = run(job, rank, world, rank, rendezvous)
     if rank == 0:
         np.savez(Path(tmp) / "result.npz", **results)

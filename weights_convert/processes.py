@@ -4,7 +4,11 @@ A computation needs a process of its own where a framework fixes something when 
 its backend (``KERAS_BACKEND``), JAX its CPU host device count (``XLA_FLAGS``) and 64-bit mode, a
 GPU benchmark its memory allocator. Every launcher builds the child's environment with
 ``environment`` (this repository on ``PYTHONPATH``, TensorFlow's C++ logging off unless asked for)
-and starts it with ``run_module``, whose failure names the child's own last error line.
+and starts it with ``run_child`` (``run_module`` for ``python -m``, whose failure names the child's
+own last error line). A child runs with a temporary directory of its own as ``TMPDIR``, removed
+when it ends with whatever any runtime wrote there (TensorFlow's generated code, a DDP rendezvous);
+a child this process stops waiting for (an error, a signal) is ended (``termination.end_process``),
+and a child ends with this process (``termination.die_with_parent``, called by every worker's entry).
 
 Runner calls (``forward``, ``train_step``, ``fit``) travel through a job directory: ``job.json``
 (one entry per call: function, checkpoint, keyword arguments), each distinct checkpoint as
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from weights_convert import termination
 from weights_convert.core.checkpoint import Checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +42,11 @@ class ProcessFailed(RuntimeError):
 
 def environment(**overrides: str) -> dict[str, str]:
     """This process's environment for a child: this repository first on ``PYTHONPATH``, TensorFlow's
-    C++ logging off (unless ``TF_CPP_MIN_LOG_LEVEL`` is set), then ``overrides``."""
+    C++ logging off (unless ``TF_CPP_MIN_LOG_LEVEL`` is set), this process's ID for
+    ``termination.die_with_parent``, then ``overrides``."""
     env = {**os.environ}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env[termination.CHILD_PARENT_VARIABLE] = str(os.getpid())
     env.update(overrides)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
@@ -67,12 +74,37 @@ def last_error_line(stderr: str) -> str:
     return non_empty[-1] if non_empty else "no error output"
 
 
+def run_child(command: list[str], *, env: dict[str, str], **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, env=env, text=True, **popen)`` in a temporary directory of the child's
+    own (its ``TMPDIR``, removed with whatever is in it once the child has ended); the child is ended
+    (``termination.end_process``) if anything interrupts the wait, a signal included."""
+    with tempfile.TemporaryDirectory(prefix="attention-unet-child-") as tmp:
+        # The child's runtimes write their temporary files in tmp; torch's compile cache stays where
+        # torch keeps it (under the usual temporary directory), so compiled kernels are reused.
+        env = {"TORCHINDUCTOR_CACHE_DIR": _torch_compile_cache(), **env, "TMPDIR": tmp}
+        with subprocess.Popen(command, env=env, text=True, **popen) as process:
+            try:
+                stdout, stderr = process.communicate()
+            finally:
+                termination.end_process(process)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _torch_compile_cache() -> str:
+    """Where torch (``torch._inductor``) keeps compiled kernels when ``TORCHINDUCTOR_CACHE_DIR`` is unset."""
+    import getpass
+
+    return str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+
+
 def run_module(
     module: str, *args, env: dict[str, str], what: str, failure=ProcessFailed
 ) -> subprocess.CompletedProcess:
-    """``python -m module *args`` with ``env`` (from ``environment``), its output captured as text;
-    a non-zero exit raises ``failure`` saying ``what`` failed, its exit status and its last error line."""
-    process = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True, text=True)
+    """``python -m module *args`` with ``env`` (from ``environment``) by ``run_child``, its output
+    captured; a non-zero exit raises ``failure`` saying ``what`` failed, its exit status and its
+    last error line."""
+    command = [sys.executable, "-m", module, *map(str, args)]
+    process = run_child(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if process.returncode != 0:
         raise failure(f"{what} failed (exit {process.returncode}): {last_error_line(process.stderr or '')}")
     return process
@@ -163,7 +195,9 @@ def fit_in_subprocess(module: str, checkpoint, xs, targets, options: dict, *, en
 def serve_calls(argv: list[str], run_call, usage: str) -> int:
     """The subprocess side of ``run_calls``: ``run_call(call)`` for every call of ``<dir>/job.json``,
     results to ``<dir>/result_<i>.npz``. Exit status 2 with ``usage`` on stderr unless ``argv`` is
-    that one directory."""
+    that one directory. The worker ends with its parent, and on SIGTERM as on an error."""
+    termination.exit_on_sigterm()
+    termination.die_with_parent()
     if len(argv) != 1:
         print(f"usage: {usage}", file=sys.stderr)
         return 2

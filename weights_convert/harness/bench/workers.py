@@ -16,12 +16,13 @@ import os
 import subprocess
 import sys
 
+from weights_convert import termination
 from weights_convert.core.extras import FRAMEWORK_PACKAGES, KERAS_BACKEND_PACKAGES, installed
 from weights_convert.core.frameworks import KERAS_BACKENDS
 from weights_convert.harness.bench.rows import error_rows
 from weights_convert.harness.bench.settings import Settings
 from weights_convert.harness.bench.timing import progress
-from weights_convert.processes import environment
+from weights_convert.processes import environment, run_child
 
 WORKER_MODULE = "weights_convert.harness.bench"
 # Set in every bench process before JAX is imported: JAX would otherwise take most of a GPU's
@@ -106,7 +107,7 @@ def worker_subprocess(framework: str, backend: str, settings: Settings) -> list[
     progress(f"{framework}/{backend}: starting a subprocess")
     env = worker_env(settings, backend if framework == "keras" else None)
     # stderr stays this process's, so the worker's progress lines show as it runs.
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    result = run_child(command, env=env, stdout=subprocess.PIPE)
     try:
         rows = json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -121,6 +122,8 @@ def serve(argv: list[str]) -> int:
     if len(argv) != 4 or argv[0] != "worker":
         print(f"usage: python -m {WORKER_MODULE} worker FRAMEWORK BACKEND SETTINGS_JSON", file=sys.stderr)
         return 2
+    termination.exit_on_sigterm()
+    termination.die_with_parent()
     # Anything the frameworks print goes to stderr; stdout carries only the JSON rows.
     rows_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

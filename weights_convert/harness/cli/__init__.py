@@ -20,6 +20,7 @@ from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.extras import PACKAGES, MissingPackage, install_hint
 from weights_convert.harness.cli import bench_command, checkpoints, parity_command
 from weights_convert.harness.quiet import quiet_frameworks
+from weights_convert.termination import exit_on_sigterm
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -79,6 +80,8 @@ def _for_the_command(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM ends the command as an error does: its temporary folders and workers go with it.
+    exit_on_sigterm()
     quiet_frameworks()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
