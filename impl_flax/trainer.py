@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 import weights_convert
-from impl_flax import distributed
+from impl_flax import distributed, losses
 from impl_flax.io import Model
 from impl_flax.training import from_training_checkpoint, to_training_checkpoint
 from weights_convert.core import loop
@@ -80,15 +80,12 @@ def canonical(state: nnx.State, config: Config) -> dict:
     return {p.name: tensors[p.name] for p in param_specs(config) if p.name in tensors}
 
 
-# weights_convert.core.loop.LOSSES, in JAX: (logits, target) -> the loss.
-LOSSES = {"mse": lambda output, target: jnp.mean((output - target) ** 2)}
-
-
 def loss_fn(model: Model, x: jax.Array, target: jax.Array, loss: str = "mse") -> jax.Array:
-    """The loss (``LOSSES``) of a forward of ``model`` on ``x``. Under mixed precision the logits are
+    """The loss ``loss`` (``weights_convert.core.losses``, in ``impl_flax.losses``) of a forward of
+    ``model`` on ``x``. Under mixed precision the logits are
     bfloat16: the loss is taken in the target's dtype (float32, the parameter dtype), as torch
     autocast and Keras' mixed policy do."""
-    return LOSSES[loss](jnp.asarray(model(x), target.dtype), target)
+    return losses.loss_value(loss, jnp.asarray(model(x), target.dtype), target)
 
 
 @functools.partial(nnx.jit, static_argnames="loss")
@@ -206,9 +203,11 @@ def fit(checkpoint, xs, targets, **options) -> dict:
     return processes.fit_in_subprocess("impl_flax.trainer", checkpoint, xs, targets, options, env=env, what=what)
 
 
-def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
+def train_step(
+    checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd", loss="mse"
+) -> dict:
     """One step of a fresh ``optimizer`` on ``(x, target)``: ``grad/<name>``, ``step/<name>``."""
-    return loop.one_step(FlaxTrainer(loop.Settings(dtype, device)), checkpoint, x, target, optimizer)
+    return loop.one_step(FlaxTrainer(loop.Settings(dtype, device, loss=loss)), checkpoint, x, target, optimizer)
 
 
 def main(argv: list[str] | None = None) -> int:

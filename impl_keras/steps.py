@@ -75,26 +75,16 @@ def canonical(spec, value) -> np.ndarray:
     return rule(spec).from_channels_last(to_result(value))
 
 
-def mse(output, target):
-    """mean((output - target)**2)."""
-    from keras import ops
-
-    # sum / size, not ops.mean: under JAX, Keras' mean accumulates float64 input in float32.
-    return ops.sum(ops.square(output - target)) / ops.cast(ops.size(output), output.dtype)
-
-
-# weights_convert.core.loop.LOSSES, in Keras: (logits, target) -> the loss.
-LOSSES = {"mse": mse}
-
-
 def loss_value(output, target, loss: str = "mse"):
-    """The loss (``LOSSES``) in float32 at least: bfloat16 logits are cast first."""
+    """The loss ``loss`` (``weights_convert.core.losses``, in ``impl_keras.losses``) in float32 at
+    least: bfloat16 logits are cast first."""
     from keras import ops
 
+    from impl_keras import losses
     from impl_keras.model import at_least_float32
 
     output = ops.cast(output, at_least_float32(output.dtype))
-    return LOSSES[loss](output, ops.cast(target, output.dtype))
+    return losses.loss_value(loss, output, ops.cast(target, output.dtype))
 
 
 def jax_state(model) -> tuple[list, list]:

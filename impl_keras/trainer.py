@@ -252,13 +252,13 @@ def _runs_here(device: str, data_parallel: int, dtype: str) -> bool:
     return enough and (dtype != "float64" or bool(jax.config.jax_enable_x64))
 
 
-def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
+def train_step(checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd", loss="mse") -> dict:
     """One step of a fresh ``optimizer`` on ``(x, target)``: ``grad/<name>``, ``step/<name>``."""
     import weights_convert
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = weights_convert.read(checkpoint)
-    return loop.one_step(KerasTrainer(loop.Settings(dtype, device)), checkpoint, x, target, optimizer)
+    return loop.one_step(KerasTrainer(loop.Settings(dtype, device, loss=loss)), checkpoint, x, target, optimizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import weights_convert
-from impl_torch import distributed, training
+from impl_torch import distributed, losses, training
 from impl_torch.io import from_checkpoint, torch_dtype
 from weights_convert.core import loop
 from weights_convert.core.checkpoint import Checkpoint
@@ -58,15 +58,12 @@ def buffers(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in BUFFERS}
 
 
-# weights_convert.core.loop.LOSSES, in PyTorch: (logits, target) -> the loss.
-LOSSES = {"mse": lambda output, target: torch.mean((output - target) ** 2)}
-
-
 def backward(module: nn.Module, loss: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One train-mode forward of ``module`` (updating the running statistics) and the gradients of
-    ``loss`` (``"mse"``: mean((output - target)**2)) in the parameters' ``.grad``; returns the loss."""
+    ``loss`` (``weights_convert.core.losses``, in ``impl_torch.losses``) in the parameters'
+    ``.grad``; returns the loss."""
     # Under mixed precision the logits are bfloat16: the loss is taken in float32 (the target's dtype).
-    value = LOSSES[loss](module(x).to(target.dtype), target)
+    value = losses.loss_value(loss, module(x).to(target.dtype), target)
     value.backward()
     return value.detach()
 
@@ -162,6 +159,8 @@ def fit(checkpoint, xs, targets, **options) -> dict:
     return launch(loop.fit_job(checkpoint, xs, targets, **options))
 
 
-def train_step(checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd") -> dict:
+def train_step(
+    checkpoint: Checkpoint, x, target, *, dtype="float32", device="cpu", optimizer="sgd", loss="mse"
+) -> dict:
     """One step of a fresh ``optimizer`` on ``(x, target)``: ``grad/<name>``, ``step/<name>``."""
-    return loop.one_step(TorchTrainer(loop.Settings(dtype, device)), checkpoint, x, target, optimizer)
+    return loop.one_step(TorchTrainer(loop.Settings(dtype, device, loss=loss)), checkpoint, x, target, optimizer)

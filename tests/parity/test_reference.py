@@ -272,7 +272,8 @@ def test_gradients_match_finite_differences(config, size):
             plus[name][index] += h
             minus[name][index] -= h
             numeric = (loss(plus) - loss(minus)) / (2 * h)
-            assert abs(numeric - g[index]) <= 1e-6 * np.max(np.abs(g)) + 1e-12, (name, index, numeric, g[index])
+            bound = TOLERANCES["finite_differences"] * np.max(np.abs(g)) + 1e-12
+            assert abs(numeric - g[index]) <= bound, (name, index, numeric, g[index])
 
 
 @pytest.mark.parametrize("config,size", CASES, ids=CASE_IDS)

@@ -20,9 +20,9 @@ returns, from the main process:
 gives the model and the optimizer's whole state as a canonical training ``Checkpoint``. Other
 processes of a data-parallel run (torch DDP's ranks above 0) return an empty dict.
 
-The loss is a setting (``LOSSES``; today "mse", the mean squared error of the logits against the
-target, taken in at least float32, the one the NumPy reference differentiates by hand): a new loss
-is one function in each trainer and one in the reference.
+The loss is a setting (``weights_convert.core.losses``: "mse", "bce", "ce", "dice", "dice_bce",
+"dice_ce", taken in at least float32): one function in each framework's ``losses.py`` and one,
+with its gradient written by hand, in the NumPy reference (``harness/reference_losses.py``).
 """
 
 from __future__ import annotations
@@ -36,12 +36,9 @@ import numpy as np
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.data_parallel import ArrayBatches, check_data_parallel, with_optimizer
 from weights_convert.core.frameworks import DEVICES
+from weights_convert.core.losses import LOSSES, check_loss
 from weights_convert.core.optim import check_training, state_results
 from weights_convert.core.precisions import precision
-
-# The losses every trainer computes, by name (each framework's trainer has one function per loss):
-# "mse", the mean over all elements of (logits - target)**2, taken in at least float32.
-LOSSES = ("mse",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +129,7 @@ def train_job(
     "parity" for the parity checks' two); the ``Settings``; what to record; ``save_to``, which
     needs a training checkpoint."""
     settings = Settings(dtype, device, data_parallel, batchnorm, loss)
+    check_loss(loss, checkpoint.config.out_channels)
     check_data_parallel(data_parallel, batchnorm, len(data.batch(0)[0]))
     check_training(checkpoint, optimizer, save_to)
     resumed = checkpoint.optimizer is not None

@@ -52,6 +52,7 @@ from weights_convert.core.monai_spec import MonaiConfig, down_prefix, level_pref
 from weights_convert.core.optim import check_fit_batches, check_optimizer, state_results
 from weights_convert.core.optimizer_state import reference_step
 from weights_convert.core.spec import ModelConfig, layout, param_specs, side_fits, side_rule
+from weights_convert.harness import reference_losses
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: weight of the new batch statistic
@@ -765,27 +766,30 @@ def forward(
     return results
 
 
-def _loss_and_gradients(tensors: dict, x, target, config: Config, precision: str):
+def _loss_and_gradients(tensors: dict, x, target, config: Config, precision: str, loss: str = "mse"):
     """(loss, {name: gradient}, {name: running statistic after the pass}, {block: NCHW or NCDHW
-    output}) of one train-mode pass."""
+    output}) of one train-mode pass; ``loss`` one of ``weights_convert.core.losses.LOSSES``."""
     graph = _graph(config, tensors, train=True, precision=precision, record=True)
     p = graph.p
     named = graph(_input(x, config, p), config)
     blocks = {k: _channels_first(v.value) for k, v in named.items()}  # before the backward frees the tape
     output = named["output"]
-    diff = output.value - _channels_last(p.array(target))
-    loss = np.mean(diff * diff)
-    graph.backward(output, p.round(diff * (2 / diff.size)))
+    logits = np.asarray(output.value, p.dtype)  # the loss in at least float32, as every framework's
+    value, logits_gradient = reference_losses.value_and_gradient(loss, logits, _channels_last(p.array(target)))
+    graph.backward(output, p.round(logits_gradient))
     grads = {name: np.ascontiguousarray(graph.grads[name], dtype=p.dtype) for name in _trainable(config)}
-    return loss, grads, graph.state, blocks
+    return value, grads, graph.state, blocks
 
 
-def gradients(tensors: dict, x, target, *, config: Config | None = None, precision: str = "float64") -> dict:
-    """``loss`` = mean((output - target)**2) of the train-mode forward, ``grad/<name>`` for every
-    trainable tensor (canonical layout) and ``state/<name>`` for every running statistic."""
+def gradients(
+    tensors: dict, x, target, *, config: Config | None = None, precision: str = "float64", loss: str = "mse"
+) -> dict:
+    """``loss`` (``weights_convert.core.losses``; "mse": mean((output - target)**2)) of the
+    train-mode forward, ``grad/<name>`` for every trainable tensor (canonical layout) and
+    ``state/<name>`` for every running statistic."""
     config = _config(tensors, config)
-    loss, grads, state, _ = _loss_and_gradients(tensors, x, target, config, precision)
-    results = {"loss": np.asarray(loss)}
+    value, grads, state, _ = _loss_and_gradients(tensors, x, target, config, precision, loss)
+    results = {"loss": np.asarray(value)}
     results.update({f"grad/{k}": v for k, v in grads.items()})
     results.update({f"state/{k}": state[k] for k in _buffers(config)})
     return results
@@ -834,11 +838,18 @@ class _Continued:
 
 
 def train_step(
-    tensors: dict, x, target, *, optimizer: str, config: Config | None = None, precision: str = "float64"
+    tensors: dict,
+    x,
+    target,
+    *,
+    optimizer: str,
+    config: Config | None = None,
+    precision: str = "float64",
+    loss: str = "mse",
 ) -> dict:
     """``grad/<name>`` (as ``gradients``) and ``step/<name>``: every trainable tensor after one
     step of a fresh ``optimizer``."""
-    results = train_steps(tensors, x, target, optimizers=(optimizer,), config=config, precision=precision)
+    results = train_steps(tensors, x, target, optimizers=(optimizer,), config=config, precision=precision, loss=loss)
     return {name.replace(f"step/{optimizer}/", "step/", 1): value for name, value in results.items()}
 
 
@@ -851,13 +862,14 @@ def train_steps(
     config: Config | None = None,
     precision: str = "float64",
     forward: bool = False,
+    loss: str = "mse",
 ) -> dict:
     """``grad/<name>``, then ``step/<optimizer>/<name>`` for each of ``optimizers``: one step of
     each, fresh, from the same weights and gradient (one backward pass for all). With ``forward``,
     first what ``forward(train=True)`` returns, taken from the same pass."""
     config = _config(tensors, config)
     p = Precision(precision)
-    _, grads, state, blocks = _loss_and_gradients(tensors, x, target, config, precision)
+    _, grads, state, blocks = _loss_and_gradients(tensors, x, target, config, precision, loss)
     params = {k: p.array(tensors[k]) for k in grads}
     results = {**blocks, **{f"state/{k}": v for k, v in state.items()}} if forward else {}
     results.update({f"grad/{k}": v for k, v in grads.items()})
@@ -867,7 +879,9 @@ def train_steps(
     return results
 
 
-def _sharded_loss_and_gradients(tensors: dict, x, target, config: Config, precision: str, shards: int):
+def _sharded_loss_and_gradients(
+    tensors: dict, x, target, config: Config, precision: str, shards: int, loss: str = "mse"
+):
     """(loss, gradients, running statistics) of one step on ``shards`` consecutive equal parts of
     the batch, each with its own BatchNorm statistics: the mean loss and gradient over the parts,
     part 0's statistics. One part is the whole batch."""
@@ -877,7 +891,7 @@ def _sharded_loss_and_gradients(tensors: dict, x, target, config: Config, precis
     size = len(x) // shards
     parts = [
         _loss_and_gradients(
-            tensors, x[r * size : (r + 1) * size], target[r * size : (r + 1) * size], config, precision
+            tensors, x[r * size : (r + 1) * size], target[r * size : (r + 1) * size], config, precision, loss
         )[:3]
         for r in range(shards)
     ]
@@ -899,10 +913,11 @@ def fit(
     precision: str = "float64",
     trajectory: bool = False,
     shards: int = 1,
+    loss: str = "mse",
 ) -> dict:
     """``len(xs)`` training steps with one ``optimizer`` whose state persists: step k runs the
     train-mode forward on ``xs[k-1]`` (updating the running statistics), and one optimizer step on
-    the gradient of mean((output - targets[k-1])**2).
+    the gradient of ``loss`` (``weights_convert.core.losses``; "mse": mean((output - targets[k-1])**2)).
 
     With ``shards`` > 1, data-parallel training with per-device BatchNorm statistics (torch DDP's
     default, ``batchnorm="local"`` in ``weights_convert.core.data_parallel``): each step's batch is
@@ -931,10 +946,10 @@ def fit(
     opt = Optimizer(optimizer) if isinstance(optimizer, str) else _Continued(optimizer, p)
     results: dict[str, np.ndarray] = {}
     for k in range(len(xs)):
-        loss, grads, new_state = _sharded_loss_and_gradients(
-            {**params, **state}, xs[k], targets[k], config, precision, shards
+        value, grads, new_state = _sharded_loss_and_gradients(
+            {**params, **state}, xs[k], targets[k], config, precision, shards, loss
         )
-        results[f"loss/step{k + 1}"] = np.asarray(loss)
+        results[f"loss/step{k + 1}"] = np.asarray(value)
         params = opt.step(params, grads)
         state.update(new_state)
         if trajectory:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from weights_convert.core.extras import MissingPackage
+from weights_convert.core.losses import LOSSES
 from weights_convert.harness.cli.arguments import add_config, add_size, choices, count, options, selection, usage_error
 
 # The options ``parity.check`` takes as they are parsed, under the same names.
@@ -23,6 +24,7 @@ CHECK_OPTIONS = (
     "batchnorm",
     "resume_at",
     "config",
+    "loss",
 )
 
 
@@ -113,6 +115,13 @@ def add_parser(sub) -> None:
         choices=tuple(dict.fromkeys(parity.OPTIMIZER_NAMES + parity.RESUME_OPTIMIZERS)),
         help="fit: the optimizer (default adam); train: only this one; with --resume-at: only this one of "
         f"{', '.join(parity.RESUME_OPTIMIZERS)} (default all three)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="mse",
+        help="train and fit: the loss whose gradients are compared (docs/architecture.md section 3b); a "
+        "segmentation loss trains on a seeded one-hot target",
     )
     p.add_argument(
         "--resume-at",

@@ -37,6 +37,7 @@ def check(
     batchnorm: str = "sync",
     resume_at: int | None = None,
     config=None,
+    loss: str = "mse",
 ) -> Report:
     """Run ``checkpoint`` (a path, a Checkpoint, or None for seeded default weights) through each
     framework and compare every quantity with the independent float64 NumPy reference: block
@@ -51,7 +52,9 @@ def check(
     (``weights_convert.harness.data_parallel``). A fit with ``resume_at`` K moves training between
     every ordered pair of frameworks after K steps (``parity.resume``), with each of
     ``optimizer`` (default: all of ``RESUME_OPTIMIZERS``). ``config`` gives what a file without
-    one cannot hold (a MONAI state_dict's strides). ``progress`` is called with one line per stage.
+    one cannot hold (a MONAI state_dict's strides). ``loss`` is the training loss of train and fit
+    (``weights_convert.core.losses``; the target is then a seeded one-hot segmentation, for "mse" a
+    seeded regression target). ``progress`` is called with one line per stage.
 
     ``frameworks`` and ``keras_backends`` default to the installed ones (``select``); one that is
     named but not installed raises ``MissingPackage`` naming what to install. Bad arguments raise
@@ -73,6 +76,7 @@ def check(
         batchnorm=batchnorm,
         resume_at=resume_at,
         config=config,
+        loss=loss,
     )
     return check_request(request, progress)
 
@@ -81,7 +85,8 @@ def check_request(request: Request, progress=None) -> Report:
     """The report of the validated ``request`` (see ``check``)."""
     run, dtype = request.run, request.dtype
     fit = run.mode == "fit"
-    inputs = Inputs(*make_inputs(request.config, request.batch, request.size, request.seed, run.steps if fit else None))
+    steps = run.steps if fit else None
+    inputs = Inputs(*make_inputs(request.config, request.batch, request.size, request.seed, steps, loss=run.loss))
     shown_input = inputs.x[0] if fit else inputs.x
     checkpoint = default_checkpoint(shown_input) if request.checkpoint is None else request.checkpoint
     say = progress or (lambda message: None)

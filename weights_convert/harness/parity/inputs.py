@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
+from weights_convert.core.losses import SEGMENTATION_LOSSES
 from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
@@ -23,16 +24,24 @@ class Inputs:
     target: np.ndarray
 
 
-def make_inputs(config: ModelConfig, batch: int, size: tuple[int, ...], seed: int = 0, steps: int | None = None):
+def make_inputs(
+    config: ModelConfig,
+    batch: int,
+    size: tuple[int, ...],
+    seed: int = 0,
+    steps: int | None = None,
+    *,
+    loss: str = "mse",
+):
     """Seeded input in [0, 1] (NCHW, or NCDHW for a ``size`` of three sides): smooth blobs plus
-    noise, so that masks and difference maps are readable; and a regression target for the
-    training loss. With ``steps``, one batch per step (seeds ``seed``, ``seed + 1``, ...) stacked on
-    a new first axis.
+    noise, so that masks and difference maps are readable; and the training target of ``loss``: a
+    regression target for "mse", else a one-hot segmentation (``segmentation_target``). With
+    ``steps``, one batch per step (seeds ``seed``, ``seed + 1``, ...) stacked on a new first axis.
 
     Values are float32-representable, so every precision starts from the same numbers and the
     rounding of the input is not counted as error."""
     if steps is not None:
-        batches = [make_inputs(config, batch, size, seed + k) for k in range(steps)]
+        batches = [make_inputs(config, batch, size, seed + k, loss=loss) for k in range(steps)]
         return tuple(np.stack(arrays) for arrays in zip(*batches, strict=True))
     rng = np.random.default_rng(seed)
     size = tuple(size)
@@ -50,7 +59,22 @@ def make_inputs(config: ModelConfig, batch: int, size: tuple[int, ...], seed: in
     # Scaled into [0, 1], not clipped: a clipped plateau makes windows of exactly equal values, and
     # a 2x2 max pool over exact ties routes its gradient by rounding order, not by the mathematics.
     x = x / np.max(x, axis=tuple(range(1, x.ndim)), keepdims=True)
+    if loss in SEGMENTATION_LOSSES:
+        target = segmentation_target(x, config.out_channels)
     return x.astype(np.float32).astype(np.float64), target.astype(np.float32).astype(np.float64)
+
+
+def segmentation_target(x: np.ndarray, out_channels: int) -> np.ndarray:
+    """A one-hot segmentation of the input ``x`` (N, C_in, *spatial) into ``out_channels`` classes
+    (one channel: foreground or not): the channel mean cut at its quantiles into equally large
+    classes, so that every class occurs and the boundaries follow the blobs."""
+    intensity = np.mean(x, axis=1)  # (N, *spatial)
+    classes = max(2, out_channels)
+    cuts = np.quantile(intensity, np.arange(1, classes) / classes, axis=tuple(range(1, intensity.ndim)))
+    index = sum((intensity > cut.reshape(-1, *(1,) * (intensity.ndim - 1))).astype(int) for cut in cuts)
+    if out_channels == 1:
+        return index[:, None].astype(np.float64)
+    return (index[:, None] == np.arange(out_channels).reshape(1, -1, *(1,) * (intensity.ndim - 1))).astype(np.float64)
 
 
 def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:

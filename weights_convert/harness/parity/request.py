@@ -21,6 +21,7 @@ from weights_convert.core import extras
 from weights_convert.core.architectures import assumed_line
 from weights_convert.core.checkpoint import Checkpoint
 from weights_convert.core.frameworks import DEVICES, FRAMEWORKS, KERAS_BACKENDS
+from weights_convert.core.losses import check_loss
 from weights_convert.core.optimizer_state import DEFAULTS as TRAINING_OPTIMIZERS
 from weights_convert.core.precisions import DTYPES
 from weights_convert.core.spec import ModelConfig, check_sides
@@ -78,6 +79,7 @@ class Run:
     data_parallel: int = 1  # fit: devices (``weights_convert.harness.data_parallel``)
     batchnorm: str = "sync"  # fit on several devices: "sync" or "local" BatchNorm statistics
     resume_at: int | None = None  # fit: train this many steps, then move (``parity.resume``)
+    loss: str = "mse"  # the training loss of train and fit (``weights_convert.core.losses``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,7 @@ def make_request(
     batchnorm: str,
     resume_at: int | None,
     config=None,
+    loss: str = "mse",
 ) -> Request:
     """``check``'s arguments (see there) validated into a ``Request``, the checkpoint read if it is
     a path; the first thing wrong is refused in one line."""
@@ -164,8 +167,12 @@ def make_request(
         keras_backends = dp.checked(frameworks, keras_backends, mode, batch, data_parallel, batchnorm)
     except ValueError as error:
         raise ParityError(str(error)) from None
+    try:
+        check_loss(loss, config.out_channels)
+    except ValueError as error:
+        raise ParityError(str(error)) from None
     traced = trajectory and mode == "fit" and resume_at is None  # a resumed fit plots its losses only
-    run = Run(mode, optimizers, steps, traced, data_parallel, batchnorm, resume_at)
+    run = Run(mode, optimizers, steps, traced, data_parallel, batchnorm, resume_at, loss)
     return Request(
         checkpoint,
         config,

@@ -55,7 +55,7 @@ def judge_pairs(targets: list[Target], checkpoint: Checkpoint, inputs: Inputs, r
         noises[name] = measure_noise(checkpoint, inputs, single, dtype, references[name], say) if noisy else None
     strict = [target for target in targets if target.precision == "strict"]
     parameters = checkpoint.astype(param_dtype(dtype))
-    pairs = train_pairs(strict, parameters, inputs.x, inputs.target, run.resume_at, run.optimizers, say)
+    pairs = train_pairs(strict, parameters, inputs.x, inputs.target, run.resume_at, run.optimizers, say, run.loss)
     results, outputs = [], {}
     shown_only = INFORMATIONAL_AT_REDUCED_PRECISION if dtype in NOISY else ()
     for (name, source, target), actual in pairs.items():
@@ -81,10 +81,11 @@ def _file(directory: Path, stem: str, target) -> Path:
     return directory / f"{stem}{NATIVE_FORMATS[target.framework]}"
 
 
-def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimizers, say) -> dict:
+def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimizers, say, loss: str = "mse") -> dict:
     """``(optimizer, from target, to target) -> results`` of every ordered pair of ``targets`` (see
     the module doc): ``loss/step<k>`` for k = 1..len(xs), then what the ``to`` target's ``fit``
-    returns after the last step. ``checkpoint`` is in the targets' parameter dtype."""
+    returns after the last step, training on ``loss``. ``checkpoint`` is in the targets' parameter dtype."""
+    losses = {} if loss == "mse" else {"loss": loss}  # "mse" is every runner's default
     head, tail = (xs[:resume_at], ys[:resume_at]), (xs[resume_at:], ys[resume_at:])
     results = {}
     with tempfile.TemporaryDirectory(prefix="attention-unet-resume-") as tmp:
@@ -98,7 +99,8 @@ def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimiz
             jobs = []
             for name in optimizers:
                 saved[name, source] = _file(tmp, f"{name}-{_slug(source)}", source)
-                jobs.append(("fit", starts[name], *head, {"optimizer": name, "save_to": str(saved[name, source])}))
+                kwargs = {"optimizer": name, "save_to": str(saved[name, source]), **losses}
+                jobs.append(("fit", starts[name], *head, kwargs))
             first.update(zip(((name, source) for name in optimizers), run_jobs(source, jobs), strict=True))
         for target in targets:
             say(f"{_name(target)}: load_training from every target, {len(tail[0])} more steps")
@@ -107,7 +109,7 @@ def train_pairs(targets, checkpoint: Checkpoint, xs, ys, resume_at: int, optimiz
                 for source in targets:
                     moved = _file(tmp, f"{name}-{_slug(source)}-to-{_slug(target)}", target)
                     convert(saved[name, source], moved)
-                    jobs.append(("fit", moved, *tail, {"optimizer": name}))
+                    jobs.append(("fit", moved, *tail, {"optimizer": name, **losses}))
                     keys.append((name, source, target))
             for key, continued in zip(keys, run_jobs(target, jobs), strict=True):
                 results[key] = _joined(first[key[:2]], continued, resume_at)

@@ -41,13 +41,14 @@ def matmul_precision(target: Target):
 
 def calls_for(run: Run, inputs: Inputs) -> list[tuple[str, np.ndarray, np.ndarray | None, dict]]:
     """The runner calls of one run: (function name, x, target or None, keyword arguments)."""
+    loss = {} if run.loss == "mse" else {"loss": run.loss}  # "mse" is every runner's default
     if run.mode == "fit":
-        kwargs = {"optimizer": run.optimizers[0], **({"trajectory": True} if run.trajectory else {})}
+        kwargs = {"optimizer": run.optimizers[0], **({"trajectory": True} if run.trajectory else {}), **loss}
         kwargs |= dp.fit_kwargs(run.data_parallel, run.batchnorm)
         return [("fit", inputs.x, inputs.target, kwargs)]
     calls = [("forward", inputs.x, None, {"train": run.mode == "train"})]
     if run.mode == "train":
-        calls += [("train_step", inputs.x, inputs.target, {"optimizer": name}) for name in run.optimizers]
+        calls += [("train_step", inputs.x, inputs.target, {"optimizer": name, **loss}) for name in run.optimizers]
     return calls
 
 
@@ -108,13 +109,13 @@ def compute_reference(checkpoint: Checkpoint, inputs: Inputs, run: Run, precisio
     if run.resume_at is not None:
         ((optimizer,),) = (run.optimizers,)
         state = start(checkpoint, optimizer).optimizer
-        return reference.fit(tensors, inputs.x, inputs.target, optimizer=state, **common)
+        return reference.fit(tensors, inputs.x, inputs.target, optimizer=state, loss=run.loss, **common)
     if run.mode == "fit":
         ((_, x, target, kwargs),) = calls_for(run, inputs)
         return reference.fit(tensors, x, target, **dp.reference_kwargs(kwargs), **common)
     if run.mode == "train" and run.optimizers:
         return reference.train_steps(
-            tensors, inputs.x, inputs.target, optimizers=run.optimizers, forward=True, **common
+            tensors, inputs.x, inputs.target, optimizers=run.optimizers, forward=True, loss=run.loss, **common
         )
     return reference.forward(tensors, inputs.x, train=run.mode == "train", **common)
 

@@ -69,6 +69,11 @@ TOLERANCES = {
     # below ~50 ulps. 1e-14 is that; a wrong formula (a missing bias correction, lr applied twice)
     # is off by 1e-3 or more.
     "float64_reordered": 1e-14,
+    # A hand-written float64 gradient against central differences with a step of 1e-6 (relative to
+    # the value): the truncation error is ~h**2 (1e-12) and the rounding ~1e-16 / h (1e-10), both
+    # relative to the gradient's largest magnitude; 1e-6 is far above both, while a wrong formula
+    # (a missing factor, a smoothing term in the wrong place) is off by 1e-3 or more.
+    "finite_differences": 1e-6,
 }
 
 NOISY_PRECISIONS = NOISY  # the precisions whose bounds are relative to the measured noise

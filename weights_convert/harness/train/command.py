@@ -11,6 +11,7 @@ from pathlib import Path
 from weights_convert.core.architectures import config_from_json
 from weights_convert.core.errors import shown
 from weights_convert.core.frameworks import FRAMEWORKS
+from weights_convert.core.losses import LOSSES, check_loss, default_loss
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig, check_sides
 from weights_convert.harness.cli.arguments import add_size
@@ -52,6 +53,12 @@ def add_parser(sub) -> None:
         "--batchnorm", choices=BATCHNORM_MODES, default="sync", help="statistics of the global batch or per device"
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="the precision to train in")
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        help="the loss to minimise (docs/architecture.md section 3b); default: dice_bce for one output channel, "
+        "dice_ce for several",
+    )
     p.add_argument(
         "--optimizer",
         choices=TRAINING_OPTIMIZERS,
@@ -118,6 +125,11 @@ def cmd_train(args) -> int:
     first_step = (state.step or 0) if state is not None else 0  # torch SGD counts no steps: from 0
     checkpoint = checkpoint.astype(param_dtype(args.dtype))
     config = checkpoint.config
+    loss = args.loss or default_loss(config.out_channels)
+    try:
+        check_loss(loss, config.out_channels)
+    except ValueError as error:
+        return _usage(f"--loss: {error}")
     if args.data and config.spatial_dims != 2:
         return _usage(
             f"--data reads 2D PNG images; this is a {config.spatial_dims}D model (train it on synthetic volumes)"
@@ -167,13 +179,15 @@ def cmd_train(args) -> int:
         optimizer=optimizer,
         data_parallel=args.data_parallel,
         batchnorm=args.batchnorm,
+        loss=loss,
         on_step=progress,
     )
     if results:  # torchrun's other processes return nothing
         seconds = time.perf_counter() - started
         final = float(results[f"loss/step{args.steps}"])
         print(
-            f"trained steps {first_step + 1}..{first_step + args.steps} in {seconds:.1f} s, last loss {final:.5g}; "
+            f"trained steps {first_step + 1}..{first_step + args.steps} in {seconds:.1f} s, last loss {final:.5g} "
+            f"({loss}); "
             f"checkpoints in {out}",
             file=sys.stderr,
         )

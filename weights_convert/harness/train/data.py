@@ -122,8 +122,9 @@ def write_png(path, image: np.ndarray) -> None:
 @dataclasses.dataclass
 class SyntheticSegmentation:
     """Seeded images (or volumes, for a 3D config) of ellipse (ellipsoid) blobs on noise and their
-    masks (channel j: the blobs of class j); step k's batch depends on (seed, k) only, so every
-    process of a data-parallel run draws the same one."""
+    one-hot masks: with one output channel, 1 inside every blob; with C, class 0 is the background
+    and each blob is one of the classes 1..C-1 (a later blob covers an earlier one). Step k's batch
+    depends on (seed, k) only, so every process of a data-parallel run draws the same one."""
 
     config: ModelConfig
     batch_size: int
@@ -137,13 +138,19 @@ class SyntheticSegmentation:
         c_in, c_out = self.config.in_channels, self.config.out_channels
         x = 0.15 * rng.uniform(0, 1, (self.batch_size, c_in, *self.size))
         target = np.zeros((self.batch_size, c_out, *self.size))
+        if c_out > 1:
+            target[:, 0] = 1.0  # the background, until a blob covers it
         for n in range(self.batch_size):
             for _ in range(rng.integers(1, 5)):
                 centre = rng.uniform(0.15, 0.85, dims)
                 radii = rng.uniform(0.06, 0.22, dims)
                 inside = sum(((axis - c) / r) ** 2 for axis, c, r in zip(grid, centre, radii, strict=True)) <= 1
                 x[n][:, inside] += rng.uniform(0.4, 0.85, (c_in, 1))
-                target[n, rng.integers(c_out), inside] = 1.0
+                if c_out == 1:
+                    target[n, 0, inside] = 1.0
+                else:
+                    target[n, :, inside] = 0.0
+                    target[n, rng.integers(1, c_out), inside] = 1.0
         return np.clip(x, 0, 1), target
 
 
