@@ -94,17 +94,22 @@ def test_keras_training_keeps_tensorflow_logging_off_and_names_its_backend(tmp_p
     assert not (tmp_path / "d").exists()
 
 
-def test_a_data_folder_that_is_not_there_or_holds_no_png(capsys, tmp_path):
+def test_a_data_folder_that_is_not_there_or_holds_no_image(capsys, tmp_path):
     missing = tmp_path / "nosuchdir"
     code, _, err = run_cli(capsys, "train", "--data", missing, "--out", tmp_path / "o")
     assert code == 1 and err.strip() == (
         f"attention-unet train: error: {missing}: no such directory (--data DIR holds DIR/images and DIR/masks)"
     )
     for sub in ("images", "masks"):
-        (tmp_path / "jpg" / sub).mkdir(parents=True)
-        (tmp_path / "jpg" / sub / "a.jpg").write_bytes(b"\xff\xd8\xff")
-    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "jpg", "--out", tmp_path / "o")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "(found .jpg: only .png is read)" in err
+        (tmp_path / "bmp" / sub).mkdir(parents=True)
+        (tmp_path / "bmp" / sub / "a.bmp").write_bytes(b"BM")
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "bmp", "--out", tmp_path / "o")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "(found .bmp: only .png, .jpg, .jpeg, .tif, .tiff are read)" in err
+    (tmp_path / "bmp" / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff")  # a truncated JPEG
+    (tmp_path / "bmp" / "masks" / "a.png").write_bytes(b"\x89PNG\r\n")
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "bmp", "--out", tmp_path / "o")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "a.jpg: cannot be read as JPEG" in err
     assert not (tmp_path / "o").exists()
 
 

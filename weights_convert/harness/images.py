@@ -256,27 +256,29 @@ def read_mask(path, out_channels: int, spatial_dims: int = 2) -> np.ndarray:
                 f"palette index 255 (PASCAL VOC's void border) in {int(np.sum(array == 255))} pixels: training "
                 f"has no ignored class; map void to a class first",
             )
-        return _indices(path, array, values, classes, "palette indices")
+        return _indices(path, array, values, classes, "palette indices", "the palette index is the class")
     if array.dtype.itemsize == 1 and array.dtype.kind == "u":
         if set(values.tolist()) <= {0, 255}:
             return (array == 255).astype(np.int64)
-        return _indices(path, array, values, classes, "8-bit values (neither {0, 255} nor class indices)")
+        return _indices(path, array, values, classes, "8-bit values", "nor is it a binary mask of 0 and 255")
     if out_channels == 1:
         if values.size and values[0] < 0:
             raise _refuse(path, f"label map with negative labels, e.g. {int(values[0])}")
         return (array > 0).astype(np.int64)
-    return _indices(path, array, values, out_channels, "labels (a label map for several classes holds indices)")
+    hint = "with several output channels a label map holds class indices; with one, labels > 0 are the foreground"
+    return _indices(path, array, values, out_channels, "labels", hint)
 
 
-def _indices(path, array: np.ndarray, values: np.ndarray, classes: int, what: str) -> np.ndarray:
+def _indices(path, array: np.ndarray, values: np.ndarray, classes: int, what: str, hint: str) -> np.ndarray:
     """``array`` as class indices when every value is one below ``classes``, else a refusal naming
-    the values found (the first 10)."""
+    the values found (the first 10) and ``hint``."""
     outside = values[(values < 0) | (values >= classes)]
     if outside.size:
         more = f" and {values.size - 10} more" if values.size > 10 else ""
         found = ", ".join(str(int(v)) for v in values[:10]) + more
         raise _refuse(
-            path, f"{what} {found} in a mask for {classes} classes: {int(outside[0])} is no class 0..{classes - 1}"
+            path,
+            f"{what} {found} in a mask for {classes} classes: {int(outside[0])} is no class 0..{classes - 1} ({hint})",
         )
     return array.astype(np.int64)
 
