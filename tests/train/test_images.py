@@ -75,9 +75,10 @@ def test_pillow_formats_match_pillow(tmp_path, name, values):
         (_pattern((9, 12, 11), 65535, dtype=np.uint16), 3),  # a stack of pages: a volume
     ],
 )
-def test_tiff_matches_tifffile(tmp_path, values, spatial_dims):
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_tiff_matches_tifffile(tmp_path, values, spatial_dims, compression):
     path = tmp_path / "image.tif"
-    tifffile.imwrite(path, values)
+    tifffile.imwrite(path, values, compression=compression, rowsperstrip=5)
     decoded = tifffile.imread(path)
     decoded = decoded[None] if decoded.ndim == spatial_dims else np.moveaxis(decoded, -1, 0)
     image = read_image(path, spatial_dims)
@@ -226,6 +227,20 @@ def test_a_paeth_filtered_png_decodes_fast(tmp_path):
     np.testing.assert_allclose(image, _normalized(np.moveaxis(values, -1, 0)), atol=2e-6)
 
 
+def _deflate_bomb_tiff(path, mebibytes: int) -> None:
+    """A valid 64 x 64 Deflate TIFF whose one strip is replaced by a stream inflating to
+    ``mebibytes`` MiB of zeros (tifffile alone, without imagecodecs, inflates all of it)."""
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), compression="zlib", rowsperstrip=64, metadata=None)
+    deflate, zeros = zlib.compressobj(9), bytes(2**20)
+    bomb = b"".join([*(deflate.compress(zeros) for _ in range(mebibytes)), deflate.flush()])
+    end = path.stat().st_size
+    with open(path, "ab") as file:
+        file.write(bomb)
+    with tifffile.TiffFile(path, mode="r+b") as tiff:
+        tiff.pages[0].tags["StripOffsets"].overwrite([end])
+        tiff.pages[0].tags["StripByteCounts"].overwrite([len(bomb)])
+
+
 READ_HOSTILE = """
 import json, os, resource, sys, time
 from weights_convert.harness.images import read_image, read_mask
@@ -252,6 +267,7 @@ def test_hostile_files_are_refused_in_one_line_in_bounded_time_and_memory(tmp_pa
     with tifffile.TiffFile(tmp_path / "tbomb.tif", mode="r+b") as tiff:
         tiff.pages[0].tags["ImageWidth"].overwrite(40000)
         tiff.pages[0].tags["ImageLength"].overwrite(40000)
+    _deflate_bomb_tiff(tmp_path / "zbomb.tif", mebibytes=200)
     os.symlink("/dev/zero", tmp_path / "zero.png")
     os.mkfifo(tmp_path / "fifo.png")
     (tmp_path / "folder.png").mkdir()
@@ -267,6 +283,7 @@ def test_hostile_files_are_refused_in_one_line_in_bounded_time_and_memory(tmp_pa
         "bomb.png": "refused before decoding",
         "over.png": f"declares 8192 x 8193 ({8193 * 8192} pixels), above the limit of {MAX_PIXELS} pixels",
         "tbomb.tif": "declares 40000 x 40000 (1600000000 pixels), above the limit",
+        "zbomb.tif": "inflates beyond its page's declared 4096 bytes",
         "zero.png": "not a regular file (a character device)",
         "fifo.png": "not a regular file (a FIFO)",
         "folder.png": "not a regular file (a directory)",
@@ -293,7 +310,7 @@ def test_hostile_files_are_refused_in_one_line_in_bounded_time_and_memory(tmp_pa
         assert result["type"] == "ImageError" and message in result["refusal"], (name, result)
         assert result["refusal"].startswith(f"{name}: ") and "\n" not in result["refusal"], (name, result)
         assert result["seconds"] < 5, (name, result)
-    for name in ("bomb.png", "over.png", "tbomb.tif"):  # the first reads grow the heap for imports
+    for name in ("bomb.png", "over.png", "tbomb.tif", "zbomb.tif"):  # the first reads grow the heap for imports
         assert results[name]["kib"] < 64 * 1024, (name, results[name])
 
 

@@ -56,6 +56,13 @@ EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".
 # tifffile's axis codes: samples and channels, and those a 3D volume's depth may carry
 CHANNEL_AXES = "SC"
 DEPTH_AXES = "ZQITP"
+# TIFF compressions (tag 259). Without imagecodecs tifffile inflates Deflate with a plain
+# zlib.decompress, unbounded (a 2 MB strip can inflate to 2 GB), and LZMA and Zstandard likewise:
+# Deflate strips are first inflated here in a streaming pass bounded by the page's declared size;
+# LZMA and Zstandard need imagecodecs, whose decoders tifffile bounds by the declared size.
+UNCOMPRESSED, PACKBITS = 1, 32773  # PackBits expands at most 64-fold, bounded by the file
+DEFLATE = (8, 32946, 50013)
+INFLATE_CHUNK = 2**20
 
 
 class ImageError(ValueError):
@@ -173,12 +180,53 @@ def _read_tiff(path, spatial_dims: int):
                 _check_size(path, pixels, values, shape)
                 if dtype.kind not in "biuf":
                     raise _refuse(path, f"TIFF of {dtype} values: integers, bool or float are read")
+                _check_compression(path, tiff, file)
                 array = series.asarray(maxworkers=1)
         except ImageError:
             raise
         except Exception as error:  # noqa: BLE001 - any decoder failure is a corrupt file
             raise _refuse(path, f"cannot be read as TIFF ({type(error).__name__}: {error})") from None
     return _tiff_layout(path, array, axes, spatial_dims), "TIFF"
+
+
+def _check_compression(path, tiff, file) -> None:
+    """Without imagecodecs: every Deflate strip or tile inflated once, in a streaming pass, to at
+    most its page's declared size, and LZMA or Zstandard refused (tifffile would decode them
+    without a bound); with imagecodecs tifffile bounds every decoder by the declared size."""
+    from weights_convert.core.extras import installed
+
+    if installed("imagecodecs"):
+        return
+    import zlib
+
+    for page in tiff.pages:
+        compression = int(page.compression)
+        if compression in (UNCOMPRESSED, PACKBITS):
+            continue
+        if compression not in DEFLATE:
+            raise _refuse(
+                path,
+                f"TIFF compression {page.compression.name}: read only with imagecodecs installed "
+                f"(pip install imagecodecs), which bounds its memory",
+            )
+        limit = page.nbytes
+        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+            inflater, inflated, left = zlib.decompressobj(), 0, count
+            file.seek(offset)
+            while left > 0 and not inflater.eof:
+                stored = file.read(min(left, INFLATE_CHUNK))
+                if not stored:
+                    break
+                left -= len(stored)
+                while stored and inflated <= limit:
+                    inflated += len(inflater.decompress(stored, INFLATE_CHUNK))
+                    stored = inflater.unconsumed_tail
+                if inflated > limit:
+                    raise _refuse(
+                        path,
+                        f"TIFF strip at offset {offset} inflates beyond its page's declared {limit} bytes: "
+                        f"refused before decoding",
+                    )
 
 
 def _tiff_layout(path, array: np.ndarray, axes: str, spatial_dims: int) -> np.ndarray:
