@@ -20,6 +20,7 @@ from PIL import Image
 
 import weights_convert
 from tests.conftest import REPO
+from weights_convert.core.extras import installed
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli
@@ -293,6 +294,9 @@ def test_hostile_files_are_refused_in_one_line_in_bounded_time_and_memory(tmp_pa
         "text.png": "cannot be read as PNG",
         "mask_rgb.png": "this one has mode RGB",
     }
+    if not installed("imagecodecs"):  # tifffile would decode PackBits without a bound
+        Image.fromarray(_pattern((8, 8), 255)).save(tmp_path / "packbits.tif", compression="packbits")
+        expected["packbits.tif"] = "TIFF compression PACKBITS: read only with imagecodecs installed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     done = subprocess.run(

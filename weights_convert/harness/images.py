@@ -57,10 +57,11 @@ EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".
 CHANNEL_AXES = "SC"
 DEPTH_AXES = "ZQITP"
 # TIFF compressions (tag 259). Without imagecodecs tifffile inflates Deflate with a plain
-# zlib.decompress, unbounded (a 2 MB strip can inflate to 2 GB), and LZMA and Zstandard likewise:
-# Deflate strips are first inflated here in a streaming pass bounded by the page's declared size;
-# LZMA and Zstandard need imagecodecs, whose decoders tifffile bounds by the declared size.
-UNCOMPRESSED, PACKBITS = 1, 32773  # PackBits expands at most 64-fold, bounded by the file
+# zlib.decompress, unbounded (a 2 MB strip can inflate to 2 GB), LZMA and Zstandard likewise, and
+# PackBits in pure Python into a list (64-fold expansion, 8 bytes an entry): Deflate strips are
+# first inflated here in a streaming pass bounded by the page's declared size; the others need
+# imagecodecs, whose decoders tifffile bounds by the declared size.
+UNCOMPRESSED = 1
 DEFLATE = (8, 32946, 50013)
 INFLATE_CHUNK = 2**20
 
@@ -191,7 +192,7 @@ def _read_tiff(path, spatial_dims: int):
 
 def _check_compression(path, tiff, file) -> None:
     """Without imagecodecs: every Deflate strip or tile inflated once, in a streaming pass, to at
-    most its page's declared size, and LZMA or Zstandard refused (tifffile would decode them
+    most its page's declared size, and any other compression refused (tifffile would decode it
     without a bound); with imagecodecs tifffile bounds every decoder by the declared size."""
     from weights_convert.core.extras import installed
 
@@ -201,7 +202,7 @@ def _check_compression(path, tiff, file) -> None:
 
     for page in tiff.pages:
         compression = int(page.compression)
-        if compression in (UNCOMPRESSED, PACKBITS):
+        if compression == UNCOMPRESSED:
             continue
         if compression not in DEFLATE:
             raise _refuse(
