@@ -291,7 +291,7 @@ def test_hostile_files_are_refused_in_one_line_in_bounded_time_and_memory(tmp_pa
         "cut_whole.png": "cannot be read as PNG",
         "cut_whole.jpg": "cannot be read as JPEG",
         "cut_whole.tif": "cannot be read as TIFF",
-        "text.png": "cannot be read as PNG",
+        "text.png": "not a PNG or JPEG file",
         "mask_rgb.png": "this one has mode RGB",
     }
     if not installed("imagecodecs"):  # tifffile would decode PackBits without a bound
@@ -419,6 +419,9 @@ def test_train_on_mixed_formats_and_sizes(tmp_path, start, capsys):
     code = cli.main([*common, "--crop", "16", "16", "16", "--out", str(tmp_path / "no")])
     err = capsys.readouterr().err
     assert code == 2 and "--crop takes 2 positive sides" in err and not (tmp_path / "no").exists()
+    code = cli.main(["train", str(start), "--crop", "16", "16", "--out", str(tmp_path / "no")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--crop crops the images of --data DIR" in err and not (tmp_path / "no").exists()
     code = cli.main([*common, "--crop", "16", "12", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 0, err

@@ -154,6 +154,8 @@ def _read_pillow(path, format_name: str, spatial_dims: int, palette_indices: boo
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _refuse(path, f"refused before decoding: {error}") from None
+        except Image.UnidentifiedImageError:
+            raise _refuse(path, "not a PNG or JPEG file (Pillow finds no image in it)") from None
         except Exception as error:  # noqa: BLE001 - any decoder failure is a corrupt file
             raise _refuse(path, f"cannot be read as {format_name} ({type(error).__name__}: {error})") from None
         mode = image.mode
