@@ -193,7 +193,11 @@ def test_readme_claims_match_the_code():
     assert "keras.ops.convert_to_numpy" in README
     assert "3.6 GB" not in README and README.count("3.8 GB") >= 2
     training = " ".join(README.split("## Training", 1)[1].split("### Continue", 1)[0].split())
-    assert "every image one size" in training and "mean squared error" in training
+    assert "mean squared error" in training
+    assert "cropped to `--crop`" in training and "to mean 0 and standard deviation 1" in training
+    from weights_convert.harness.images import MAX_PIXELS
+
+    assert f"more than {MAX_PIXELS:,} pixels" in " ".join(README.split())
 
 
 def test_a_config_nested_too_deep_is_a_usage_error(capsys, tiny, tmp_path):
