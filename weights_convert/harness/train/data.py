@@ -57,11 +57,11 @@ class ImageFolder:
     channels; masks as class indices, one-hot encoded to the output channels (one output channel:
     the target is class > 0; C: channel j is class j). In 3D every file is a TIFF stack, a volume.
 
-    Each sample is cropped to ``crop`` (a random window where the image is larger, padded where it is
-    smaller: zeros in the image, the image's mean after normalization, class 0 in the mask, at a
-    random offset) and flipped along each spatial axis with probability 1/2. ``crop`` defaults to
-    the images' size when they all agree (``CropNeeded`` otherwise). Batches cycle through the pairs
-    in a seeded order, reshuffled every epoch; the order, the windows and the flips of step k depend
+    Each sample is cropped to ``crop``: a random window where the image is larger; where it is
+    smaller, placed at a random offset and padded with zeros (the image's mean, after normalization)
+    and class 0 in the mask; then flipped along each spatial axis with probability 1/2. ``crop``
+    defaults to the images' size when they all agree (``CropNeeded`` otherwise). Batches cycle
+    through the pairs in a seeded order, reshuffled every epoch; the order, the windows and the flips of step k depend
     on (seed, k) only, so a continued run sees the batches of the uninterrupted one."""
 
     def __init__(self, directory, config: ModelConfig, batch_size: int, seed: int = 0, crop=None):
