@@ -61,8 +61,9 @@ class ImageFolder:
     smaller, placed at a random offset and padded with zeros (the image's mean, after normalization)
     and class 0 in the mask; then flipped along each spatial axis with probability 1/2. ``crop``
     defaults to the images' size when they all agree (``CropNeeded`` otherwise). Batches cycle
-    through the pairs in a seeded order, reshuffled every epoch; the order, the windows and the flips of step k depend
-    on (seed, k) only, so a continued run sees the batches of the uninterrupted one."""
+    through the pairs in a seeded order, reshuffled every epoch; the order, the windows and the
+    flips of step k depend on (seed, k) only, so a continued run sees the batches of the
+    uninterrupted one."""
 
     def __init__(self, directory, config: ModelConfig, batch_size: int, seed: int = 0, crop=None):
         directory = Path(directory)
