@@ -106,10 +106,10 @@ def test_a_data_folder_that_is_not_there_or_holds_no_image(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--data", tmp_path / "bmp", "--out", tmp_path / "o")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "(found .bmp: only .png, .jpg, .jpeg, .tif, .tiff are read)" in err
-    (tmp_path / "bmp" / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff")  # a truncated JPEG
+    (tmp_path / "bmp" / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff")  # three bytes of a JPEG signature
     (tmp_path / "bmp" / "masks" / "a.png").write_bytes(b"\x89PNG\r\n")
     code, _, err = run_cli(capsys, "train", "--data", tmp_path / "bmp", "--out", tmp_path / "o")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "a.jpg: cannot be read as JPEG" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "a.jpg: not a PNG or JPEG file" in err
     assert not (tmp_path / "o").exists()
 
 
