@@ -200,3 +200,20 @@ def test_keras_summary_shows_output_shapes():
     table = "\n".join(lines)
     assert "?" not in table
     assert "8)" in next(line for line in table.splitlines() if "b1 (ConvBlock)" in line)
+
+
+def test_train_data_without_the_images_extra_names_it(monkeypatch, tmp_path, capsys):
+    from PIL import Image
+
+    from weights_convert.core import extras
+
+    for sub in ("images", "masks"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "data" / sub / "a.png")
+    real = extras.installed
+    monkeypatch.setattr(extras, "installed", lambda module: module != "PIL" and real(module))
+    code = cli.main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.strip().endswith("reading .png files needs Pillow: pip install 'attention-unet[images]'")
+    assert not (tmp_path / "run").exists()

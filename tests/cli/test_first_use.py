@@ -94,17 +94,22 @@ def test_keras_training_keeps_tensorflow_logging_off_and_names_its_backend(tmp_p
     assert not (tmp_path / "d").exists()
 
 
-def test_a_data_folder_that_is_not_there_or_holds_no_png(capsys, tmp_path):
+def test_a_data_folder_that_is_not_there_or_holds_no_image(capsys, tmp_path):
     missing = tmp_path / "nosuchdir"
     code, _, err = run_cli(capsys, "train", "--data", missing, "--out", tmp_path / "o")
     assert code == 1 and err.strip() == (
         f"attention-unet train: error: {missing}: no such directory (--data DIR holds DIR/images and DIR/masks)"
     )
     for sub in ("images", "masks"):
-        (tmp_path / "jpg" / sub).mkdir(parents=True)
-        (tmp_path / "jpg" / sub / "a.jpg").write_bytes(b"\xff\xd8\xff")
-    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "jpg", "--out", tmp_path / "o")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "(found .jpg: only .png is read)" in err
+        (tmp_path / "bmp" / sub).mkdir(parents=True)
+        (tmp_path / "bmp" / sub / "a.bmp").write_bytes(b"BM")
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "bmp", "--out", tmp_path / "o")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "(found .bmp: only .png, .jpg, .jpeg, .tif, .tiff are read)" in err
+    (tmp_path / "bmp" / "images" / "a.jpg").write_bytes(b"\xff\xd8\xff")  # three bytes of a JPEG signature
+    (tmp_path / "bmp" / "masks" / "a.png").write_bytes(b"\x89PNG\r\n")
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "bmp", "--out", tmp_path / "o")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "a.jpg: not a PNG or JPEG file" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -188,7 +193,11 @@ def test_readme_claims_match_the_code():
     assert "keras.ops.convert_to_numpy" in README
     assert "3.6 GB" not in README and README.count("3.8 GB") >= 2
     training = " ".join(README.split("## Training", 1)[1].split("### Continue", 1)[0].split())
-    assert "every image one size" in training and "mean squared error" in training
+    assert "mean squared error" in training
+    assert "cropped to `--crop`" in training and "to mean 0 and standard deviation 1" in training
+    from weights_convert.harness.images import MAX_PIXELS
+
+    assert f"more than {MAX_PIXELS:,} pixels" in " ".join(README.split())
 
 
 def test_a_config_nested_too_deep_is_a_usage_error(capsys, tiny, tmp_path):

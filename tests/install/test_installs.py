@@ -128,3 +128,24 @@ def test_report_without_matplotlib_is_refused_before_the_run(checkpoint, tmp_pat
         "attention-unet parity: error: --report needs matplotlib: pip install 'attention-unet[report]'"
     ]
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(("suffix", "hidden", "says"), [(".png", "PIL", "Pillow"), (".tif", "tifffile", "tifffile")])
+def test_train_data_without_the_images_extra_is_refused_in_one_line(tmp_path, suffix, hidden, says):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        path = tmp_path / "data" / sub / f"a{suffix}"
+        if suffix == ".png":
+            Image.new("L", (8, 8)).save(path)
+        else:
+            tifffile.imwrite(path, np.zeros((8, 8), np.uint8))
+    result = run_as("torch", "train", "--data", tmp_path / "data", "--out", tmp_path / "run", also_hide=(hidden,))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"attention-unet train: error: reading {suffix} files needs {says}: pip install 'attention-unet[images]'"
+    ]
+    assert not (tmp_path / "run").exists()

@@ -31,7 +31,12 @@ PACKAGES = {
     "onnx": ("ONNX", "export"),
     "onnxscript": ("onnxscript", "export"),
     "onnxruntime": ("ONNX Runtime", "export"),
+    "PIL": ("Pillow", "images"),
+    "tifffile": ("tifffile", "images"),
 }
+
+# what reading or writing each image format (``harness/images.py``, ``train --data``) imports
+IMAGE_PACKAGES = {"PNG": "PIL", "JPEG": "PIL", "TIFF": "tifffile"}
 
 # what each framework choice of ``parity``/``bench`` imports
 FRAMEWORK_PACKAGES = {

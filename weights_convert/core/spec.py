@@ -242,25 +242,25 @@ def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
 DEFAULT_SIDES = {2: (64, 64), 3: (32, 32, 32)}
 
 
-def check_sides(config: ModelConfig, sides=None, defaults=DEFAULT_SIDES) -> tuple[int, ...]:
+def check_sides(config: ModelConfig, sides=None, defaults=DEFAULT_SIDES, option: str = "--size") -> tuple[int, ...]:
     """The spatial sides of an input (``--size``: H W, or D H W for a 3D model) as a tuple,
     checked against ``config``, ``defaults[config.spatial_dims]`` when ``sides`` is None; a
-    one-line ValueError naming the problem otherwise."""
+    one-line ValueError naming the problem (and ``option``, the sides' option) otherwise."""
     sides = tuple(defaults[config.spatial_dims] if sides is None else sides)
     names = " ".join(SPATIAL_AXES[config.spatial_dims])
     if len(sides) != config.spatial_dims or not all(_is_positive_int(side) for side in sides):
         raise ValueError(
-            f"--size takes {config.spatial_dims} positive sides ({names}) for this {config.spatial_dims}D model, "
+            f"{option} takes {config.spatial_dims} positive sides ({names}) for this {config.spatial_dims}D model, "
             f"got {' '.join(map(str, sides))}"
         )
     if config.side_multiple > 1 and not all(side_fits(config, side) for side in sides):
         raise ValueError(
-            f"--size {' '.join(map(str, sides))} does not fit strides {list(config.strides)}: every side must be a "
+            f"{option} {' '.join(map(str, sides))} does not fit strides {list(config.strides)}: every side must be a "
             f"multiple of {config.side_multiple}"
         )
     if min(sides) < config.min_size:
         raise ValueError(
-            f"--size {' '.join(map(str, sides))} is too small for depth {config.depth}: every side needs at "
+            f"{option} {' '.join(map(str, sides))} is too small for depth {config.depth}: every side needs at "
             f"least {config.min_size}"
         )
     return sides

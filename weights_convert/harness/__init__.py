@@ -1,4 +1,5 @@
-"""The harness on top: the NumPy reference, parity, the bench and the ``attention-unet`` command.
+"""The harness on top: the NumPy reference, parity, the bench, the image readers (``images``) and
+the ``attention-unet`` command.
 
 It runs the implementations, and imports each one only inside the function that runs it.
 """

@@ -14,9 +14,10 @@ that K steps, then N more from ``step_<K>``, are the K + N steps of one uninterr
 checkpoint without optimizer state (weights only) starts a fresh optimizer at step 0.
 
 Data: seeded synthetic segmentation images by default (``SyntheticSegmentation``: blobs on noise,
-the mask where the blobs are), so that the command runs on a fresh machine; or a folder of PNG
-files (``PngFolder``: ``DIR/images/<name>.png`` with ``DIR/masks/<name>.png``), read by the
-minimal PNG reader here (``read_png``: zlib and NumPy only, no imaging package). The loss is the
+the mask where the blobs are), so that the command runs on a fresh machine; or a folder of images
+and masks (``ImageFolder``: ``DIR/images/<name>.<ext>`` with ``DIR/masks/<name>.<ext>``, PNG,
+JPEG or TIFF, TIFF stacks for a 3D model), read through ``weights_convert.harness.images`` (Pillow,
+tifffile; the ``images`` extra), cropped or padded to ``--crop`` and flipped at random. The loss is the
 one every implementation's training step and the parity checks use: mean((logits - mask)**2).
 
 Progress: a bar on stderr with the step, the loss (the mean over the devices) and the throughput
@@ -28,7 +29,7 @@ tensors alone (in any format). On D devices the optimizer state written is the w
 DDP keeps the same state in every process (process 0 writes it), Flax and Keras replicate it.
 
 The training loop is ``weights_convert.core.loop``'s, run by each framework's trainer
-(``impl_<framework>.trainer.train``). The package: ``data`` (the data sources and the PNG reader),
+(``impl_<framework>.trainer.train``). The package: ``data`` (the data sources),
 ``progress`` (the bar and the checkpoints), ``command`` (the subcommand).
 """
 
@@ -39,19 +40,18 @@ from weights_convert.harness.train.command import (
     add_parser,
     cmd_train,
 )
-from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation, read_png, write_png
+from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation
 from weights_convert.harness.train.progress import Progress
 
 __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_EVERY",
     "DEFAULT_STEPS",
+    "CropNeeded",
     "FromStep",
-    "PngFolder",
+    "ImageFolder",
     "Progress",
     "SyntheticSegmentation",
     "add_parser",
     "cmd_train",
-    "read_png",
-    "write_png",
 ]

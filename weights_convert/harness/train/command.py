@@ -14,8 +14,8 @@ from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.losses import LOSSES, check_loss, default_loss
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig, check_sides
-from weights_convert.harness.cli.arguments import add_size
-from weights_convert.harness.train.data import FromStep, PngFolder, SyntheticSegmentation
+from weights_convert.harness.cli.arguments import add_size, count
+from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation
 from weights_convert.harness.train.progress import Progress
 
 DEFAULT_STEPS = 100
@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train in one framework on one device or several (--data-parallel), writing canonical checkpoints",
-        description="Seeded synthetic segmentation data unless --data names a folder of PNG images and masks.",
+        description="Seeded synthetic segmentation data unless --data names a folder of images and masks "
+        "(PNG, JPEG, TIFF; TIFF stacks for a 3D model).",
     )
     p.add_argument(
         "checkpoint",
@@ -47,7 +48,19 @@ def add_parser(sub) -> None:
         help="write the model's tensors without the optimizer state (needed for a format that holds none)",
     )
     p.add_argument("--every", type=int, default=DEFAULT_EVERY, help="write a checkpoint every N steps (and the last)")
-    p.add_argument("--data", metavar="DIR", help="DIR/images/<name>.png with DIR/masks/<name>.png")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="DIR/images/<name>.<ext> with DIR/masks/<name>.<ext> (.png, .jpg, .jpeg, .tif, .tiff; 3D: TIFF stacks)",
+    )
+    p.add_argument(
+        "--crop",
+        type=count("--crop", 1),
+        nargs="+",
+        metavar="SIDE",
+        help="--data: every sample cropped (randomly) or padded to H W, or D H W (default: the images' size, "
+        "when they all agree)",
+    )
     p.add_argument("--data-parallel", type=int, default=1, metavar="D", help="devices (processes for torch)")
     p.add_argument(
         "--batchnorm", choices=BATCHNORM_MODES, default="sync", help="statistics of the global batch or per device"
@@ -130,16 +143,24 @@ def cmd_train(args) -> int:
         check_loss(loss, config.out_channels)
     except ValueError as error:
         return _usage(f"--loss: {error}")
-    if args.data and config.spatial_dims != 2:
-        return _usage(
-            f"--data reads 2D PNG images; this is a {config.spatial_dims}D model (train it on synthetic volumes)"
-        )
+    if args.crop is not None and not args.data:
+        return _usage("--crop crops the images of --data DIR; the synthetic data takes --size")
     if args.data:
         try:
-            data = PngFolder(args.data, config, args.batch, args.seed)
+            crop = None if args.crop is None else check_sides(config, args.crop, option="--crop")
+        except ValueError as error:
+            return _usage(str(error))
+        try:
+            data = ImageFolder(args.data, config, args.batch, args.seed, crop)
+        except CropNeeded as error:
+            return _usage(str(error))
         except (OSError, ValueError) as error:  # a refused data folder: one line, exit 1, nothing written
             print(f"attention-unet train: error: {error}", file=sys.stderr)
             return 1
+        try:
+            check_sides(config, data.crop, option="--crop")
+        except ValueError as error:
+            return _usage(f"the images of --data are {' x '.join(map(str, data.crop))}: {error}; pass another --crop")
     else:
         try:
             size = check_sides(config, args.size)
