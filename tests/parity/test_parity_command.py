@@ -79,6 +79,51 @@ def test_json_shape_and_pass(capsys, small_checkpoint):
     assert set(rows[-1]) == {*parity.RESULT_FIELDS, "agree"} and rows[-1]["agree"] == 1.0
     assert all(r["rel_diff"] <= 1e-10 and r["dtype"] == "float64" and r["mode"] == "eval" for r in rows)
     assert all(r["noise"] is None and r["tolerance"] == 1e-10 for r in rows[:-1])
+    # What a CI artifact needs besides: the run and the machine it ran on.
+    assert (report["batch"], report["size"], report["loss"], report["device"]) == (3, [13, 17], "mse", "cpu")
+    machine = report["machine"]
+    assert machine["versions"]["numpy"] == np.__version__ and machine["versions"]["torch"]
+    assert machine["python"] and machine["processor"] and machine["cpu_count"] >= 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        '{"in_channels": 2, "out_channels": 2, "channels": [4, 8, 16]}',
+        '{"spatial_dims": 3, "channels": [4, 8]}',
+        '{"architecture": "monai", "spatial_dims": 2, "in_channels": 1, "out_channels": 1, "channels": [4, 8, 16], '
+        '"strides": [2, 2]}',
+    ],
+    ids=["article", "3d", "monai"],
+)
+def test_init_gives_logits_of_both_signs(capsys, tmp_path, config):
+    """``init``'s seeded weights mark some pixels of every output channel foreground and some
+    background (random weights alone give one sign everywhere), so the parity mask rows compare
+    real decisions; the seeded default model of ``parity`` likewise."""
+    from weights_convert.harness import reference
+    from weights_convert.harness.parity.inputs import make_inputs
+
+    path = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "init", path, "--config", config, "--seed", "3")
+    assert code == 0, err
+    checkpoint = weights_convert.read(path)
+    side = 16 if checkpoint.config.spatial_dims == 2 else 8
+    x, _ = make_inputs(checkpoint.config, 2, (side,) * checkpoint.config.spatial_dims, seed=5)
+    logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
+    positive = np.mean(logits > 0, axis=(0, *range(2, logits.ndim)))
+    assert np.all((positive > 0.05) & (positive < 0.95)), positive
+    raw = random_checkpoint(checkpoint.config, seed=3)
+    changed = [name for name in raw.tensors if not np.array_equal(raw.tensors[name], checkpoint.tensors[name])]
+    assert changed == [parity.inputs.logits_bias_name(checkpoint.config)]
+
+
+def test_default_parity_masks_hold_both_classes():
+    x, _ = parity.make_inputs(ModelConfig(), 1, (64, 64))
+    checkpoint = parity.default_checkpoint(x)
+    from weights_convert.harness import reference
+
+    logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
+    assert 0.3 < np.mean(logits > 0) < 0.7
 
 
 def test_float32_train_rows_all_gate_and_carry_their_noise(capsys, small_checkpoint):

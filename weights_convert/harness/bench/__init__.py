@@ -34,11 +34,11 @@ from weights_convert.core.precisions import DTYPES, PRECISIONS
 from weights_convert.harness.bench import ceilings, workers
 from weights_convert.harness.bench.ceilings import CEILING, CEILINGS, measure_matmul, measure_sgemm
 from weights_convert.harness.bench.flops import conv_flops, forward_flops, level_sizes, train_step_flops
-from weights_convert.harness.bench.machine import machine_info
 from weights_convert.harness.bench.report import run
 from weights_convert.harness.bench.settings import MODES, VARIANTS, Settings
 from weights_convert.harness.bench.table import format_table
 from weights_convert.harness.bench.workers import GPU_MEMORY_ENV, keras_backends_available, worker_env
+from weights_convert.harness.machine import machine_info
 
 __all__ = [
     "CEILING",

@@ -9,10 +9,10 @@ import os
 from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.harness.bench.ceilings import CEILING, CEILINGS, measure_matmul
 from weights_convert.harness.bench.flops import forward_flops, train_step_flops
-from weights_convert.harness.bench.machine import machine_info
 from weights_convert.harness.bench.settings import Settings
 from weights_convert.harness.bench.timing import load_averages, significant
 from weights_convert.harness.bench.workers import GPU_MEMORY_ENV, framework_rows
+from weights_convert.harness.machine import machine_info
 
 
 def _best(runs: list[dict]) -> dict | None:

@@ -97,9 +97,27 @@ def cmd_init(args) -> int:
     from weights_convert.core.spec import ModelConfig
 
     checkpoint = random_checkpoint(args.config or ModelConfig(), seed=args.seed, dtype=args.dtype)
+    checkpoint = centred_on_a_seeded_input(checkpoint, args.seed)
     weights_convert.write(checkpoint, args.dst, force=args.force)
     print(f"wrote {args.dst}: config {config_json(checkpoint.config)}, seed {args.seed}", file=sys.stderr)
     return 0
+
+
+# The sides of the seeded input ``init`` centres the logits on: at least this, a multiple of the
+# model's minimum side (enough pixels for a median, and fast in the NumPy reference).
+CENTRING_SIDE = 8
+
+
+def centred_on_a_seeded_input(checkpoint, seed: int):
+    """``checkpoint`` with its logits' bias set so that the median logit of each output channel on
+    a seeded input is 0 (``parity.inputs.centred_logits``): random weights otherwise give logits of
+    one sign, a model that marks every pixel foreground."""
+    from weights_convert.harness.parity.inputs import centred_logits, make_inputs
+
+    config = checkpoint.config
+    side = config.min_size * -(-CENTRING_SIDE // config.min_size)
+    x, _ = make_inputs(config, 1, (side,) * config.spatial_dims, seed=seed)
+    return centred_logits(checkpoint, x)
 
 
 def add_inspect_parser(sub) -> None:

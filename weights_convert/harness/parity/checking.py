@@ -92,7 +92,7 @@ def check_request(request: Request, progress=None) -> Report:
     say = progress or (lambda message: None)
     for note in request.notes:
         say(note)
-    common = {"mode": run.mode, "seed": request.seed, "dtype": dtype}
+    common = {"mode": run.mode, "seed": request.seed, "dtype": dtype, "loss": run.loss, "device": request.device}
     if run.resume_at is not None:
         results, outputs, curves = judge_pairs(request.targets, checkpoint, inputs, run, say)
         shown = curves[run.optimizers[0]]

@@ -78,15 +78,28 @@ def segmentation_target(x: np.ndarray, out_channels: int) -> np.ndarray:
 
 
 def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:
-    """Seeded random weights of the default config with non-trivial BatchNorm statistics. Given
-    the input ``x``, the output bias is shifted so that the logits straddle 0 and the mask
-    comparison has pixels on both sides."""
+    """Seeded random weights of the default config with non-trivial BatchNorm statistics; given
+    the input ``x``, with its logits centred on ``x`` (``centred_logits``)."""
     checkpoint = random_checkpoint(ModelConfig(), seed=0)
-    if x is not None:
-        logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
-        median = np.median(logits, axis=(0, *range(2, logits.ndim))).astype(checkpoint.tensors["output.bias"].dtype)
-        checkpoint.tensors["output.bias"] = checkpoint.tensors["output.bias"] - median
-    return checkpoint
+    return checkpoint if x is None else centred_logits(checkpoint, x)
+
+
+def logits_bias_name(config) -> str:
+    """The bias of the network's last convolution, which adds to every logit of its channel: the
+    last convolution bias of the parameter table with one value per output channel."""
+    shape = (config.out_channels,)
+    return [s.name for s in config.param_specs() if s.leaf == "bias" and s.layer != "bn" and s.shape == shape][-1]
+
+
+def centred_logits(checkpoint: Checkpoint, x: np.ndarray) -> Checkpoint:
+    """``checkpoint`` with the logits' bias shifted by minus each output channel's median logit on
+    ``x`` (the eval-mode float64 reference), so that the logits straddle 0 and a mask of them has
+    pixels of both classes: randomly initialised weights otherwise give logits of one sign."""
+    name = logits_bias_name(checkpoint.config)
+    logits = reference.forward(checkpoint.tensors, x, config=checkpoint.config)["output"]
+    median = np.median(logits, axis=(0, *range(2, logits.ndim)))
+    tensors = {**checkpoint.tensors, name: (checkpoint.tensors[name] - median).astype(checkpoint.tensors[name].dtype)}
+    return dataclasses.replace(checkpoint, tensors=tensors)
 
 
 def start(checkpoint: Checkpoint, optimizer: str) -> Checkpoint:

@@ -98,14 +98,14 @@ def _plot_outputs(report: Report, plt):
     axes[0, 0].imshow(image, cmap=None if image.ndim == 3 else "gray")
     axes[0, 0].set_title("input")
     reference_logits = _plane(report.reference_output[0])[0]
-    axes[0, 1].imshow(reference_logits > 0, cmap="gray")
+    axes[0, 1].imshow(reference_logits > 0, cmap="gray", vmin=0, vmax=1)  # white: foreground, black: background
     axes[0, 1].set_title("reference mask")
     axes[1, 0].axis("off")
     axes[1, 1].imshow(reference_logits, cmap="viridis")
     axes[1, 1].set_title("reference logits")
     for i, label in enumerate(labels):
         logits = _plane(report.outputs[label][0])[0]
-        axes[0, 2 + i].imshow(logits > 0, cmap="gray")
+        axes[0, 2 + i].imshow(logits > 0, cmap="gray", vmin=0, vmax=1)
         axes[0, 2 + i].set_title(f"{label}\nmask", fontsize=8)
         heat = axes[1, 2 + i].imshow(np.abs(logits - reference_logits), cmap="magma")
         axes[1, 2 + i].set_title("|difference|", fontsize=8)

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from weights_convert.core.spec import ModelConfig
+from weights_convert.harness.machine import machine_info
 
 RESULT_FIELDS = (
     "framework",
@@ -63,6 +64,8 @@ class Report:
     dtype: str = "float32"
     # a resumed fit: the reference's loss curve of each optimizer (``reference_output`` is the first's)
     references: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    loss: str = "mse"  # the training loss of train and fit
+    device: str = "cpu"
 
     @property
     def passed(self) -> bool:
@@ -79,13 +82,20 @@ class Report:
         return drift
 
     def to_json(self) -> dict:
-        """The verdict, the run (config, input shape channels first, seed, dtype, mode) and every row."""
-        run = {"config": self.config.to_dict(), "input_shape": list(np.shape(self.input)), "seed": self.seed}
+        """The verdict, the run (config, input shape channels first, batch, size, seed, dtype, mode,
+        loss, device), the machine (platform, processor, Python and every framework's version) and
+        every row: what a CI artifact needs to say what was checked where."""
+        shape = list(np.shape(self.input))
+        run = {"config": self.config.to_dict(), "input_shape": shape, "batch": shape[0], "size": shape[2:]}
         return {
             "passed": self.passed,
             **run,
+            "seed": self.seed,
             "dtype": self.dtype,
             "mode": self.mode,
+            "loss": self.loss,
+            "device": self.device,
+            "machine": machine_info(self.device),
             "results": [_json_row(r) for r in self.results],
         }
 

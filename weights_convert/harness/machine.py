@@ -1,4 +1,5 @@
-"""The machine a report was measured on: platform, processor, GPU, and the versions of every library."""
+"""The machine a report was made on (a benchmark, a parity check): platform, processor, GPU, and the
+versions of every library."""
 
 from __future__ import annotations
 
