@@ -325,3 +325,29 @@ def test_progress_counts_volumes(capsys):
     progress.last_print = -math.inf  # a line at once, not a second later
     progress(2, 0.5, None)
     assert "vol/s" in capsys.readouterr().err
+
+
+def test_val_folder_validates_every_image_centred(tmp_path, capsys):
+    """--val DIR: a folder of larger images, centred in --crop; the validation set is all of it."""
+    data, val = _blob_folder(tmp_path / "data", count=4), _blob_folder(tmp_path / "val", count=3, size=20)
+    out = tmp_path / "run"
+    code = cli.main(
+        ["train", "--framework", "torch", "--config", GREY_JSON, "--data", str(data), "--val", str(val)]
+        + ["--crop", "16", "16", "--batch", "2", "--steps", "2", "--val-every", "1", "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [(r["step"], r["images"]) for r in records] == [(1, 3), (2, 3)]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "metrics.jsonl", "step_2.safetensors"]
+
+
+def test_a_3d_run_counts_volumes(tmp_path, capsys):
+    config = '{"in_channels": 1, "channels": [4, 8], "spatial_dims": 3}'
+    code = cli.main(
+        ["train", "--framework", "torch", "--config", config, "--size", "8", "8", "8", "--batch", "2"]
+        + ["--steps", "2", "--val-fraction", "0.5", "--out", str(tmp_path / "run")]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "vol/s" in err and "img/s" not in err and "val loss" in err
