@@ -4,6 +4,8 @@ or OIDHW kernels); the model itself runs channels last (NHWC, NDHWC).
 
 - ``forward(checkpoint, x, *, dtype, device, train)``: every named block output; in train mode also
   ``state/<name>`` for every running statistic after the forward.
+- ``outputs(checkpoint, batches, *, dtype, device)``: the eval-mode logits of each batch, the model
+  built once for all of them.
 - ``train_step`` and ``fit``: the trainer's (``impl_flax.trainer``, which says how each precision
   runs), through the one training loop (``weights_convert.core.loop``).
 
@@ -26,7 +28,7 @@ from impl_flax.trainer import scope as _scope
 from impl_flax.trainer import to_result as _numpy
 from weights_convert.core.checkpoint import Checkpoint
 
-__all__ = ["fit", "forward", "loss_fn", "train_step"]
+__all__ = ["fit", "forward", "loss_fn", "outputs", "train_step"]
 
 
 def to_channels_last(x: np.ndarray) -> np.ndarray:
@@ -59,6 +61,13 @@ def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="c
             statistics = canonical(nnx.state(model, nnx.BatchStat), model.config)
             results.update({f"state/{name}": value for name, value in statistics.items()})
     return results
+
+
+def outputs(checkpoint: Checkpoint, batches, *, dtype="float32", device="cpu") -> list[np.ndarray]:
+    with _scope(dtype, device) as input_dtype:
+        model = _model(checkpoint, dtype, train=False)
+        feed = [jnp.asarray(to_channels_last(x), input_dtype) for x in batches]
+        return [to_channels_first(_named_outputs(model, x)["output"]) for x in feed]
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

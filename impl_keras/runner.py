@@ -1,9 +1,11 @@
-"""What the parity harness runs in Keras: the same three functions as ``impl_torch.runner``, numpy in
+"""What the parity harness runs in Keras: the functions of ``impl_torch.runner``, numpy in
 and numpy out in canonical layouts (NCHW or NCDHW, canonical names), under the backend of this process.
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW (NCDHW) array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
+- ``outputs(checkpoint, batches, *, dtype, device)`` -> the eval-mode logits (``output``) of each
+  batch, the model built once for all of them (a validation set).
 - ``train_step`` and ``fit``: the trainer's (``impl_keras.trainer``, the step of
   ``impl_keras.steps``), through the one training loop (``weights_convert.core.loop``).
 
@@ -34,7 +36,7 @@ from impl_keras.trainer import to_channels_last as _channels_last
 from impl_keras.trainer import train_step
 from weights_convert.processes import Call, serve_calls
 
-__all__ = ["fit", "forward", "train_step"]
+__all__ = ["fit", "forward", "outputs", "train_step"]
 
 
 def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
@@ -45,6 +47,12 @@ def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=F
         if train:
             results.update({f"state/{name}": value for name, value in _state(model).items()})
     return results
+
+
+def outputs(checkpoint, batches, *, dtype="float32", device="cpu") -> list[np.ndarray]:
+    with _device_scope(device):
+        model = _model(checkpoint, dtype, device)
+        return [_channels_first(_call(model, _channels_last(x, dtype), False)["output"]) for x in batches]
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

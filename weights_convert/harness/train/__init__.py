@@ -17,11 +17,17 @@ Data: seeded synthetic segmentation images by default (``SyntheticSegmentation``
 the mask where the blobs are), so that the command runs on a fresh machine; or a folder of images
 and masks (``ImageFolder``: ``DIR/images/<name>.<ext>`` with ``DIR/masks/<name>.<ext>``, PNG,
 JPEG or TIFF, TIFF stacks for a 3D model), read through ``weights_convert.harness.images`` (Pillow,
-tifffile; the ``images`` extra), cropped or padded to ``--crop`` and flipped at random. The loss is the
-one every implementation's training step and the parity checks use: mean((logits - mask)**2).
+tifffile; the ``images`` extra), cropped or padded to ``--crop`` and flipped at random. The loss is
+``--loss`` (``weights_convert.core.losses``; default dice_bce for one output channel, dice_ce for
+several), the one every implementation's training step and the parity checks use.
+
+Validation (``validation``): on ``--val DIR`` (whole or centred images) or a seeded
+``--val-fraction`` of the data (``data.held_out``; the synthetic data's own validation stream),
+every ``--val-every`` steps: the validation loss, per class Dice and IoU
+(``weights_convert.harness.metrics``), ``OUT/metrics.jsonl`` and ``OUT/best.<format>``.
 
 Progress: a bar on stderr with the step, the loss (the mean over the devices) and the throughput
-in images per second (from the second step on: the first one compiles). Checkpoints:
+in images (volumes) per second (from the second step on: the first one compiles). Checkpoints:
 ``OUT/step_<k>.<format>`` every ``--every`` steps and after the last one, written by
 ``weights_convert.write`` (atomic; an existing file is kept unless ``--force``). A format that holds
 no optimizer state (``weights.h5``) is refused unless ``--weights-only``, which writes the model's
@@ -30,7 +36,8 @@ DDP keeps the same state in every process (process 0 writes it), Flax and Keras 
 
 The training loop is ``weights_convert.core.loop``'s, run by each framework's trainer
 (``impl_<framework>.trainer.train``). The package: ``data`` (the data sources),
-``progress`` (the bar and the checkpoints), ``command`` (the subcommand).
+``progress`` (the bar and the checkpoints), ``validation`` (the validations and their records),
+``command`` (the subcommand).
 """
 
 from weights_convert.harness.train.command import (
@@ -42,6 +49,7 @@ from weights_convert.harness.train.command import (
 )
 from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation
 from weights_convert.harness.train.progress import Progress
+from weights_convert.harness.train.validation import Validation
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -52,6 +60,7 @@ __all__ = [
     "ImageFolder",
     "Progress",
     "SyntheticSegmentation",
+    "Validation",
     "add_parser",
     "cmd_train",
 ]

@@ -15,8 +15,9 @@ from weights_convert.core.losses import LOSSES, check_loss, default_loss
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig, check_sides
 from weights_convert.harness.cli.arguments import add_size, count
-from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation
+from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation, held_out
 from weights_convert.harness.train.progress import Progress
+from weights_convert.harness.train.validation import METRICS_FILE, Validation
 
 DEFAULT_STEPS = 100
 DEFAULT_BATCH = 8
@@ -59,7 +60,26 @@ def add_parser(sub) -> None:
         nargs="+",
         metavar="SIDE",
         help="--data: every sample cropped (randomly) or padded to H W, or D H W (default: the images' size, "
-        "when they all agree)",
+        "when they all agree); --val: centred",
+    )
+    p.add_argument(
+        "--val",
+        metavar="DIR",
+        help="validate on a folder laid out as --data's: every image, centred in --crop (or whole), not flipped",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="validate on a seeded fraction F of --data's pairs, never trained on (synthetic data: a fixed set "
+        "from a seed stream of its own, F / (1 - F) times the images trained on between validations)",
+    )
+    p.add_argument(
+        "--val-every",
+        type=int,
+        metavar="N",
+        help="validate every N steps and after the last, writing OUT/metrics.jsonl and OUT/best.<format> "
+        "(default: --every)",
     )
     p.add_argument("--data-parallel", type=int, default=1, metavar="D", help="devices (processes for torch)")
     p.add_argument(
@@ -143,8 +163,11 @@ def cmd_train(args) -> int:
         check_loss(loss, config.out_channels)
     except ValueError as error:
         return _usage(f"--loss: {error}")
-    if args.crop is not None and not args.data:
-        return _usage("--crop crops the images of --data DIR; the synthetic data takes --size")
+    if args.crop is not None and not (args.data or args.val):
+        return _usage("--crop crops the images of --data DIR or --val DIR; the synthetic data takes --size")
+    refusal = _validation_refusal(args)
+    if refusal:
+        return _usage(refusal)
     if args.data:
         try:
             crop = None if args.crop is None else check_sides(config, args.crop, option="--crop")
@@ -167,6 +190,9 @@ def cmd_train(args) -> int:
         except ValueError as error:
             return _usage(str(error))
         data = SyntheticSegmentation(config, args.batch, size, args.seed)
+    data, batches, status = _validation_data(args, config, data)
+    if status is not None:
+        return status
     _prepare_jax(args)
     from weights_convert.harness.data_parallel import module
 
@@ -185,8 +211,23 @@ def cmd_train(args) -> int:
             )
     out.mkdir(parents=True, exist_ok=True)
     label = f"train {trained} x{args.data_parallel}" + (f" {args.batchnorm}" if args.data_parallel > 1 else "")
+    validation = None
+    if batches is not None:
+        validation = Validation(args.framework, batches, loss, args.dtype, args.device, str(out), args.format)
+        validation.start(first_step)
     progress = Progress(
-        label, args.steps, args.batch, str(out), args.every, args.format, args.force, first_step, args.weights_only
+        label,
+        args.steps,
+        args.batch,
+        str(out),
+        args.every,
+        args.format,
+        args.force,
+        first_step,
+        args.weights_only,
+        validation,
+        args.val_every or args.every,
+        "vol/s" if config.spatial_dims == 3 else "img/s",
     )
     if state is not None:
         print(f"continuing {args.checkpoint}: {state.describe()}", file=sys.stderr)
@@ -212,7 +253,65 @@ def cmd_train(args) -> int:
             f"checkpoints in {out}",
             file=sys.stderr,
         )
+        if validation is not None:
+            print(_best_line(out, args.format), file=sys.stderr)
     return 0
+
+
+def _validation_refusal(args) -> str | None:
+    """A usage refusal of the validation options before any data is read, or None."""
+    if args.val and args.val_fraction is not None:
+        return "--val DIR and --val-fraction F both choose the validation set: pass one"
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        return f"--val-fraction must be between 0 and 1 (both excluded), got {args.val_fraction}"
+    if args.val_every is not None:
+        if not (args.val or args.val_fraction is not None):
+            return "--val-every sets how often to validate: pass --val DIR or --val-fraction F too"
+        if args.val_every < 1:
+            return f"--val-every must be at least 1, got {args.val_every}"
+    return None
+
+
+def _validation_data(args, config, data):
+    """(the training data, the validation batches or None, None), or a refusal's exit status in the
+    third place: --val-fraction splits ``data`` (a folder) or draws the synthetic validation set;
+    --val reads its folder, centred in --crop."""
+    if args.val_fraction is not None and isinstance(data, ImageFolder):
+        try:
+            names = held_out(data.stems, args.val_fraction, args.seed)
+        except ValueError as error:
+            return data, None, _usage(f"--data {args.data}: {error}")
+        kept = [stem for stem in data.stems if stem not in set(names)]
+        return data.subset(kept), data.subset(names).validation_batches(), None
+    if args.val_fraction is not None:
+        return data, data.validation_batches(args.val_fraction, args.val_every or args.every), None
+    if not args.val:
+        return data, None, None
+    try:
+        crop = None if args.crop is None else check_sides(config, args.crop, option="--crop")
+        folder = ImageFolder(args.val, config, args.batch, args.seed, crop, option="--val")
+        check_sides(config, folder.crop, option="--crop")
+    except CropNeeded as error:
+        return data, None, _usage(str(error))
+    except (OSError, ValueError) as error:  # a refused folder, or images whose sides the model cannot take
+        print(f"attention-unet train: error: --val: {error}", file=sys.stderr)
+        return data, None, 1
+    return data, folder.validation_batches(), None
+
+
+def _best_line(out: Path, suffix: str) -> str:
+    """The run's summary of its validations, from the last record of ``OUT/metrics.jsonl`` (the
+    validations may have run in another process)."""
+    import json
+
+    lines = (out / METRICS_FILE).read_text().splitlines()
+    last = json.loads(lines[-1])
+    if last["best_step"] is None:
+        return f"validated {len(lines)} times, no mean Dice yet (no foreground class seen); {out / METRICS_FILE}"
+    return (
+        f"best validation mean Dice {last['best_mean_dice']:.4f} at step {last['best_step']}: "
+        f"{out / f'best.{suffix}'}; every validation in {out / METRICS_FILE}"
+    )
 
 
 def _framework(chosen: str | None) -> tuple[str | None, str | None]:
