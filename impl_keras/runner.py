@@ -1,9 +1,10 @@
-"""What the parity harness runs in Keras: the same three functions as ``impl_torch.runner``, numpy in
+"""What the parity harness runs in Keras: the same four functions as ``impl_torch.runner``, numpy in
 and numpy out in canonical layouts (NCHW or NCDHW, canonical names), under the backend of this process.
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW (NCDHW) array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
+- ``predictor(checkpoint, *, dtype, device)``: the eval-mode ``forward`` of one model built once.
 - ``train_step`` and ``fit``: the trainer's (``impl_keras.trainer``, the step of
   ``impl_keras.steps``), through the one training loop (``weights_convert.core.loop``).
 
@@ -34,7 +35,7 @@ from impl_keras.trainer import to_channels_last as _channels_last
 from impl_keras.trainer import train_step
 from weights_convert.processes import Call, serve_calls
 
-__all__ = ["fit", "forward", "train_step"]
+__all__ = ["fit", "forward", "predictor", "train_step"]
 
 
 def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
@@ -45,6 +46,22 @@ def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=F
         if train:
             results.update({f"state/{name}": value for name, value in _state(model).items()})
     return results
+
+
+def predictor(checkpoint, *, dtype="float32", device="cpu"):
+    """``forward`` in eval mode of one model built once, for many calls (``attention-unet predict``
+    runs every window through it), under this process's backend: a function of a batch ->
+    ``{block name: NCHW array}``. The model is ``model_for``'s, reused by the next call of the same
+    config, dtype and device: one predictor at a time."""
+    with _device_scope(device):
+        model = _model(checkpoint, dtype, device)
+
+    def named_outputs(x: np.ndarray) -> dict:
+        with _device_scope(device):
+            named = _call(model, _channels_last(x, dtype), False)
+            return {name: _channels_first(value) for name, value in named.items()}
+
+    return named_outputs
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

@@ -1,9 +1,11 @@
 """What the parity harness runs in PyTorch. Each implementation has a ``runner`` module with the
-same three functions; inputs and results are numpy in canonical layouts (NCHW, canonical names).
+same four functions; inputs and results are numpy in canonical layouts (NCHW, canonical names).
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
+- ``predictor(checkpoint, *, dtype, device)`` -> a function of x -> the eval-mode ``forward``
+  dict, the model built once (``attention-unet predict`` runs every window through it).
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode), and ``step/<name>`` for every
   trainable tensor after one step of a fresh optimizer (``weights_convert.core.optim``'s registry).
@@ -31,7 +33,7 @@ from impl_torch.trainer import buffers as _buffers
 from impl_torch.trainer import to_result, to_tensor, torch_device, train_step
 from weights_convert.core.checkpoint import Checkpoint
 
-__all__ = ["fit", "forward", "train_step"]
+__all__ = ["fit", "forward", "predictor", "train_step"]
 
 
 def _model(checkpoint: Checkpoint, dtype: str, device: str, train: bool) -> AttentionUNet:
@@ -47,6 +49,19 @@ def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="c
     if train:
         results.update({f"state/{name}": to_result(value) for name, value in _buffers(model).items()})
     return results
+
+
+def predictor(checkpoint: Checkpoint, *, dtype="float32", device="cpu"):
+    """``forward`` in eval mode of one model built once, for many calls (``attention-unet predict``
+    runs every window through it): a function of a batch -> ``{block name: NCHW array}``."""
+    model = _model(checkpoint, dtype, device, train=False)
+
+    def named_outputs(x: np.ndarray) -> dict:
+        with torch.no_grad():
+            _, named = model(to_tensor(x, dtype, torch_device(device)), return_intermediates=True)
+        return {name: to_result(value) for name, value in named.items()}
+
+    return named_outputs
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

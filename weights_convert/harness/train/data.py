@@ -13,7 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.core.spec import ModelConfig
-from weights_convert.harness.images import EXTENSIONS, read_image, read_mask
+from weights_convert.harness.images import EXTENSIONS, ImageError, read_image, read_mask
+
+
+def model_image(path, config: ModelConfig) -> np.ndarray:
+    """The image (or volume) at ``path`` as the model takes it: ``read_image``'s normalized
+    channels-first float32, grey repeated to ``config.in_channels``; an ``ImageError`` when its
+    channels are neither one nor the model's. ``train --data`` and ``predict`` read through it."""
+    image = read_image(path, config.spatial_dims)
+    if image.shape[0] == 1:
+        image = np.repeat(image, config.in_channels, axis=0)
+    if image.shape[0] != config.in_channels:
+        raise ImageError(f"{path}: {image.shape[0]} colour channels, the model takes {config.in_channels}")
+    return image
+
 
 # Data sources.
 
@@ -105,12 +118,7 @@ class ImageFolder:
 
     @staticmethod
     def _image(path: Path, config: ModelConfig) -> np.ndarray:
-        image = read_image(path, config.spatial_dims)
-        if image.shape[0] == 1:
-            image = np.repeat(image, config.in_channels, axis=0)
-        if image.shape[0] != config.in_channels:
-            raise ValueError(f"{path}: {image.shape[0]} colour channels, the model takes {config.in_channels}")
-        return image
+        return model_image(path, config)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.images)
