@@ -243,3 +243,16 @@ def test_refusals_are_one_line_and_leave_nothing(tmp_path, capsys, image_file):
     assert code == 0, err
     assert (out / "cells_prob.tif").read_bytes() != before
     assert sorted(p.name for p in out.iterdir()) == ["cells_mask.png", "cells_overlay.png", "cells_prob.tif"]
+
+
+def test_a_missing_package_is_named_before_anything_runs(tmp_path, capsys, monkeypatch, image_file):
+    from weights_convert.core import extras
+
+    model = tmp_path / "tiny.safetensors"
+    weights_convert.write(random_checkpoint(TINY, seed=2), model)
+    everything = extras.installed
+    monkeypatch.setattr(extras, "installed", lambda module: module != "matplotlib" and everything(module))
+    code, err = run_cli(capsys, "predict", model, image_file, "--out", tmp_path / "out")
+    says = "attention-unet predict: error: predict needs matplotlib: pip install 'attention-unet[report]'"
+    assert code == 1 and err.strip() == says
+    assert not (tmp_path / "out").exists()

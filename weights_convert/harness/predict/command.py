@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from weights_convert.core.extras import require
 from weights_convert.core.frameworks import DEVICES, FRAMEWORKS
 from weights_convert.core.precisions import DTYPES
 from weights_convert.core.spec import check_sides
@@ -85,6 +86,8 @@ def cmd_predict(args) -> int:
         if not os.path.lexists(path):
             print(f"attention-unet {COMMAND}: error: {path}: no such file", file=sys.stderr)
             return 1
+    # Before any work: the images' readers and writers and the overlay's plotting (exit 1 naming the extra).
+    require(("PIL", "tifffile", "matplotlib"), COMMAND)
     checkpoint = weights_convert.read(args.checkpoint, config=args.config)
     note_assumed(COMMAND, checkpoint)
     config = checkpoint.config
