@@ -78,7 +78,7 @@ def test_blending_reproduces_a_constant_and_the_input_itself():
     places = windows(sides, window, 0.4)
     for blend in ("constant", "gaussian"):
         importance = weights(window, blend)
-        assert importance.shape == window and importance.min() > 0 and importance.max() == 1
+        assert importance.shape == window and importance.min() > 0 and importance.max() <= 1
         blended = Blend(sides, importance)
         for place in places:
             blended.add(place, {"constant": np.full((1, *window), 0.75), "identity": image[(slice(None), *place)]})
@@ -91,8 +91,11 @@ def test_blending_reproduces_a_constant_and_the_input_itself():
             np.testing.assert_array_equal(blended.result("constant"), 0.75)
         np.testing.assert_allclose(blended.result("constant"), 0.75, rtol=1e-15)
         np.testing.assert_allclose(blended.result("identity"), image, rtol=1e-13, atol=1e-15)
-    gaussian = weights((9,), "gaussian")
-    assert gaussian.argmax() == 4 and np.allclose(gaussian, gaussian[::-1])
+    gaussian = weights((9, 16), "gaussian")
+    np.testing.assert_array_equal(gaussian, gaussian[::-1, ::-1])  # centred on the window
+    assert gaussian[4, 1] == np.exp(-0.5 * (6.5 / 2) ** 2)  # 6.5 from the centre, sigma 16 / 8
+    assert gaussian.min() == gaussian[4, 0] == 1e-3  # exp(-0.5 * (7.5 / 2) ** 2) = 8.8e-4, raised to MONAI's floor
+    assert weights((9,), "gaussian").argmax() == 4 and weights((9,), "gaussian").max() == 1  # odd: 1 at the centre
 
 
 # One image through a model.

@@ -5,8 +5,8 @@ What is blended are the logits (``output``) and each attention gate's map (``dj.
 its channels, a per-channel map in the article's network and one channel in MONAI's, resized to
 the window by ``sizes.resized``), never probabilities: the probabilities are the sigmoid (one
 output channel) or the softmax over the channels of the blended logits, and the mask is decided on
-those same logits (logit > 0, or the largest), so mask and probabilities never disagree. Inside
-one window the blend is the model's own output exactly.
+those same logits (logit > 0, or the largest), so mask and probabilities never disagree. Where
+one window alone lies, the blend is the model's own output (exactly, with constant weights).
 
 ``run`` is a framework's predictor (``models.predictor``): a channels-first batch in, the named
 block outputs out.

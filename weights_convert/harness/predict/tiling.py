@@ -12,10 +12,11 @@ Blending: each window's output is weighted by one importance map of the window's
 weighted outputs are summed over the image, and the sum is divided by the sum of the weights at
 each pixel. ``"constant"`` weighs every pixel of a window alike (MONAI's default mode), so where
 windows overlap their outputs are averaged; ``"gaussian"`` weighs a window's centre above its
-borders (a Gaussian of standard deviation ``SIGMA_SCALE`` times the window's side along each axis,
-MONAI's ``sigma_scale``, scaled to 1 at the centre), where a convolutional network sees least of
-its context. Every weight is positive (MONAI's rule: a zero becomes the smallest positive weight),
-so the division is defined wherever a window lies.
+borders, where a convolutional network sees least of its context: along each axis
+``exp(-x**2 / (2 sigma**2))`` at the offset x from the window's centre ((side - 1) / 2), sigma
+``SIGMA_SCALE`` times the window's side (MONAI's ``sigma_scale``), the axes multiplied, and every
+weight raised to at least ``MIN_WEIGHT`` (MONAI's ``compute_importance_map``). Every weight is thus
+positive, so the division is defined wherever a window lies.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import numpy as np
 OVERLAP = 0.25  # MONAI's default: a quarter of each window shared with its neighbour
 BLENDS = ("constant", "gaussian")
 SIGMA_SCALE = 0.125  # MONAI's default sigma_scale
+# MONAI's floor under the Gaussian's weights: a window's corners (4 sigma from its centre along
+# each axis, exp(-8) = 3.4e-4 per axis) still count a little, and no weight underflows to zero.
+MIN_WEIGHT = 1e-3
 
 
 def starts(side: int, window: int, overlap: float = OVERLAP) -> list[int]:
@@ -71,9 +75,7 @@ def weights(window, blend: str = "constant") -> np.ndarray:
     importance = profiles[0]
     for profile in profiles[1:]:
         importance = np.multiply.outer(importance, profile)
-    importance = importance / importance.max()
-    positive = importance[importance > 0]
-    return np.where(importance > 0, importance, positive.min())
+    return np.maximum(importance, max(float(importance.min()), MIN_WEIGHT))
 
 
 class Blend:
