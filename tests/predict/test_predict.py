@@ -259,3 +259,22 @@ def test_a_missing_package_is_named_before_anything_runs(tmp_path, capsys, monke
     says = "attention-unet predict: error: predict needs matplotlib: pip install 'attention-unet[report]'"
     assert code == 1 and err.strip() == says
     assert not (tmp_path / "out").exists()
+
+
+def test_several_classes_colour_and_grey_inputs(tmp_path, capsys):
+    config = ModelConfig(3, 3, (4, 8))
+    model = tmp_path / "classes.safetensors"
+    weights_convert.write(random_checkpoint(config, seed=6), model)
+    _grey(tmp_path / "colour.png", channels=3)
+    _grey(tmp_path / "grey.png", seed=1)  # repeated to the three input channels, as train --data does
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "predict", model, tmp_path / "colour.png", tmp_path / "grey.png", "--out", out)
+    assert code == 0, err
+    assert "[1/2]" in err and "[2/2]" in err
+    for stem in ("colour", "grey"):
+        probabilities = tifffile.imread(out / f"{stem}_prob.tif")
+        assert probabilities.shape == (3, *SIDES) and 0 <= probabilities.min() and probabilities.max() <= 1
+        with Image.open(out / f"{stem}_mask.png") as mask:
+            indices = np.asarray(mask)
+        assert set(np.unique(indices)) <= {0, 1, 2}
+        np.testing.assert_array_equal(indices, np.argmax(probabilities, axis=0))

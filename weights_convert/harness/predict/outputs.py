@@ -38,7 +38,7 @@ def write_outputs(paths: dict, title: str, image: np.ndarray, prediction, config
     """The three files of ``paths`` for ``image`` and its ``prediction``, all or none."""
     writers = {
         "mask": lambda path: write_mask(path, mask_values(prediction.classes, config.out_channels)),
-        "prob": lambda path: write_image(path, prediction.probabilities),
+        "prob": lambda path: write_image(path, prediction.probabilities, grey=True),
         "overlay": lambda path: write_overlay(path, title, image, prediction, config),
     }
     temporary: dict[str, Path] = {}
