@@ -102,7 +102,7 @@ class ImageFolder:
             lone = images.get(unpaired[0]) or masks[unpaired[0]]
             raise ValueError(f"{directory}: {len(unpaired)} files without a partner, e.g. {lone}")
         dims = config.spatial_dims
-        self.images = [self._image(images[stem], config) for stem in stems]
+        self.images = [model_image(images[stem], config) for stem in stems]
         self.masks = [read_mask(masks[stem], config.out_channels, dims) for stem in stems]
         for stem, image, mask in zip(stems, self.images, self.masks, strict=True):
             if image.shape[1:] != mask.shape:
@@ -115,10 +115,6 @@ class ImageFolder:
             )
         self.crop = tuple(crop) if crop is not None else sizes[0]
         self.config, self.batch_size, self.seed = config, batch_size, seed
-
-    @staticmethod
-    def _image(path: Path, config: ModelConfig) -> np.ndarray:
-        return model_image(path, config)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.images)
