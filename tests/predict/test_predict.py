@@ -278,3 +278,21 @@ def test_several_classes_colour_and_grey_inputs(tmp_path, capsys):
             indices = np.asarray(mask)
         assert set(np.unique(indices)) <= {0, 1, 2}
         np.testing.assert_array_equal(indices, np.argmax(probabilities, axis=0))
+
+
+def test_the_model_is_built_once_for_every_window_of_every_input(tmp_path, capsys, monkeypatch, image_file):
+    from impl_torch import runner
+
+    built = []
+    build = runner.from_checkpoint
+    monkeypatch.setattr(runner, "from_checkpoint", lambda *args, **kwargs: built.append(1) or build(*args, **kwargs))
+    model = tmp_path / "tiny.safetensors"
+    weights_convert.write(random_checkpoint(TINY, seed=2), model)
+    _grey(tmp_path / "second.png", seed=2)
+    code, err = run_cli(
+        capsys, "predict", model, image_file, tmp_path / "second.png", "--out", tmp_path / "out", "--framework", "torch"
+    )
+    assert code == 0 and "[2/2]" in err, err
+    code, err = run_cli(capsys, "predict", model, image_file, "--out", tmp_path / "tiles", "--tile", "8", "8")
+    assert code == 0 and "20 windows" in err, err
+    assert len(built) == 2  # one per run
