@@ -4,8 +4,7 @@ or OIDHW kernels); the model itself runs channels last (NHWC, NDHWC).
 
 - ``forward(checkpoint, x, *, dtype, device, train)``: every named block output; in train mode also
   ``state/<name>`` for every running statistic after the forward.
-- ``outputs(checkpoint, batches, *, dtype, device)``: the eval-mode logits of each batch, the model
-  built once for all of them.
+- ``predictor(checkpoint, *, dtype, device)``: the eval-mode ``forward`` of one model built once.
 - ``train_step`` and ``fit``: the trainer's (``impl_flax.trainer``, which says how each precision
   runs), through the one training loop (``weights_convert.core.loop``).
 
@@ -28,7 +27,7 @@ from impl_flax.trainer import scope as _scope
 from impl_flax.trainer import to_result as _numpy
 from weights_convert.core.checkpoint import Checkpoint
 
-__all__ = ["fit", "forward", "loss_fn", "outputs", "train_step"]
+__all__ = ["fit", "forward", "loss_fn", "predictor", "train_step"]
 
 
 def to_channels_last(x: np.ndarray) -> np.ndarray:
@@ -63,11 +62,19 @@ def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="c
     return results
 
 
-def outputs(checkpoint: Checkpoint, batches, *, dtype="float32", device="cpu") -> list[np.ndarray]:
-    with _scope(dtype, device) as input_dtype:
+def predictor(checkpoint: Checkpoint, *, dtype="float32", device="cpu"):
+    """``forward`` in eval mode of one model built once, for many calls (``attention-unet predict``
+    runs every window through it, one compile per window shape): a function of a batch ->
+    ``{block name: NCHW array}``."""
+    with _scope(dtype, device):
         model = _model(checkpoint, dtype, train=False)
-        feed = [jnp.asarray(to_channels_last(x), input_dtype) for x in batches]
-        return [to_channels_first(_named_outputs(model, x)["output"]) for x in feed]
+
+    def named_outputs(x: np.ndarray) -> dict:
+        with _scope(dtype, device) as input_dtype:
+            named = _named_outputs(model, jnp.asarray(to_channels_last(x), input_dtype))
+            return {name: to_channels_first(named[name]) for name in model.block_names}
+
+    return named_outputs
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

@@ -1,11 +1,10 @@
-"""What the parity harness runs in Keras: the functions of ``impl_torch.runner``, numpy in
+"""What the parity harness runs in Keras: the same four functions as ``impl_torch.runner``, numpy in
 and numpy out in canonical layouts (NCHW or NCDHW, canonical names), under the backend of this process.
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW (NCDHW) array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
-- ``outputs(checkpoint, batches, *, dtype, device)`` -> the eval-mode logits (``output``) of each
-  batch, the model built once for all of them (a validation set).
+- ``predictor(checkpoint, *, dtype, device)``: the eval-mode ``forward`` of one model built once.
 - ``train_step`` and ``fit``: the trainer's (``impl_keras.trainer``, the step of
   ``impl_keras.steps``), through the one training loop (``weights_convert.core.loop``).
 
@@ -36,7 +35,7 @@ from impl_keras.trainer import to_channels_last as _channels_last
 from impl_keras.trainer import train_step
 from weights_convert.processes import Call, serve_calls
 
-__all__ = ["fit", "forward", "outputs", "train_step"]
+__all__ = ["fit", "forward", "predictor", "train_step"]
 
 
 def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=False) -> dict:
@@ -49,10 +48,20 @@ def forward(checkpoint, x: np.ndarray, *, dtype="float32", device="cpu", train=F
     return results
 
 
-def outputs(checkpoint, batches, *, dtype="float32", device="cpu") -> list[np.ndarray]:
+def predictor(checkpoint, *, dtype="float32", device="cpu"):
+    """``forward`` in eval mode of one model built once, for many calls (``attention-unet predict``
+    runs every window through it), under this process's backend: a function of a batch ->
+    ``{block name: NCHW array}``. The model is ``model_for``'s, reused by the next call of the same
+    config, dtype and device: one predictor at a time."""
     with _device_scope(device):
         model = _model(checkpoint, dtype, device)
-        return [_channels_first(_call(model, _channels_last(x, dtype), False)["output"]) for x in batches]
+
+    def named_outputs(x: np.ndarray) -> dict:
+        with _device_scope(device):
+            named = _call(model, _channels_last(x, dtype), False)
+            return {name: _channels_first(value) for name, value in named.items()}
+
+    return named_outputs
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

@@ -1,11 +1,11 @@
 """What the parity harness runs in PyTorch. Each implementation has a ``runner`` module with the
-same functions; inputs and results are numpy in canonical layouts (NCHW, canonical names).
+same four functions; inputs and results are numpy in canonical layouts (NCHW, canonical names).
 
 - ``forward(checkpoint, x, *, dtype, device, train)`` -> ``{block name: NCHW array}`` (every named
   intermediate and ``output``); with ``train=True`` the BatchNorms use batch statistics and the
   dict also holds ``state/<canonical name>`` for every running statistic after the forward.
-- ``outputs(checkpoint, batches, *, dtype, device)`` -> the eval-mode logits (``output``) of each
-  NCHW batch, the model built once for all of them (a validation set).
+- ``predictor(checkpoint, *, dtype, device)`` -> a function of x -> the eval-mode ``forward``
+  dict, the model built once (``attention-unet predict`` runs every window through it).
 - ``train_step(checkpoint, x, target, *, dtype, device, optimizer)`` -> ``grad/<name>`` for every
   trainable tensor (loss = mean((output - target)**2), train mode), and ``step/<name>`` for every
   trainable tensor after one step of a fresh optimizer (``weights_convert.core.optim``'s registry).
@@ -33,7 +33,7 @@ from impl_torch.trainer import buffers as _buffers
 from impl_torch.trainer import to_result, to_tensor, torch_device, train_step
 from weights_convert.core.checkpoint import Checkpoint
 
-__all__ = ["fit", "forward", "outputs", "train_step"]
+__all__ = ["fit", "forward", "predictor", "train_step"]
 
 
 def _model(checkpoint: Checkpoint, dtype: str, device: str, train: bool) -> AttentionUNet:
@@ -51,10 +51,17 @@ def forward(checkpoint: Checkpoint, x: np.ndarray, *, dtype="float32", device="c
     return results
 
 
-def outputs(checkpoint: Checkpoint, batches, *, dtype="float32", device="cpu") -> list[np.ndarray]:
+def predictor(checkpoint: Checkpoint, *, dtype="float32", device="cpu"):
+    """``forward`` in eval mode of one model built once, for many calls (``attention-unet predict``
+    runs every window through it): a function of a batch -> ``{block name: NCHW array}``."""
     model = _model(checkpoint, dtype, device, train=False)
-    with torch.no_grad():
-        return [to_result(model(to_tensor(x, dtype, torch_device(device)))) for x in batches]
+
+    def named_outputs(x: np.ndarray) -> dict:
+        with torch.no_grad():
+            _, named = model(to_tensor(x, dtype, torch_device(device)), return_intermediates=True)
+        return {name: to_result(value) for name, value in named.items()}
+
+    return named_outputs
 
 
 def fit(checkpoint, xs, targets, **settings) -> dict:

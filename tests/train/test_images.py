@@ -450,3 +450,10 @@ def test_train_refuses_a_hostile_data_file_in_one_line(tmp_path, capsys):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("attention-unet train: error: ") and "a.png: not a regular file (a character device)" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_volume_three_wide_is_written_as_grey_planes(tmp_path):
+    # tifffile stores a last side of 3 as RGB unless told otherwise; a mask is class indices.
+    classes = np.arange(60).reshape(4, 5, 3) % 2
+    write_mask(tmp_path / "narrow.tif", classes)
+    np.testing.assert_array_equal(read_mask(tmp_path / "narrow.tif", 1, spatial_dims=3), classes)

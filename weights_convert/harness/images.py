@@ -341,18 +341,20 @@ def write_mask(path, classes: np.ndarray) -> None:
     """Class indices, (H, W) as an 8-bit grey PNG (16-bit above 255), (D, H, W) as a TIFF stack."""
     classes = np.asarray(classes)
     dtype = np.uint8 if classes.max(initial=0) <= 255 else np.uint16
-    write_image(path, classes.astype(dtype))
+    write_image(path, classes.astype(dtype), grey=True)
 
 
-def write_image(path, array: np.ndarray) -> None:
+def write_image(path, array: np.ndarray, *, grey: bool = False) -> None:
     """``array`` as the file its extension names: (H, W) or (H, W, 3) through Pillow (PNG, JPEG, with
-    its own mode for the dtype), anything else through tifffile (TIFF)."""
+    its own mode for the dtype), anything else through tifffile (TIFF). ``grey``: a TIFF of grey
+    planes whatever the array's last side (tifffile would store a last side of 3 as RGB), as class
+    indices, a volume 3 wide and channels-first probabilities are."""
     reader = _reader(path)
     array = np.asarray(array)
     if reader == "TIFF":
         import tifffile
 
-        tifffile.imwrite(path, array)
+        tifffile.imwrite(path, array, **({"photometric": "minisblack"} if grey else {}))
         return
     from PIL import Image
 

@@ -1,4 +1,4 @@
-"""The ``attention-unet`` command: ``inspect``, ``convert``, ``export``, ``init``, ``parity``, ``bench`` and ``train``.
+"""``attention-unet``: ``inspect``, ``convert``, ``export``, ``init``, ``parity``, ``bench``, ``train``, ``predict``.
 
 Exit status: 0 on success, 1 when a checkpoint is refused, a package a file needs is missing or
 a check fails, 2 on bad usage (a missing package for a ``--frameworks`` / ``--keras-backends`` /
@@ -6,7 +6,8 @@ a check fails, 2 on bad usage (a missing package for a ``--frameworks`` / ``--ke
 
 The package: ``arguments`` (what the subcommands share: argparse types, the usage error, the
 framework selection), ``checkpoints`` (``inspect``, ``convert``, ``export``, ``init``),
-``parity_command``, ``bench_command``; ``train`` is ``weights_convert.harness.train``. Here:
+``parity_command``, ``bench_command``; ``train`` is ``weights_convert.harness.train``, ``predict``
+``weights_convert.harness.predict``. Here:
 ``build_parser`` and ``main``, which turns a refused file into exit 1 and one line.
 """
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from weights_convert.harness.train import add_parser as add_train_parser
 
     add_train_parser(sub)
+    from weights_convert.harness.predict import add_parser as add_predict_parser
+
+    add_predict_parser(sub)
     checkpoints.add_init_parser(sub)
     bench_command.add_parser(sub)
     for command in sub.choices.values():

@@ -92,3 +92,19 @@ def selection(command: str, frameworks, keras_backends):
     for line in selected.skipped:
         print(f"{command}: {line}", file=sys.stderr, flush=True)
     return selected
+
+
+def framework_choice(chosen: str | None, purpose: str) -> tuple[str | None, str | None]:
+    """(the framework to run, or a usage refusal naming ``--framework``) for ``train`` and
+    ``predict``: the one chosen, if installed, else the first installed of ``FRAMEWORKS``;
+    ``purpose`` completes "no framework to ..." when none is."""
+    from weights_convert.core.extras import framework_missing
+    from weights_convert.core.frameworks import FRAMEWORKS
+
+    if chosen is not None:
+        why = framework_missing(chosen)
+        return chosen, why and f"--framework {chosen}: {why}"
+    installed = [f for f in FRAMEWORKS if framework_missing(f) is None]
+    if not installed:
+        return None, f"no framework to {purpose}: {framework_missing(FRAMEWORKS[0])}, or [flax], or [keras]"
+    return installed[0], None

@@ -14,7 +14,7 @@ from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.losses import LOSSES, check_loss, default_loss
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig, check_sides
-from weights_convert.harness.cli.arguments import add_size, count
+from weights_convert.harness.cli.arguments import add_size, count, framework_choice
 from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation, held_out
 from weights_convert.harness.train.progress import Progress
 from weights_convert.harness.train.validation import METRICS_FILE, Validation
@@ -137,7 +137,7 @@ def cmd_train(args) -> int:
             f"--format {args.format} holds no optimizer state, so its checkpoints could not continue training: "
             f"pass --weights-only to write the model's tensors alone"
         )
-    framework, refusal = _framework(args.framework)
+    framework, refusal = framework_choice(args.framework, "train in")
     if refusal:
         return _usage(refusal)
     args.framework = framework
@@ -312,20 +312,6 @@ def _best_line(out: Path, suffix: str) -> str:
         f"best validation mean Dice {last['best_mean_dice']:.4f} at step {last['best_step']}: "
         f"{out / f'best.{suffix}'}; every validation in {out / METRICS_FILE}"
     )
-
-
-def _framework(chosen: str | None) -> tuple[str | None, str | None]:
-    """(the framework to train in, or a usage refusal naming ``--framework``): the one chosen, if
-    installed, else the first installed of ``FRAMEWORKS``."""
-    from weights_convert.core.extras import framework_missing
-
-    if chosen is not None:
-        why = framework_missing(chosen)
-        return chosen, why and f"--framework {chosen}: {why}"
-    installed = [f for f in FRAMEWORKS if framework_missing(f) is None]
-    if not installed:
-        return None, f"no framework to train in: {framework_missing(FRAMEWORKS[0])}, or [flax], or [keras]"
-    return installed[0], None
 
 
 def _prepare_jax(args) -> None:

@@ -19,7 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.core.spec import ModelConfig
-from weights_convert.harness.images import EXTENSIONS, read_image, read_mask
+from weights_convert.harness.images import EXTENSIONS, ImageError, read_image, read_mask
+
+
+def model_image(path, config: ModelConfig) -> np.ndarray:
+    """The image (or volume) at ``path`` as the model takes it: ``read_image``'s normalized
+    channels-first float32, grey repeated to ``config.in_channels``; an ``ImageError`` when its
+    channels are neither one nor the model's. ``train --data`` and ``predict`` read through it."""
+    image = read_image(path, config.spatial_dims)
+    if image.shape[0] == 1:
+        image = np.repeat(image, config.in_channels, axis=0)
+    if image.shape[0] != config.in_channels:
+        raise ImageError(f"{path}: {image.shape[0]} colour channels, the model takes {config.in_channels}")
+    return image
+
 
 # Data sources.
 
@@ -119,7 +132,7 @@ class ImageFolder:
             lone = images.get(unpaired[0]) or masks[unpaired[0]]
             raise ValueError(f"{directory}: {len(unpaired)} files without a partner, e.g. {lone}")
         dims = config.spatial_dims
-        self.images = [self._image(images[stem], config) for stem in stems]
+        self.images = [model_image(images[stem], config) for stem in stems]
         self.masks = [read_mask(masks[stem], config.out_channels, dims) for stem in stems]
         for stem, image, mask in zip(stems, self.images, self.masks, strict=True):
             if image.shape[1:] != mask.shape:
@@ -144,15 +157,6 @@ class ImageFolder:
         subset.images = [self.images[i] for i in keep]
         subset.masks = [self.masks[i] for i in keep]
         return subset
-
-    @staticmethod
-    def _image(path: Path, config: ModelConfig) -> np.ndarray:
-        image = read_image(path, config.spatial_dims)
-        if image.shape[0] == 1:
-            image = np.repeat(image, config.in_channels, axis=0)
-        if image.shape[0] != config.in_channels:
-            raise ValueError(f"{path}: {image.shape[0]} colour channels, the model takes {config.in_channels}")
-        return image
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.images)

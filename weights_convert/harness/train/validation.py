@@ -2,7 +2,7 @@
 validation set, in the framework being trained, its loss and segmentation metrics, one record
 per validation in ``OUT/metrics.jsonl`` and the best checkpoint so far in ``OUT/best.<format>``.
 
-- The model is built once per validation (``impl_<framework>.runner.outputs``) and runs on the
+- The model is built once per validation (``impl_<framework>.runner.predictor``) and runs on the
   validation batches (``--batch`` images each; Keras in this process, under its backend).
 - ``val_loss``: the training loss in its NumPy definition (``harness/reference_losses.py``, channels
   last, float64) of the whole set as one batch: the batches' losses weighted by their sizes, the
@@ -34,22 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from weights_convert.harness.metrics import SegmentationCounts
+from weights_convert.harness.predict.models import predictor
 from weights_convert.harness.reference_losses import value_and_gradient
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def runner_outputs(framework: str):
-    """``outputs`` of ``framework``'s runner, in this process (Keras under its current backend)."""
-    if framework == "torch":
-        from impl_torch.runner import outputs
-    elif framework == "flax":
-        from impl_flax.runner import outputs
-    elif framework == "keras":
-        from impl_keras.runner import outputs
-    else:
-        raise ValueError(f"unknown framework {framework!r}")
-    return outputs
 
 
 @dataclasses.dataclass
@@ -83,9 +71,8 @@ class Validation:
 
     def evaluate(self, checkpoint) -> Scores:
         """The loss and the metrics of ``checkpoint``'s model, in eval mode, on the whole set."""
-        logits = runner_outputs(self.framework)(
-            checkpoint, [x for x, _ in self.batches], dtype=self.dtype, device=self.device
-        )
+        model = predictor(self.framework, checkpoint, dtype=self.dtype, device=self.device)  # built once
+        logits = [model(x)["output"] for x, _ in self.batches]
         counts = SegmentationCounts(checkpoint.config.out_channels)
         total = 0.0
         for output, (_, target) in zip(logits, self.batches, strict=True):
