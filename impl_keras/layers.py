@@ -200,8 +200,29 @@ class BatchNorm(layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon, "momentum": self.momentum, "axis": self.axis}
 
 
+@serializable
+class Conv3D(layers.Conv3D):
+    """``layers.Conv3D`` of an odd kernel at stride 1 whose symmetric zero padding ((k - 1) / 2 on
+    each side of each axis: "same") is made explicit, an ``ops.pad`` and then a "valid" convolution.
+    The same sums; but TensorFlow's bfloat16 weight gradient on the CPU (oneDNN, on CPUs with
+    AVX512-BF16) comes out wrong (NaN, or values near 1e36) for "same" padding at an input depth
+    below the kernel's, which a 3D network meets at its deepest levels (a side of 9 is 2 after two
+    poolings); torch's has the same fault (``impl_torch.layers.Conv3d``)."""
+
+    def __init__(self, filters, kernel_size, **kwargs):
+        kwargs["padding"] = "valid"
+        super().__init__(filters, kernel_size, **kwargs)
+
+    def call(self, inputs):
+        spatial = spatial_axes(self.data_format, 3)
+        widths = [[0, 0] for _ in inputs.shape]
+        for axis, side in zip(spatial, self.kernel_size, strict=True):
+            widths[axis] = [side // 2, side // 2]
+        return super().call(ops.pad(inputs, widths))
+
+
 # The Keras convolutions of each spatial rank (``impl_torch.layers`` has torch's under the same name).
-CONVS = {2: layers.Conv2D, 3: layers.Conv3D}
+CONVS = {2: layers.Conv2D, 3: Conv3D}
 
 
 def batch_norm(name: str, dtype, data_format: str, dims: int) -> BatchNorm:

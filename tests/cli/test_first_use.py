@@ -193,7 +193,9 @@ def test_readme_claims_match_the_code():
     assert "keras.ops.convert_to_numpy" in README
     assert "3.6 GB" not in README and README.count("3.8 GB") >= 2
     training = " ".join(README.split("## Training", 1)[1].split("### Continue", 1)[0].split())
-    assert "mean squared error" in training
+    from weights_convert.core.losses import default_loss
+
+    assert f"`--loss` (default `{default_loss(1)}` for one output channel, `{default_loss(3)}` for several" in training
     assert "cropped to `--crop`" in training and "to mean 0 and standard deviation 1" in training
     from weights_convert.harness.images import MAX_PIXELS
 
