@@ -39,3 +39,16 @@ def rel_error(actual, expected, floor: float = 0.0) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
     return float(np.max(np.abs(actual - expected)) / max(floor, float(np.max(np.abs(expected)))))
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``attention-unet *args`` in this process: (exit status, stdout, stderr); argparse's usage
+    refusals, which exit, give their status too."""
+    from weights_convert.harness import cli
+
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

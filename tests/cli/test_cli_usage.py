@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import weights_convert
+from tests.conftest import run_cli
 from weights_convert.core.checkpoint import CheckpointError
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
@@ -26,15 +27,6 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("usage") / "tiny.safetensors"
     weights_convert.write(random_checkpoint(TINY, seed=2), path)
     return path
-
-
-def run_cli(capsys, *args):
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exit_:  # argparse refuses bad usage before running
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(

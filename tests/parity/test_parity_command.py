@@ -8,6 +8,7 @@ import pytest
 
 import impl_torch.runner
 import weights_convert
+from tests.conftest import run_cli
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli, parity
@@ -21,12 +22,6 @@ def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("parity") / "small.safetensors"
     weights_convert.write(random_checkpoint(SMALL, seed=4), path)
     return path
-
-
-def run_cli(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def perturb_runner(monkeypatch, name: str, delta: float = 1e-3):

@@ -12,10 +12,11 @@ import tifffile
 from PIL import Image
 
 import weights_convert
+from tests.conftest import run_cli
 from weights_convert.core.monai_spec import MonaiConfig
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
-from weights_convert.harness import cli, reference
+from weights_convert.harness.parity.inputs import centred_logits
 from weights_convert.harness.parity.tolerances import TOLERANCES
 from weights_convert.harness.predict import Blend, models, predict, starts, weights, windows
 from weights_convert.harness.predict.prediction import classes
@@ -37,22 +38,9 @@ def _grey(path, sides=SIDES, seed=0, channels=None) -> None:
 
 
 def _straddling(config, image: np.ndarray, seed: int = 3):
-    """Random weights whose logits on ``image`` have both signs: ``output.bias`` shifted by the
-    median logit, as ``parity.inputs.default_checkpoint`` does."""
-    checkpoint = random_checkpoint(config, seed=seed)
+    """Random weights whose logits on ``image`` have both signs (``parity.inputs.centred_logits``)."""
     x = padded(image, fitted(config, image.shape[1:]))[None].astype(np.float64)
-    logits = reference.forward(checkpoint.tensors, x, config=config)["output"]
-    bias = checkpoint.tensors["output.bias"]
-    checkpoint.tensors["output.bias"] = (bias - np.median(logits)).astype(bias.dtype)
-    return checkpoint
-
-
-def run_cli(capsys, *args):
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exit_:  # argparse refuses bad usage before running
-        code = exit_.code
-    return code, capsys.readouterr().err
+    return centred_logits(random_checkpoint(config, seed=seed), x)
 
 
 # Windows and blending, framework-free.
@@ -161,7 +149,7 @@ def test_every_framework_writes_the_same_masks(tmp_path, capsys, tiny_checkpoint
     masks = {}
     for framework in ("torch", "flax", "keras"):
         out = tmp_path / framework
-        code, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--framework", framework)
+        code, _, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--framework", framework)
         assert code == 0, err
         assert f"predict {framework}" in err and "[1/1]" in err and "1 window," in err
         assert sorted(p.name for p in out.iterdir()) == ["cells_mask.png", "cells_overlay.png", "cells_prob.tif"]
@@ -185,19 +173,19 @@ def test_a_monai_checkpoint_and_a_volume(tmp_path, capsys):
     monai = tmp_path / "monai.safetensors"
     weights_convert.write(random_checkpoint(MONAI, seed=4), monai)
     _grey(tmp_path / "odd.png", (13, 18))
-    code, err = run_cli(capsys, "predict", monai, tmp_path / "odd.png", "--out", tmp_path / "m", "--tile", "8", "8")
+    code, _, err = run_cli(capsys, "predict", monai, tmp_path / "odd.png", "--out", tmp_path / "m", "--tile", "8", "8")
     assert code == 0, err
     assert tifffile.imread(tmp_path / "m" / "odd_prob.tif").shape == (1, 13, 18)
     with Image.open(tmp_path / "m" / "odd_overlay.png") as overlay:
         assert overlay.size[0] > 3.2 * overlay.size[1]  # image, mask and two gates
-    code, err = run_cli(capsys, "predict", monai, tmp_path / "odd.png", "--out", tmp_path / "m2", "--tile", "6", "8")
+    code, _, err = run_cli(capsys, "predict", monai, tmp_path / "odd.png", "--out", tmp_path / "m2", "--tile", "6", "8")
     assert code == 2 and "multiple of 4" in err and len(err.strip().splitlines()) == 1
     volume = np.random.default_rng(5).uniform(0, 1, (9, 12, 11)).astype(np.float32)
     tifffile.imwrite(tmp_path / "ct.tif", volume)
     model = tmp_path / "tiny3d.safetensors"
     weights_convert.write(_straddling(TINY_3D, model_image(tmp_path / "ct.tif", TINY_3D)), model)
     out = tmp_path / "v"
-    code, err = run_cli(capsys, "predict", model, tmp_path / "ct.tif", "--out", out, "--tile", "4", "8", "8")
+    code, _, err = run_cli(capsys, "predict", model, tmp_path / "ct.tif", "--out", out, "--tile", "4", "8", "8")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["ct_mask.tif", "ct_overlay.png", "ct_prob.tif"]
     mask = tifffile.imread(out / "ct_mask.tif")
@@ -219,30 +207,30 @@ def test_refusals_are_one_line_and_leave_nothing(tmp_path, capsys, image_file):
     for extra, message in usage:
         inputs = [a for a in extra if isinstance(a, type(image_file))]
         options = [a for a in extra if a not in inputs]
-        code, err = run_cli(capsys, "predict", model, image_file, *inputs, "--out", out, *options)
+        code, _, err = run_cli(capsys, "predict", model, image_file, *inputs, "--out", out, *options)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
-    code, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--overlap", "1")
+    code, _, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--overlap", "1")
     assert code == 2 and "--overlap must be in [0, 1), got 1.0" in err.strip().splitlines()[-1]
     assert not out.exists()
     # A missing input is found before anything runs; a refused one after the inputs before it,
     # whose files are complete, and it leaves nothing, not even a temporary file.
-    code, err = run_cli(capsys, "predict", model, image_file, tmp_path / "missing.png", "--out", out)
+    code, _, err = run_cli(capsys, "predict", model, image_file, tmp_path / "missing.png", "--out", out)
     assert code == 1 and "missing.png: no such file" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
     for name, message in [("colour.png", "3 colour channels, the model takes 1"), ("broken.png", "broken.png: ")]:
-        code, err = run_cli(capsys, "predict", model, image_file, tmp_path / name, "--out", out, "--force")
+        code, _, err = run_cli(capsys, "predict", model, image_file, tmp_path / name, "--out", out, "--force")
         lines = err.strip().splitlines()
         assert code == 1 and message in lines[-1] and len(lines) == 2 and "[1/2]" in lines[0], (name, err)
         assert sorted(p.name for p in out.iterdir()) == ["cells_mask.png", "cells_overlay.png", "cells_prob.tif"]
     for path in out.iterdir():
         path.unlink()
-    code, err = run_cli(capsys, "predict", model, image_file, "--out", out)
+    code, _, err = run_cli(capsys, "predict", model, image_file, "--out", out)
     assert code == 0, err
     before = (out / "cells_prob.tif").read_bytes()
-    code, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--tile", "8", "8")
+    code, _, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--tile", "8", "8")
     assert code == 2 and "exist: pass --force to overwrite" in err and len(err.strip().splitlines()) == 1
     assert (out / "cells_prob.tif").read_bytes() == before
-    code, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--tile", "8", "8", "--force")
+    code, _, err = run_cli(capsys, "predict", model, image_file, "--out", out, "--tile", "8", "8", "--force")
     assert code == 0, err
     assert (out / "cells_prob.tif").read_bytes() != before
     assert sorted(p.name for p in out.iterdir()) == ["cells_mask.png", "cells_overlay.png", "cells_prob.tif"]
@@ -255,7 +243,7 @@ def test_a_missing_package_is_named_before_anything_runs(tmp_path, capsys, monke
     weights_convert.write(random_checkpoint(TINY, seed=2), model)
     everything = extras.installed
     monkeypatch.setattr(extras, "installed", lambda module: module != "matplotlib" and everything(module))
-    code, err = run_cli(capsys, "predict", model, image_file, "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "predict", model, image_file, "--out", tmp_path / "out")
     says = "attention-unet predict: error: predict needs matplotlib: pip install 'attention-unet[report]'"
     assert code == 1 and err.strip() == says
     assert not (tmp_path / "out").exists()
@@ -268,7 +256,7 @@ def test_several_classes_colour_and_grey_inputs(tmp_path, capsys):
     _grey(tmp_path / "colour.png", channels=3)
     _grey(tmp_path / "grey.png", seed=1)  # repeated to the three input channels, as train --data does
     out = tmp_path / "out"
-    code, err = run_cli(capsys, "predict", model, tmp_path / "colour.png", tmp_path / "grey.png", "--out", out)
+    code, _, err = run_cli(capsys, "predict", model, tmp_path / "colour.png", tmp_path / "grey.png", "--out", out)
     assert code == 0, err
     assert "[1/2]" in err and "[2/2]" in err
     for stem in ("colour", "grey"):
@@ -289,10 +277,10 @@ def test_the_model_is_built_once_for_every_window_of_every_input(tmp_path, capsy
     model = tmp_path / "tiny.safetensors"
     weights_convert.write(random_checkpoint(TINY, seed=2), model)
     _grey(tmp_path / "second.png", seed=2)
-    code, err = run_cli(
+    code, _, err = run_cli(
         capsys, "predict", model, image_file, tmp_path / "second.png", "--out", tmp_path / "out", "--framework", "torch"
     )
     assert code == 0 and "[2/2]" in err, err
-    code, err = run_cli(capsys, "predict", model, image_file, "--out", tmp_path / "tiles", "--tile", "8", "8")
+    code, _, err = run_cli(capsys, "predict", model, image_file, "--out", tmp_path / "tiles", "--tile", "8", "8")
     assert code == 0 and "20 windows" in err, err
     assert len(built) == 2  # one per run

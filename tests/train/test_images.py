@@ -21,7 +21,6 @@ from PIL import Image
 import weights_convert
 from tests.conftest import REPO
 from weights_convert.core.extras import installed
-from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness import cli
 from weights_convert.harness.images import MAX_PIXELS, ImageError, read_image, read_mask, write_mask
@@ -399,13 +398,6 @@ def test_image_folder_refusals(tmp_path):
     Image.fromarray(_pattern((9, 8), 1)).save(root / "masks" / "lone.png")
     with pytest.raises(ValueError, match=r"lone\.png: image of \(8, 8\) but its mask .*lone\.png \(9, 8\)"):
         ImageFolder(root, TINY, 2, crop=(8, 8))
-
-
-@pytest.fixture()
-def start(tmp_path):
-    path = tmp_path / "start.safetensors"
-    weights_convert.write(random_checkpoint(TINY, seed=2), path)
-    return path
 
 
 def test_train_on_mixed_formats_and_sizes(tmp_path, start, capsys):

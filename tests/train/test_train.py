@@ -82,13 +82,6 @@ def test_synthetic_data_is_seeded_segmentation():
     assert x.mean(axis=1)[target[:, 0] == 1].mean() > x.mean(axis=1)[target[:, 0] == 0].mean() + 0.2
 
 
-@pytest.fixture()
-def start(tmp_path):
-    path = tmp_path / "start.safetensors"
-    weights_convert.write(random_checkpoint(TINY, seed=2), path)
-    return path
-
-
 def test_train_on_image_folder_writes_checkpoints(tmp_path, start, capsys):
     out = tmp_path / "run"
     code = cli.main(
