@@ -24,6 +24,8 @@ and "bce", over every pixel (N x spatial) for "ce", over every (sample, channel)
 
 from __future__ import annotations
 
+import numpy as np
+
 LOSSES = ("mse", "bce", "ce", "dice", "dice_bce", "dice_ce")
 
 # MONAI's DiceLoss defaults: a smoothing term on the numerator and the denominator, so that a
@@ -53,6 +55,16 @@ def default_loss(out_channels: int) -> str:
     """What ``train`` minimises unless told: Dice plus binary cross-entropy for one output channel,
     Dice plus softmax cross-entropy for several."""
     return "dice_bce" if out_channels == 1 else "dice_ce"
+
+
+def one_hot(classes: np.ndarray, out_channels: int) -> np.ndarray:
+    """The one-hot target (float64, a new first axis of ``out_channels``) of integer ``classes``:
+    channel j is 1 where the class is j; for one output channel, 1 where the class is above 0."""
+    classes = np.asarray(classes)
+    if out_channels == 1:
+        return (classes > 0)[None].astype(np.float64)
+    channels = np.arange(out_channels).reshape(-1, *([1] * classes.ndim))
+    return (classes[None] == channels).astype(np.float64)
 
 
 def uses_sigmoid(out_channels: int) -> bool:

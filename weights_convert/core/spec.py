@@ -218,6 +218,12 @@ def side_fits(config, side: int) -> bool:
     return side >= config.min_size and side % config.side_multiple == 0
 
 
+def fitted_side(config, side: int) -> int:
+    """The smallest side at least ``side`` that the network takes (``side_fits``)."""
+    fitted = max(side, config.min_size)
+    return -(-fitted // config.side_multiple) * config.side_multiple
+
+
 def check_input_shape(config: ModelConfig, shape, data_format: str) -> None:
     """Refuse an input shape the network cannot take, with the same ValueError in every
     implementation: not of rank ``spatial_dims + 2``, another channel count, or a spatial side

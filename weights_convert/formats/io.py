@@ -192,7 +192,7 @@ def _atomic_target(path: Path, is_directory: bool, *, force: bool):
         yield tmp
         if not tmp.exists():
             raise CheckpointError(f"{path}: the writer produced no output")
-        _modes_from_umask(tmp)
+        modes_from_umask(tmp)
         if not force:
             _place_exclusively(tmp, path, is_directory)
         elif is_directory and path.exists():
@@ -206,7 +206,7 @@ def _atomic_target(path: Path, is_directory: bool, *, force: bool):
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _modes_from_umask(tmp: Path) -> None:
+def modes_from_umask(tmp: Path) -> None:
     """Every file and folder of the output with the mode the umask gives a new one (0o644 and 0o755
     under umask 022), whatever the writer did: some libraries write through a private temporary
     file (mode 0o600), and the temporary folder itself is created 0o700."""

@@ -39,10 +39,11 @@ def choices(allowed):
     return parse
 
 
-def add_size(parser, help_text: str) -> None:
-    """The ``--size`` option: two sides (H W) or three (D H W), checked against the model later
-    (``core.spec.check_sides``), since the model's dimension is known only from its config."""
-    parser.add_argument("--size", type=count("--size", 1), nargs="+", metavar="SIDE", help=help_text)
+def add_sides(parser, help_text: str, option: str = "--size") -> None:
+    """An option of two sides (H W) or three (D H W), ``--size`` unless named (``--crop``,
+    ``--tile``), checked against the model later (``core.spec.check_sides``), since the model's
+    dimension is known only from its config."""
+    parser.add_argument(option, type=count(option, 1), nargs="+", metavar="SIDE", help=help_text)
 
 
 def config_json(config) -> str:
@@ -92,6 +93,16 @@ def selection(command: str, frameworks, keras_backends):
     for line in selected.skipped:
         print(f"{command}: {line}", file=sys.stderr, flush=True)
     return selected
+
+
+def framework_label(framework: str) -> str:
+    """``torch``, ``flax`` or ``keras/<backend>`` (Keras' backend in this process): what runs, for
+    the progress lines of ``train`` and ``predict``."""
+    if framework != "keras":
+        return framework
+    from weights_convert.core.extras import current_keras_backend
+
+    return f"keras/{current_keras_backend()}"
 
 
 def framework_choice(chosen: str | None, purpose: str) -> tuple[str | None, str | None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from weights_convert.core.extras import MissingPackage
-from weights_convert.harness.cli.arguments import add_size, config_arg, options, selection, usage_error
+from weights_convert.harness.cli.arguments import add_sides, config_arg, options, selection, usage_error
 
 # The options ``bench.Settings`` takes as they are parsed, under the same names.
 SETTINGS_OPTIONS = ("batch", "dtype", "device", "repeats", "warmup")
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", type=names, help="only these, e.g. 'eager,nnx.jit' (default: all)")
     p.add_argument("--modes", type=names, default=["forward", "train_step"], help="comma-separated")
     p.add_argument("--batch", type=int, default=1, help="images per batch")
-    add_size(p, "the input's sides: H W, or D H W for a 3D config (default: 256 256, or 64 64 64)")
+    add_sides(p, "the input's sides: H W, or D H W for a 3D config (default: 256 256, or 64 64 64)")
     p.add_argument(
         "--dtype",
         choices=("float32", "float64", "mixed_bfloat16"),

@@ -103,8 +103,8 @@ def cmd_init(args) -> int:
     return 0
 
 
-# The sides of the seeded input ``init`` centres the logits on: at least this, a multiple of the
-# model's minimum side (enough pixels for a median, and fast in the NumPy reference).
+# The sides of the seeded input ``init`` centres the logits on: at least this, fitted to the
+# model's side rule (enough pixels for a median, and fast in the NumPy reference).
 CENTRING_SIDE = 8
 
 
@@ -112,10 +112,11 @@ def centred_on_a_seeded_input(checkpoint, seed: int):
     """``checkpoint`` with its logits' bias set so that the median logit of each output channel on
     a seeded input is 0 (``parity.inputs.centred_logits``): random weights otherwise give logits of
     one sign, a model that marks every pixel foreground."""
+    from weights_convert.core.spec import fitted_side
     from weights_convert.harness.parity.inputs import centred_logits, make_inputs
 
     config = checkpoint.config
-    side = config.min_size * -(-CENTRING_SIDE // config.min_size)
+    side = fitted_side(config, CENTRING_SIDE)
     x, _ = make_inputs(config, 1, (side,) * config.spatial_dims, seed=seed)
     return centred_logits(checkpoint, x)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from weights_convert.core.extras import MissingPackage
 from weights_convert.core.losses import LOSSES
-from weights_convert.harness.cli.arguments import add_config, add_size, choices, count, options, selection, usage_error
+from weights_convert.harness.cli.arguments import add_config, add_sides, choices, count, options, selection, usage_error
 
 # The options ``parity.check`` takes as they are parsed, under the same names.
 CHECK_OPTIONS = (
@@ -133,7 +133,7 @@ def add_parser(sub) -> None:
         "the training checkpoints' (sgd with momentum 0.9, adam, adamw)",
     )
     add_config(p)
-    add_size(p, "the input's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
+    add_sides(p, "the input's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
     p.add_argument("--batch", type=count("--batch", 1), default=parity.DEFAULT_BATCH, help="images per batch")
     p.add_argument("--seed", type=count("--seed", 0), default=0, help="seed of the input (and training target)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

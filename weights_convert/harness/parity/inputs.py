@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 
 from weights_convert.core.checkpoint import Checkpoint
-from weights_convert.core.losses import SEGMENTATION_LOSSES
+from weights_convert.core.losses import SEGMENTATION_LOSSES, one_hot
 from weights_convert.core.optimizer_state import OptimizerState, hyperparameters
 from weights_convert.core.random_init import random_checkpoint
 from weights_convert.core.spec import ModelConfig
@@ -72,9 +72,7 @@ def segmentation_target(x: np.ndarray, out_channels: int) -> np.ndarray:
     classes = max(2, out_channels)
     cuts = np.quantile(intensity, np.arange(1, classes) / classes, axis=tuple(range(1, intensity.ndim)))
     index = sum((intensity > cut.reshape(-1, *(1,) * (intensity.ndim - 1))).astype(int) for cut in cuts)
-    if out_channels == 1:
-        return index[:, None].astype(np.float64)
-    return (index[:, None] == np.arange(out_channels).reshape(1, -1, *(1,) * (intensity.ndim - 1))).astype(np.float64)
+    return np.moveaxis(one_hot(index, out_channels), 0, 1)  # (N, out_channels, *spatial)
 
 
 def default_checkpoint(x: np.ndarray | None = None) -> Checkpoint:

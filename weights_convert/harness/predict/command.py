@@ -13,7 +13,15 @@ from weights_convert.core.extras import require
 from weights_convert.core.frameworks import DEVICES, FRAMEWORKS
 from weights_convert.core.precisions import DTYPES
 from weights_convert.core.spec import check_sides
-from weights_convert.harness.cli.arguments import add_config, count, framework_choice, note_assumed, usage_error
+from weights_convert.harness.cli.arguments import (
+    add_config,
+    add_sides,
+    count,
+    framework_choice,
+    framework_label,
+    note_assumed,
+    usage_error,
+)
 from weights_convert.harness.predict.tiling import BLENDS, OVERLAP
 
 COMMAND = "predict"
@@ -49,13 +57,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="directory for the outputs (created if missing)")
     p.add_argument("--framework", choices=FRAMEWORKS, help="default: the first installed of " + ", ".join(FRAMEWORKS))
     add_config(p)
-    p.add_argument(
-        "--tile",
-        type=count("--tile", 1),
-        nargs="+",
-        metavar="SIDE",
-        help="windows of H W (3D: D H W), each side fitting the architecture; default: one window, the whole "
-        "padded image",
+    add_sides(
+        p,
+        "windows of H W (3D: D H W), each side fitting the architecture; default: one window, the whole padded image",
+        option="--tile",
     )
     p.add_argument("--overlap", type=overlap_arg, default=OVERLAP, help="the fraction of a window its neighbour shares")
     p.add_argument("--blend", choices=BLENDS, default="constant", help="the windows' weights where they overlap")
@@ -117,7 +122,7 @@ def _run(args, framework: str, checkpoint, inputs, out: Path, tile) -> int:
         os.environ.setdefault("JAX_ENABLE_X64", "1")  # Keras on JAX holds float64 only with x64 on
     config = checkpoint.config
     run = models.predictor(framework, checkpoint, dtype=args.dtype, device=args.device)
-    label = models.label(framework)
+    label = framework_label(framework)
     out.mkdir(parents=True, exist_ok=True)
     for number, path in enumerate(inputs, start=1):
         started = time.perf_counter()

@@ -20,12 +20,3 @@ def predictor(framework: str, checkpoint, *, dtype: str = "float32", device: str
     else:
         raise ValueError(f"unknown framework {framework!r}")
     return runner.predictor(checkpoint, dtype=dtype, device=device)
-
-
-def label(framework: str) -> str:
-    """``torch``, ``flax`` or ``keras/<backend>``: what ran, for the progress lines."""
-    if framework != "keras":
-        return framework
-    from weights_convert.core.extras import current_keras_backend
-
-    return f"keras/{current_keras_backend()}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from weights_convert.formats.io import modes_from_umask
 from weights_convert.harness.images import write_image, write_mask
 from weights_convert.harness.predict.overlay import write_overlay
 
@@ -49,10 +50,8 @@ def write_outputs(paths: dict, title: str, image: np.ndarray, prediction, config
             os.close(descriptor)
             temporary[kind] = Path(name)
             writers[kind](temporary[kind])
-        umask = os.umask(0)
-        os.umask(umask)
         for name in temporary.values():
-            name.chmod(0o666 & ~umask)  # a new file's mode, not mkstemp's private 0o600
+            modes_from_umask(name)  # a new file's mode, not mkstemp's private 0o600
         existing = [str(paths[kind]) for kind in KINDS if os.path.lexists(paths[kind])]
         if existing and not force:
             raise FileExistsError(f"{existing[0]} exists (pass --force to overwrite)")

@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from weights_convert.harness.metrics import hard_prediction
 from weights_convert.harness.predict.sizes import fitted, padded, resized
 from weights_convert.harness.predict.tiling import OVERLAP, Blend, weights, windows
 
@@ -50,9 +51,8 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 def classes(logits: np.ndarray) -> np.ndarray:
-    if logits.shape[0] == 1:
-        return (logits[0] > 0).astype(np.int64)
-    return np.argmax(logits, axis=0).astype(np.int64)
+    """The hard prediction of one image's (C, *sides) logits: the validation metrics' rule."""
+    return hard_prediction(logits[None])[0]
 
 
 def gate_names(config) -> list[str]:

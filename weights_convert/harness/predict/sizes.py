@@ -7,16 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from weights_convert.core.spec import side_fits
-
-
-def fitted_side(config, side: int) -> int:
-    """The smallest side at least ``side`` that the network takes."""
-    multiple = config.side_multiple
-    fitted = max(side, config.min_size)
-    fitted = -(-fitted // multiple) * multiple
-    assert side_fits(config, fitted), (side, fitted)
-    return fitted
+from weights_convert.core.spec import fitted_side
 
 
 def fitted(config, sides) -> tuple[int, ...]:

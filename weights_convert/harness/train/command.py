@@ -14,7 +14,7 @@ from weights_convert.core.frameworks import FRAMEWORKS
 from weights_convert.core.losses import LOSSES, check_loss, default_loss
 from weights_convert.core.precisions import DTYPES, param_dtype
 from weights_convert.core.spec import ModelConfig, check_sides
-from weights_convert.harness.cli.arguments import add_size, count, framework_choice
+from weights_convert.harness.cli.arguments import add_sides, framework_choice, framework_label
 from weights_convert.harness.train.data import CropNeeded, FromStep, ImageFolder, SyntheticSegmentation, held_out
 from weights_convert.harness.train.progress import Progress
 from weights_convert.harness.train.validation import METRICS_FILE, Validation
@@ -54,13 +54,11 @@ def add_parser(sub) -> None:
         metavar="DIR",
         help="DIR/images/<name>.<ext> with DIR/masks/<name>.<ext> (.png, .jpg, .jpeg, .tif, .tiff; 3D: TIFF stacks)",
     )
-    p.add_argument(
-        "--crop",
-        type=count("--crop", 1),
-        nargs="+",
-        metavar="SIDE",
-        help="--data: every sample cropped (randomly) or padded to H W, or D H W (default: the images' size, "
+    add_sides(
+        p,
+        "--data: every sample cropped (randomly) or padded to H W, or D H W (default: the images' size, "
         "when they all agree); --val: centred",
+        option="--crop",
     )
     p.add_argument(
         "--val",
@@ -100,7 +98,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps to train (after a training CHECKPOINT's)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="global batch (split over the devices)")
-    add_size(p, "the synthetic data's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
+    add_sides(p, "the synthetic data's sides: H W, or D H W for a 3D model (default: 64 64, or 32 32 32)")
     p.add_argument("--config", help="JSON model config for random initial weights, e.g. '{\"channels\": [8, 16]}'")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the data order")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -196,19 +194,16 @@ def cmd_train(args) -> int:
     _prepare_jax(args)
     from weights_convert.harness.data_parallel import module
 
-    trained = args.framework
     if args.framework == "keras":
-        from weights_convert.core.extras import current_keras_backend
         from weights_convert.harness.quiet import quiet_import
 
         quiet_import("impl_keras")
-
-        trained = f"keras/{current_keras_backend()}"
-        if args.data_parallel > 1 and trained != "keras/jax":
-            return _usage(
-                f"--data-parallel {args.data_parallel} with Keras runs on the JAX backend (keras.distribution); "
-                f"KERAS_BACKEND is {current_keras_backend()}: set KERAS_BACKEND=jax or train on one device"
-            )
+    trained = framework_label(args.framework)
+    if args.framework == "keras" and args.data_parallel > 1 and trained != "keras/jax":
+        return _usage(
+            f"--data-parallel {args.data_parallel} with Keras runs on the JAX backend (keras.distribution); "
+            f"KERAS_BACKEND is {trained.removeprefix('keras/')}: set KERAS_BACKEND=jax or train on one device"
+        )
     out.mkdir(parents=True, exist_ok=True)
     label = f"train {trained} x{args.data_parallel}" + (f" {args.batchnorm}" if args.data_parallel > 1 else "")
     validation = None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from weights_convert.core.losses import one_hot
 from weights_convert.core.spec import ModelConfig
 from weights_convert.harness.images import EXTENSIONS, ImageError, read_image, read_mask
 
@@ -168,7 +169,7 @@ class ImageFolder:
             x, classes = self._window(self.images[i], self.masks[i], augment)
             flips = tuple(axis for axis in range(len(self.crop)) if augment.random() < 0.5)
             xs.append(np.flip(x, axis=tuple(a + 1 for a in flips)))
-            targets.append(np.flip(self._one_hot(classes), axis=tuple(a + 1 for a in flips)))
+            targets.append(np.flip(one_hot(classes, self.config.out_channels), axis=tuple(a + 1 for a in flips)))
         return np.stack(xs).astype(np.float64), np.stack(targets)
 
     def validation_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -179,7 +180,7 @@ class ImageFolder:
         for start in range(0, len(samples), self.batch_size):
             chosen = samples[start : start + self.batch_size]
             x = np.stack([x for x, _ in chosen]).astype(np.float64)
-            batches.append((x, np.stack([self._one_hot(classes) for _, classes in chosen])))
+            batches.append((x, np.stack([one_hot(classes, self.config.out_channels) for _, classes in chosen])))
         return batches
 
     def _window(self, image: np.ndarray, mask: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -197,12 +198,6 @@ class ImageFolder:
         x[(slice(None), *target)] = image[(slice(None), *source)]
         classes[tuple(target)] = mask[tuple(source)]
         return x, classes
-
-    def _one_hot(self, classes: np.ndarray) -> np.ndarray:
-        if self.config.out_channels == 1:
-            return (classes > 0)[None].astype(np.float64)
-        channels = np.arange(self.config.out_channels).reshape(-1, *([1] * classes.ndim))
-        return (classes[None] == channels).astype(np.float64)
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
