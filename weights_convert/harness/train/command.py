@@ -166,11 +166,11 @@ def cmd_train(args) -> int:
     refusal = _validation_refusal(args)
     if refusal:
         return _usage(refusal)
+    try:
+        crop = None if args.crop is None else check_sides(config, args.crop, option="--crop")
+    except ValueError as error:
+        return _usage(str(error))
     if args.data:
-        try:
-            crop = None if args.crop is None else check_sides(config, args.crop, option="--crop")
-        except ValueError as error:
-            return _usage(str(error))
         try:
             data = ImageFolder(args.data, config, args.batch, args.seed, crop)
         except CropNeeded as error:
@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
         except ValueError as error:
             return _usage(str(error))
         data = SyntheticSegmentation(config, args.batch, size, args.seed)
-    data, batches, status = _validation_data(args, config, data)
+    data, batches, status = _validation_data(args, config, data, crop)
     if status is not None:
         return status
     _prepare_jax(args)
@@ -267,10 +267,10 @@ def _validation_refusal(args) -> str | None:
     return None
 
 
-def _validation_data(args, config, data):
+def _validation_data(args, config, data, crop):
     """(the training data, the validation batches or None, None), or a refusal's exit status in the
     third place: --val-fraction splits ``data`` (a folder) or draws the synthetic validation set;
-    --val reads its folder, centred in --crop."""
+    --val reads its folder, centred in ``crop`` (--crop, checked)."""
     if args.val_fraction is not None and isinstance(data, ImageFolder):
         try:
             names = held_out(data.stems, args.val_fraction, args.seed)
@@ -283,7 +283,6 @@ def _validation_data(args, config, data):
     if not args.val:
         return data, None, None
     try:
-        crop = None if args.crop is None else check_sides(config, args.crop, option="--crop")
         folder = ImageFolder(args.val, config, args.batch, args.seed, crop, option="--val")
         check_sides(config, folder.crop, option="--crop")
     except CropNeeded as error:
