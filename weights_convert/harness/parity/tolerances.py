@@ -74,13 +74,6 @@ TOLERANCES = {
     # relative to the gradient's largest magnitude; 1e-6 is far above both, while a wrong formula
     # (a missing factor, a smoothing term in the wrong place) is off by 1e-3 or more.
     "finite_differences": 1e-6,
-    # Masks that two frameworks decide from their own float32 logits (``attention-unet predict``):
-    # the logits agree within the float32 bound above, 16 times a noise of at most ~1e-6 of
-    # max(1, max|logit|), so ~2e-5 of it. A pixel whose decision margin (|logit| for one output
-    # channel, the gap between the two largest logits for several) exceeds this fraction of
-    # max(1, max|logit|) therefore gets the same class in every framework; 1e-4 is that with a
-    # margin of 5. Pixels nearer the decision may go either way and are not compared.
-    "mask_margin_float32": 1e-4,
 }
 
 NOISY_PRECISIONS = NOISY  # the precisions whose bounds are relative to the measured noise
